@@ -1,0 +1,47 @@
+// fastmed._C: the CPU kernels. Unpacks parameters, releases the GIL, calls the kernel and turns
+// an error code into an exception naming the op. No logic lives here.
+#include <pybind11/pybind11.h>
+#include "common/params_binding.h"
+#include "dice_ce/dice_ce.h"
+
+namespace py = pybind11;
+using namespace fastmed;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastmed CPU kernels (C++/OpenMP)";
+  bind_dice_ce_params(m);
+  m.def("dice_ce_workspace_size", &dice_ce_workspace_size, "workspace doubles for dice_ce_fwd (CPU)");
+  m.def("dice_ce_fwd", [](const DiceCEParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = dice_ce_fwd_cpu(p);
+    }
+    check_status(s, "dice_ce_fwd");
+  });
+  m.def("dice_ce_bwd", [](const DiceCEParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = dice_ce_bwd_cpu(p);
+    }
+    check_status(s, "dice_ce_bwd");
+  });
+  m.def("build_info", []() {
+    py::dict d;
+    d["isa"] = dice_ce_cpu_isa();
+#ifdef _OPENMP
+    d["openmp"] = _OPENMP;
+#else
+    d["openmp"] = py::none();
+#endif
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = "unknown";
+#endif
+    return d;
+  });
+}

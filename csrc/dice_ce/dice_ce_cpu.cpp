@@ -1,0 +1,552 @@
+// CPU (OpenMP) kernels for the fused Dice + cross-entropy statistics and gradient.
+//
+// This file is compiled once per instruction set (FM_ISA = base, avx2, avx512); the dispatcher in
+// dice_ce_cpu_dispatch.cpp picks one at run time. Work is split into tasks of kDiceBlockVoxels
+// voxels of one batch item; each task walks its voxels in tiles of K voxels: a tile of C x K logits
+// is converted to float (or double) once, then every step (softmax, statistics, CE, gradient) runs
+// as `omp simd` loops over the tile. Per-task partial sums are added in double in a fixed order, so
+// the result does not depend on the number of threads or on scheduling.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/common.h"
+#include "../common/fast_math.h"
+#include "dice_ce.h"
+
+#ifndef FM_ISA
+#define FM_ISA base
+#endif
+#define FM_CAT2(a, b) a##b
+#define FM_CAT(a, b) FM_CAT2(a, b)
+
+namespace fastmed {
+namespace FM_CAT(isa_, FM_ISA) {
+namespace {
+
+struct half_t { uint16_t v; };
+struct bf16_t { uint16_t v; };
+
+template <typename T, typename F> inline F cvt_in(T v) { return (F)v; }
+template <> inline float cvt_in<half_t, float>(half_t v) { return half_bits_to_float(v.v); }
+template <> inline float cvt_in<bf16_t, float>(bf16_t v) { return bf16_bits_to_float(v.v); }
+template <> inline double cvt_in<half_t, double>(half_t v) { return half_bits_to_float(v.v); }
+template <> inline double cvt_in<bf16_t, double>(bf16_t v) { return bf16_bits_to_float(v.v); }
+
+template <typename T, typename F> inline T cvt_out(F v) { return (T)v; }
+template <> inline half_t cvt_out<half_t, float>(float v) { return half_t{float_to_half_bits(v)}; }
+template <> inline bf16_t cvt_out<bf16_t, float>(float v) { return bf16_t{float_to_bf16_bits(v)}; }
+
+// out[r*ld + k] = base[r*rs + k*cs] for r < rows, k < n
+template <typename T, typename F>
+void gather_tile(const T* base, int64_t rows, int64_t rs, int64_t cs, int n, F* out, int ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = base + r * rs;
+    F* dst = out + r * ld;
+    if (cs == 1) {
+#pragma omp simd
+      for (int k = 0; k < n; ++k) dst[k] = cvt_in<T, F>(src[k]);
+    } else {
+      for (int k = 0; k < n; ++k) dst[k] = cvt_in<T, F>(src[(int64_t)k * cs]);
+    }
+  }
+}
+
+template <typename T, typename F>
+void scatter_tile(T* base, int64_t rows, int64_t rs, int64_t cs, int n, const F* in, int ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = base + r * rs;
+    const F* src = in + r * ld;
+    if (cs == 1) {
+#pragma omp simd
+      for (int k = 0; k < n; ++k) dst[k] = cvt_out<T, F>(src[k]);
+    } else {
+      for (int k = 0; k < n; ++k) dst[(int64_t)k * cs] = cvt_out<T, F>(src[k]);
+    }
+  }
+}
+
+template <typename F>
+void gather_any(const void* base, int dtype, int64_t off, int64_t rows, int64_t rs, int64_t cs, int n,
+                F* out, int ld) {
+  switch (dtype) {
+    case kF32: gather_tile((const float*)base + off, rows, rs, cs, n, out, ld); break;
+    case kF64: gather_tile((const double*)base + off, rows, rs, cs, n, out, ld); break;
+    case kF16: gather_tile((const half_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kBF16: gather_tile((const bf16_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kU8: gather_tile((const uint8_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kI8: gather_tile((const int8_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kI16: gather_tile((const int16_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kI32: gather_tile((const int32_t*)base + off, rows, rs, cs, n, out, ld); break;
+    case kI64: gather_tile((const int64_t*)base + off, rows, rs, cs, n, out, ld); break;
+    default: break;
+  }
+}
+
+template <typename F>
+void scatter_any(void* base, int dtype, int64_t off, int64_t rows, int64_t rs, int64_t cs, int n, const F* in,
+                 int ld) {
+  switch (dtype) {
+    case kF32: scatter_tile((float*)base + off, rows, rs, cs, n, in, ld); break;
+    case kF64: scatter_tile((double*)base + off, rows, rs, cs, n, in, ld); break;
+    case kF16: scatter_tile((half_t*)base + off, rows, rs, cs, n, in, ld); break;
+    case kBF16: scatter_tile((bf16_t*)base + off, rows, rs, cs, n, in, ld); break;
+    default: break;
+  }
+}
+
+// Labels: converted to int64 exactly as torch's .long() would (truncation), then checked.
+template <typename T>
+int64_t load_labels_t(const T* src, int64_t cs, int n, int64_t C, bool has_ignore, int64_t ignore, int32_t* lab,
+                      float* valid) {
+  int64_t bad = 0;
+  for (int k = 0; k < n; ++k) {
+    T raw = src[(int64_t)k * cs];
+    int64_t v;
+    bool finite = true;
+    if constexpr (std::is_floating_point<T>::value) {
+      finite = std::isfinite(raw);
+      v = finite ? (int64_t)raw : -1;
+    } else {
+      v = (int64_t)raw;
+    }
+    bool ign = has_ignore && finite && v == ignore;
+    bool ok = finite && v >= 0 && v < C;
+    bad += (!ign && !ok) ? 1 : 0;
+    lab[k] = (ok && !ign) ? (int32_t)v : -1;
+    valid[k] = (ok && !ign) ? 1.0f : 0.0f;
+  }
+  return bad;
+}
+
+int64_t load_labels(const DiceCEParams& p, int64_t off, int n, int32_t* lab, float* valid) {
+  const bool hi = p.has_ignore != 0;
+  switch (p.t_dtype) {
+    case kU8: return load_labels_t((const uint8_t*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kI8: return load_labels_t((const int8_t*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kI16: return load_labels_t((const int16_t*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kI32: return load_labels_t((const int32_t*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kI64: return load_labels_t((const int64_t*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kF32: return load_labels_t((const float*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    case kF64: return load_labels_t((const double*)p.t + off, p.t_ss, n, p.C, hi, p.ignore_index, lab, valid);
+    default: return n;
+  }
+}
+
+template <typename F>
+struct Scratch {
+  int K;
+  std::vector<F> x, pr, q, y, g;  // C x K tiles
+  std::vector<F> mx, z, m, t0, t1, t2;  // K
+  std::vector<int32_t> lab;
+  std::vector<float> valid;
+  Scratch(int64_t C, int K_, bool dense) : K(K_) {
+    x.resize(C * K); pr.resize(C * K); q.resize(C * K); g.resize(C * K);
+    if (dense) y.resize(C * K);
+    mx.resize(K); z.resize(K); m.resize(K); t0.resize(K); t1.resize(K); t2.resize(K);
+    lab.resize(K); valid.resize(K);
+  }
+};
+
+// Tile width: the C x K float tiles stay in L1/L2; depends on C only (determinism).
+inline int tile_width(int64_t C) {
+  int64_t k = 4096 / std::max<int64_t>(C, 1);
+  k = (k / 16) * 16;
+  return (int)std::min<int64_t>(std::max<int64_t>(k, 16), 512);
+}
+
+// Load one tile: logits, labels or dense target, mask; then activations.
+// Returns the number of invalid labels in the tile.
+template <typename F>
+int64_t load_tile(const DiceCEParams& p, int64_t b, int64_t s0, int n, Scratch<F>& sc, bool need_sm) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  gather_any<F>(p.x, p.x_dtype, b * p.x_sb + s0 * p.x_ss, C, p.x_sc, p.x_ss, n, sc.x.data(), K);
+  F* m = sc.m.data();
+  if (p.mask) {
+    const float* mp = p.mask + b * p.m_sb + s0 * p.m_ss;
+    for (int k = 0; k < n; ++k) m[k] = (F)mp[(int64_t)k * p.m_ss];
+  } else {
+    for (int k = 0; k < n; ++k) m[k] = F(1);
+  }
+  int64_t bad = 0;
+  if (p.label_map) {
+    bad = load_labels(p, b * p.t_sb + s0 * p.t_ss, n, sc.lab.data(), sc.valid.data());
+    const float* v = sc.valid.data();
+#pragma omp simd
+    for (int k = 0; k < n; ++k) m[k] *= (F)v[k];
+  } else {
+    gather_any<F>(p.t, p.t_dtype, b * p.t_sb + s0 * p.t_ss, C, p.t_sc, p.t_ss, n, sc.y.data(), K);
+  }
+  const F* x = sc.x.data();
+  if (need_sm) {
+    F* mx = sc.mx.data();
+    F* z = sc.z.data();
+    F* pr = sc.pr.data();
+    for (int k = 0; k < n; ++k) mx[k] = x[k];
+    for (int64_t c = 1; c < C; ++c) {
+      const F* xc = x + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
+    }
+    for (int k = 0; k < n; ++k) z[k] = F(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const F* xc = x + c * K;
+      F* pc = pr + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        F e = fm_exp(xc[k] - mx[k]);
+        pc[k] = e;
+        z[k] += e;
+      }
+    }
+    F* inv = sc.t0.data();
+#pragma omp simd
+    for (int k = 0; k < n; ++k) inv[k] = F(1) / z[k];
+    for (int64_t c = 0; c < C; ++c) {
+      F* pc = pr + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) pc[k] *= inv[k];
+    }
+  }
+  if (p.dice && p.act == kActSigmoid) {
+    F* q = sc.q.data();
+    for (int64_t c = 0; c < C; ++c) {
+      const F* xc = x + c * K;
+      F* qc = q + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) qc[k] = fm_sigmoid(xc[k]);
+    }
+  }
+  return bad;
+}
+
+template <typename F>
+const F* dice_probs(const DiceCEParams& p, const Scratch<F>& sc) {
+  if (p.act == kActSoftmax) return sc.pr.data();
+  if (p.act == kActSigmoid) return sc.q.data();
+  return sc.x.data();
+}
+
+template <typename F>
+inline F fm_abs(F v) { return v < F(0) ? -v : v; }
+template <typename F>
+inline F fm_sign(F v) { return v > F(0) ? F(1) : (v < F(0) ? F(-1) : F(0)); }
+
+// ----------------------------------------------------------------------------------------------
+// forward
+template <typename F>
+void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, double* part, int64_t& bad) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const bool need_sm = p.act == kActSoftmax || p.ce == kCeSoftmax;
+  const bool sq = p.squared != 0, soft = p.soft != 0;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  for (int64_t i = 0; i < 4 * C + 4; ++i) part[i] = 0.0;
+  double* ce = part + 4 * C;
+  F Wsum = F(0);
+  for (int64_t c = 0; c < C; ++c) Wsum += p.ce_weight ? (F)p.ce_weight[c] : F(1);
+
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    bad += load_tile(p, b, s0, n, sc, need_sm);
+    const F* x = sc.x.data();
+    const F* m = sc.m.data();
+    const int32_t* lab = sc.lab.data();
+    if (p.dice) {
+      const F* q = dice_probs(p, sc);
+      for (int64_t c = 0; c < C; ++c) {
+        const F* qc = q + c * K;
+        F sI = 0, sP = 0, sG = 0, sD = 0;
+        if (p.label_map) {
+          const int32_t cc = (int32_t)c;
+#pragma omp simd reduction(+ : sI, sP, sG, sD)
+          for (int k = 0; k < n; ++k) {
+            F qm = qc[k] * m[k];
+            F ym = lab[k] == cc ? m[k] : F(0);
+            sI += qm * ym;
+            sP += sq ? qm * qm : (soft ? fm_abs(qm) : qm);
+            sG += sq ? ym * ym : ym;  // ym = m or 0 (m < 1 only for a user mask)
+            sD += soft ? fm_abs(qm - ym) : F(0);
+          }
+        } else {
+          const F* yc = sc.y.data() + c * K;
+#pragma omp simd reduction(+ : sI, sP, sG, sD)
+          for (int k = 0; k < n; ++k) {
+            F qm = qc[k] * m[k];
+            F ym = yc[k] * m[k];
+            sI += qm * ym;
+            sP += sq ? qm * qm : (soft ? fm_abs(qm) : qm);
+            sG += sq ? ym * ym : (soft ? fm_abs(ym) : ym);
+            sD += soft ? fm_abs(qm - ym) : F(0);
+          }
+        }
+        part[4 * c + 0] += (double)sI;
+        part[4 * c + 1] += (double)sP;
+        part[4 * c + 2] += (double)sG;
+        part[4 * c + 3] += (double)sD;
+      }
+    }
+    if (p.ce == kCeSoftmax) {
+      F* lse = sc.t0.data();
+      F* wx = sc.t1.data();
+      const F* mx = sc.mx.data();
+      const F* z = sc.z.data();
+#pragma omp simd
+      for (int k = 0; k < n; ++k) { lse[k] = mx[k] + fm_log(z[k]); wx[k] = F(0); }
+      for (int64_t c = 0; c < C; ++c) {
+        const F* xc = x + c * K;
+        const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+#pragma omp simd
+        for (int k = 0; k < n; ++k) wx[k] += wc * xc[k];
+      }
+      F a = 0, sm = 0, wt = 0, cnt = 0;
+      if (p.label_map) {
+        for (int k = 0; k < n; ++k) {
+          const int32_t t = lab[k];
+          if (t < 0) continue;  // ignored (or invalid) voxel
+          const F wt_k = p.ce_weight ? (F)p.ce_weight[t] : F(1);
+          a += wt_k * (lse[k] - x[(int64_t)t * K + k]);
+          sm += Wsum * lse[k] - wx[k];
+          wt += wt_k;
+          cnt += F(1);
+        }
+      } else {
+        F* wy = sc.t2.data();
+        F* wyx = sc.z.data();  // z no longer needed
+        for (int k = 0; k < n; ++k) { wy[k] = F(0); wyx[k] = F(0); }
+        for (int64_t c = 0; c < C; ++c) {
+          const F* xc = x + c * K;
+          const F* yc = sc.y.data() + c * K;
+          const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+#pragma omp simd
+          for (int k = 0; k < n; ++k) { wy[k] += wc * yc[k]; wyx[k] += wc * yc[k] * xc[k]; }
+        }
+#pragma omp simd reduction(+ : a, sm, wt, cnt)
+        for (int k = 0; k < n; ++k) {
+          a += m[k] * (lse[k] * wy[k] - wyx[k]);
+          sm += m[k] * (Wsum * lse[k] - wx[k]);
+          wt += m[k] * wy[k];
+          cnt += m[k];
+        }
+      }
+      ce[0] += (double)a; ce[1] += (double)sm; ce[2] += (double)wt; ce[3] += (double)cnt;
+    } else if (p.ce == kCeBce) {
+      F a = 0, cnt = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const F* xc = x + c * K;
+        const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+        const int32_t cc = (int32_t)c;
+        if (p.label_map) {
+#pragma omp simd reduction(+ : a, cnt)
+          for (int k = 0; k < n; ++k) {
+            F y = lab[k] == cc ? F(1) : F(0);
+            a += m[k] * (wc * y * fm_softplus(-xc[k]) + (F(1) - y) * fm_softplus(xc[k]));
+            cnt += m[k];
+          }
+        } else {
+          const F* yc = sc.y.data() + c * K;
+#pragma omp simd reduction(+ : a, cnt)
+          for (int k = 0; k < n; ++k) {
+            a += m[k] * (wc * yc[k] * fm_softplus(-xc[k]) + (F(1) - yc[k]) * fm_softplus(xc[k]));
+            cnt += m[k];
+          }
+        }
+      }
+      ce[0] += (double)a; ce[3] += (double)cnt;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward
+template <typename F>
+void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const bool need_sm = p.act == kActSoftmax || p.ce == kCeSoftmax;
+  const bool sq = p.squared != 0, soft = p.soft != 0;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  const double* gs = p.grad_stats + b * C * 4;
+  const F gA = p.ce != kCeNone ? (F)p.grad_ce[b * 4 + 0] : F(0);
+  const F gSm = p.ce != kCeNone ? (F)p.grad_ce[b * 4 + 1] : F(0);
+  F Wsum = F(0);
+  for (int64_t c = 0; c < C; ++c) Wsum += p.ce_weight ? (F)p.ce_weight[c] : F(1);
+
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    int64_t bad_unused = load_tile(p, b, s0, n, sc, need_sm);
+    (void)bad_unused;
+    const F* x = sc.x.data();
+    const F* m = sc.m.data();
+    const int32_t* lab = sc.lab.data();
+    F* g = sc.g.data();
+    // 1. gradient w.r.t. the Dice probabilities, chained through the activation
+    if (p.dice) {
+      const F* q = dice_probs(p, sc);
+      for (int64_t c = 0; c < C; ++c) {
+        const F gI = (F)gs[4 * c + 0], gP = (F)gs[4 * c + 1], gD = (F)gs[4 * c + 3];
+        const F* qc = q + c * K;
+        F* gc = g + c * K;
+        const int32_t cc = (int32_t)c;
+        const F* yc = p.label_map ? nullptr : sc.y.data() + c * K;
+#pragma omp simd
+        for (int k = 0; k < n; ++k) {
+          F qm = qc[k] * m[k];
+          F ym = yc ? yc[k] * m[k] : (lab[k] == cc ? m[k] : F(0));
+          F dp = gI * ym + gP * (sq ? F(2) * qm : (soft ? fm_sign(qm) : F(1)));
+          dp += soft ? gD * fm_sign(qm - ym) : F(0);
+          gc[k] = dp * m[k];
+        }
+      }
+      if (p.act == kActSoftmax) {
+        F* dot = sc.t1.data();
+        for (int k = 0; k < n; ++k) dot[k] = F(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const F* qc = q + c * K;
+          const F* gc = g + c * K;
+#pragma omp simd
+          for (int k = 0; k < n; ++k) dot[k] += qc[k] * gc[k];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const F* qc = q + c * K;
+          F* gc = g + c * K;
+#pragma omp simd
+          for (int k = 0; k < n; ++k) gc[k] = qc[k] * (gc[k] - dot[k]);
+        }
+      } else if (p.act == kActSigmoid) {
+        for (int64_t c = 0; c < C; ++c) {
+          const F* qc = q + c * K;
+          F* gc = g + c * K;
+#pragma omp simd
+          for (int k = 0; k < n; ++k) gc[k] = gc[k] * qc[k] * (F(1) - qc[k]);
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < C * K; ++i) g[i] = F(0);
+    }
+    // 2. cross-entropy gradient w.r.t. the logits
+    if (p.ce == kCeSoftmax) {
+      const F* pr = sc.pr.data();
+      if (p.label_map) {
+        F* coef = sc.t0.data();  // gA * w_t for valid voxels
+        F* val = sc.t2.data();   // gSm for valid voxels
+        for (int k = 0; k < n; ++k) {
+          const int32_t t = lab[k];
+          coef[k] = t >= 0 ? gA * (p.ce_weight ? (F)p.ce_weight[t] : F(1)) : F(0);
+          val[k] = t >= 0 ? gSm : F(0);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const F* pc = pr + c * K;
+          F* gc = g + c * K;
+          const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+          const int32_t cc = (int32_t)c;
+#pragma omp simd
+          for (int k = 0; k < n; ++k) {
+            F onehot = lab[k] == cc ? F(1) : F(0);
+            gc[k] += coef[k] * (pc[k] - onehot) + val[k] * (Wsum * pc[k] - wc);
+          }
+        }
+      } else {
+        F* wy = sc.t2.data();
+        for (int k = 0; k < n; ++k) wy[k] = F(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const F* yc = sc.y.data() + c * K;
+          const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+#pragma omp simd
+          for (int k = 0; k < n; ++k) wy[k] += wc * yc[k];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const F* pc = pr + c * K;
+          const F* yc = sc.y.data() + c * K;
+          F* gc = g + c * K;
+          const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+#pragma omp simd
+          for (int k = 0; k < n; ++k)
+            gc[k] += m[k] * (gA * (pc[k] * wy[k] - wc * yc[k]) + gSm * (Wsum * pc[k] - wc));
+        }
+      }
+    } else if (p.ce == kCeBce) {
+      for (int64_t c = 0; c < C; ++c) {
+        const F* xc = x + c * K;
+        F* gc = g + c * K;
+        const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
+        const int32_t cc = (int32_t)c;
+        const F* yc = p.label_map ? nullptr : sc.y.data() + c * K;
+#pragma omp simd
+        for (int k = 0; k < n; ++k) {
+          F y = yc ? yc[k] : (lab[k] == cc ? F(1) : F(0));
+          F sg = fm_sigmoid(xc[k]);
+          gc[k] += m[k] * gA * (wc * y * (sg - F(1)) + (F(1) - y) * sg);
+        }
+      }
+    }
+    scatter_any<F>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, g, K);
+  }
+}
+
+template <typename F>
+int fwd_impl(const DiceCEParams& p) {
+  const int64_t nblk = dice_ce_num_blocks(p.S);
+  const int64_t ntask = p.B * nblk;
+  const int64_t P = 4 * p.C + 4;
+  const int K = tile_width(p.C);
+  int64_t bad = 0;
+#pragma omp parallel num_threads(std::max(1, p.num_threads)) reduction(+ : bad)
+  {
+    Scratch<F> sc(p.C, K, !p.label_map);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntask; ++task) {
+      const int64_t b = task / nblk, blk = task % nblk;
+      fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
+    }
+  }
+  // fixed-order reduction over blocks
+  for (int64_t b = 0; b < p.B; ++b) {
+    double* st = p.stats + b * p.C * 4;
+    double* ce = p.ce_out + b * 4;
+    for (int64_t i = 0; i < 4 * p.C; ++i) st[i] = 0.0;
+    for (int64_t i = 0; i < 4; ++i) ce[i] = 0.0;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const double* part = p.workspace + (b * nblk + blk) * P;
+      for (int64_t i = 0; i < 4 * p.C; ++i) st[i] += part[i];
+      for (int64_t i = 0; i < 4; ++i) ce[i] += part[4 * p.C + i];
+    }
+  }
+  *p.bad = bad;
+  return kOk;
+}
+
+template <typename F>
+int bwd_impl(const DiceCEParams& p) {
+  const int64_t nblk = dice_ce_num_blocks(p.S);
+  const int64_t ntask = p.B * nblk;
+  const int K = tile_width(p.C);
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+  {
+    Scratch<F> sc(p.C, K, !p.label_map);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntask; ++task) bwd_task<F>(p, task / nblk, task % nblk, sc);
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int dice_ce_fwd(const DiceCEParams& p) {
+  if (p.x_dtype == kF64) return fwd_impl<double>(p);
+  if (p.x_dtype == kF32 || p.x_dtype == kF16 || p.x_dtype == kBF16) return fwd_impl<float>(p);
+  return kBadDtype;
+}
+
+int dice_ce_bwd(const DiceCEParams& p) {
+  if (p.x_dtype == kF64) return bwd_impl<double>(p);
+  if (p.x_dtype == kF32 || p.x_dtype == kF16 || p.x_dtype == kBF16) return bwd_impl<float>(p);
+  return kBadDtype;
+}
+
+}  // namespace isa_*
+}  // namespace fastmed

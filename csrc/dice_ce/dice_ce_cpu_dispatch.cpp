@@ -1,0 +1,72 @@
+// Picks the best instruction-set build of the CPU kernels at run time.
+#include "dice_ce.h"
+#include "../common/common.h"
+
+namespace fastmed {
+#define FM_DECLARE_ISA(name)                       \
+  namespace isa_##name {                           \
+  int dice_ce_fwd(const DiceCEParams& p);          \
+  int dice_ce_bwd(const DiceCEParams& p);          \
+  }
+FM_DECLARE_ISA(base)
+#if defined(FASTMED_HAVE_AVX2)
+FM_DECLARE_ISA(avx2)
+#endif
+#if defined(FASTMED_HAVE_AVX512)
+FM_DECLARE_ISA(avx512)
+#endif
+
+namespace {
+enum Isa { kBase, kAvx2, kAvx512 };
+Isa detect() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+#if defined(FASTMED_HAVE_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return kAvx512;
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+#endif
+  return kBase;
+}
+Isa isa() {
+  static const Isa chosen = detect();
+  return chosen;
+}
+}  // namespace
+
+const char* dice_ce_cpu_isa() {
+  switch (isa()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+int dice_ce_fwd_cpu(const DiceCEParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::dice_ce_fwd(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::dice_ce_fwd(p);
+#endif
+    default: return isa_base::dice_ce_fwd(p);
+  }
+}
+
+int dice_ce_bwd_cpu(const DiceCEParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::dice_ce_bwd(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::dice_ce_bwd(p);
+#endif
+    default: return isa_base::dice_ce_bwd(p);
+  }
+}
+}  // namespace fastmed
