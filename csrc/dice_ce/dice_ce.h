@@ -9,8 +9,9 @@
 //   stats[b][c][0] = sum q'*y'     stats[b][c][1] = sum q' (or q'^2 if squared)
 //   stats[b][c][2] = sum y' (or y'^2 if squared)   stats[b][c][3] = sum |q' - y'| (if soft)
 // Cross-entropy sums, per b (lse = log-sum-exp of x over c, w = ce_weight or 1):
-//   softmax CE, label map (voxels whose label == ignore_index skipped):
-//     ce[b][0] = sum w_t (lse - x_t)  ce[b][1] = sum_c w_c (lse - x_c)  ce[b][2] = sum w_t  ce[b][3] = count
+//   softmax CE, label map (m = 0 where label == ignore_index, times the optional mask):
+//     ce[b][0] = sum m w_t (lse - x_t)  ce[b][1] = sum m sum_c w_c (lse - x_c)  ce[b][2] = sum m w_t
+//     ce[b][3] = sum m
 //   softmax CE, dense y:  ce[b][0] = sum m * sum_c w_c y_c (lse - x_c), ce[b][1] as above times m,
 //     ce[b][2] = sum m * sum_c w_c y_c, ce[b][3] = sum m
 //   BCE with logits (w = pos_weight): ce[b][0] = sum m * sum_c (w_c y_c softplus(-x_c) + (1-y_c) softplus(x_c)),

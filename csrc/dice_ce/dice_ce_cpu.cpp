@@ -37,6 +37,8 @@ template <> inline double cvt_in<bf16_t, double>(bf16_t v) { return bf16_bits_to
 template <typename T, typename F> inline T cvt_out(F v) { return (T)v; }
 template <> inline half_t cvt_out<half_t, float>(float v) { return half_t{float_to_half_bits(v)}; }
 template <> inline bf16_t cvt_out<bf16_t, float>(float v) { return bf16_t{float_to_bf16_bits(v)}; }
+template <> inline half_t cvt_out<half_t, double>(double v) { return half_t{float_to_half_bits((float)v)}; }
+template <> inline bf16_t cvt_out<bf16_t, double>(double v) { return bf16_t{float_to_bf16_bits((float)v)}; }
 
 // out[r*ld + k] = base[r*rs + k*cs] for r < rows, k < n
 template <typename T, typename F>
@@ -306,12 +308,12 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
       if (p.label_map) {
         for (int k = 0; k < n; ++k) {
           const int32_t t = lab[k];
-          if (t < 0) continue;  // ignored (or invalid) voxel
-          const F wt_k = p.ce_weight ? (F)p.ce_weight[t] : F(1);
+          if (t < 0) continue;  // ignored (or invalid) voxel: m[k] is 0 too
+          const F wt_k = m[k] * (p.ce_weight ? (F)p.ce_weight[t] : F(1));
           a += wt_k * (lse[k] - x[(int64_t)t * K + k]);
-          sm += Wsum * lse[k] - wx[k];
+          sm += m[k] * (Wsum * lse[k] - wx[k]);
           wt += wt_k;
-          cnt += F(1);
+          cnt += m[k];
         }
       } else {
         F* wy = sc.t2.data();
@@ -436,8 +438,8 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
         F* val = sc.t2.data();   // gSm for valid voxels
         for (int k = 0; k < n; ++k) {
           const int32_t t = lab[k];
-          coef[k] = t >= 0 ? gA * (p.ce_weight ? (F)p.ce_weight[t] : F(1)) : F(0);
-          val[k] = t >= 0 ? gSm : F(0);
+          coef[k] = t >= 0 ? m[k] * gA * (p.ce_weight ? (F)p.ce_weight[t] : F(1)) : F(0);
+          val[k] = m[k] * gSm;  // m is 0 for ignored voxels
         }
         for (int64_t c = 0; c < C; ++c) {
           const F* pc = pr + c * K;

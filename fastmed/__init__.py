@@ -1,0 +1,10 @@
+"""fastmed: fast, MONAI-compatible ops for 3D medical image segmentation and classification."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._ext import build_info  # noqa: E402
+from . import ops  # noqa: E402,F401  (registers the torch.library ops)
+from . import losses  # noqa: E402,F401
+
+__all__ = ["build_info", "losses", "ops", "__version__"]
