@@ -10,7 +10,26 @@
 #define FM_HD inline __attribute__((always_inline))
 #endif
 
+#if defined(__linux__) && !defined(__CUDACC__)
+#include <sys/mman.h>
+#endif
+
 namespace fastmed {
+
+// Ask Linux for transparent huge pages on a freshly allocated output that a kernel is about to fill
+// completely: first-touch page faults otherwise cost more than the kernel (a 100 MB gradient takes
+// ~25 ms of 4 KiB faults on a 2-core machine, ~6 ms with 2 MiB pages). Advisory only.
+inline void prefer_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && !defined(__CUDACC__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)1 << 21;
+  if (bytes < 4 * huge) return;
+  uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+  uintptr_t e = ((uintptr_t)p + bytes) & ~(huge - 1);
+  if (e > a) (void)madvise((void*)a, e - a, MADV_HUGEPAGE);
+#else
+  (void)p; (void)bytes;
+#endif
+}
 
 // Element types, numbered the same way in fastmed/_ext.py (DTYPE_CODES).
 enum DType : int {

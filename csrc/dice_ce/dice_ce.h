@@ -44,6 +44,7 @@ struct DiceCEParams {
   const double* grad_stats; const double* grad_ce;
   void* dx; int64_t dx_sb, dx_sc, dx_ss;
   int num_threads;
+  int force_generic;  // tests: skip the specialised fast path
   void* stream;  // cudaStream_t for the CUDA kernels
 };
 

@@ -103,21 +103,26 @@ template <typename T>
 int64_t load_labels_t(const T* src, int64_t cs, int n, int64_t C, bool has_ignore, int64_t ignore, int32_t* lab,
                       float* valid) {
   int64_t bad = 0;
-  for (int k = 0; k < n; ++k) {
-    T raw = src[(int64_t)k * cs];
+  auto one = [&](T raw, int k) -> int64_t {
     int64_t v;
     bool finite = true;
     if constexpr (std::is_floating_point<T>::value) {
-      finite = std::isfinite(raw);
+      finite = raw == raw && raw < (T)9.2e18 && raw > (T)-9.2e18;
       v = finite ? (int64_t)raw : -1;
     } else {
       v = (int64_t)raw;
     }
-    bool ign = has_ignore && finite && v == ignore;
-    bool ok = finite && v >= 0 && v < C;
-    bad += (!ign && !ok) ? 1 : 0;
-    lab[k] = (ok && !ign) ? (int32_t)v : -1;
-    valid[k] = (ok && !ign) ? 1.0f : 0.0f;
+    const bool ign = has_ignore && finite && v == ignore;
+    const bool ok = finite && v >= 0 && v < C && !ign;
+    lab[k] = ok ? (int32_t)v : -1;
+    valid[k] = ok ? 1.0f : 0.0f;
+    return (!ign && !ok) ? 1 : 0;
+  };
+  if (cs == 1) {
+#pragma omp simd reduction(+ : bad)
+    for (int k = 0; k < n; ++k) bad += one(src[k], k);
+  } else {
+    for (int k = 0; k < n; ++k) bad += one(src[(int64_t)k * cs], k);
   }
   return bad;
 }
@@ -143,11 +148,15 @@ struct Scratch {
   std::vector<F> mx, z, m, t0, t1, t2;  // K
   std::vector<int32_t> lab;
   std::vector<float> valid;
+  std::vector<F> hist;    // 2 x C per-tile histogram (fast path)
+  const F* xp = nullptr;  // logits tile: sc.x, or the input itself when no conversion is needed
+  int64_t xld = 0;        // its row (class) stride
   Scratch(int64_t C, int K_, bool dense) : K(K_) {
     x.resize(C * K); pr.resize(C * K); q.resize(C * K); g.resize(C * K);
-    if (dense) y.resize(C * K);
+    y.resize(std::max<int64_t>(C, 4) * K);  // dense target, or K-sized scratch rows on the fast path
+    (void)dense;
     mx.resize(K); z.resize(K); m.resize(K); t0.resize(K); t1.resize(K); t2.resize(K);
-    lab.resize(K); valid.resize(K);
+    lab.resize(K); valid.resize(K); hist.assign(2 * C, F(0));
   }
 };
 
@@ -164,7 +173,16 @@ template <typename F>
 int64_t load_tile(const DiceCEParams& p, int64_t b, int64_t s0, int n, Scratch<F>& sc, bool need_sm) {
   const int64_t C = p.C;
   const int K = sc.K;
-  gather_any<F>(p.x, p.x_dtype, b * p.x_sb + s0 * p.x_ss, C, p.x_sc, p.x_ss, n, sc.x.data(), K);
+  const int own = std::is_same<F, double>::value ? kF64 : kF32;
+  if (p.x_dtype == own && p.x_ss == 1) {  // read in place: no copy
+    sc.xp = (const F*)p.x + b * p.x_sb + s0;
+    sc.xld = p.x_sc;
+  } else {
+    gather_any<F>(p.x, p.x_dtype, b * p.x_sb + s0 * p.x_ss, C, p.x_sc, p.x_ss, n, sc.x.data(), K);
+    sc.xp = sc.x.data();
+    sc.xld = K;
+  }
+  const int64_t xld = sc.xld;
   F* m = sc.m.data();
   if (p.mask) {
     const float* mp = p.mask + b * p.m_sb + s0 * p.m_ss;
@@ -181,20 +199,20 @@ int64_t load_tile(const DiceCEParams& p, int64_t b, int64_t s0, int n, Scratch<F
   } else {
     gather_any<F>(p.t, p.t_dtype, b * p.t_sb + s0 * p.t_ss, C, p.t_sc, p.t_ss, n, sc.y.data(), K);
   }
-  const F* x = sc.x.data();
+  const F* x = sc.xp;
   if (need_sm) {
     F* mx = sc.mx.data();
     F* z = sc.z.data();
     F* pr = sc.pr.data();
     for (int k = 0; k < n; ++k) mx[k] = x[k];
     for (int64_t c = 1; c < C; ++c) {
-      const F* xc = x + c * K;
+      const F* xc = x + c * xld;
 #pragma omp simd
       for (int k = 0; k < n; ++k) mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
     }
     for (int k = 0; k < n; ++k) z[k] = F(0);
     for (int64_t c = 0; c < C; ++c) {
-      const F* xc = x + c * K;
+      const F* xc = x + c * xld;
       F* pc = pr + c * K;
 #pragma omp simd
       for (int k = 0; k < n; ++k) {
@@ -215,7 +233,7 @@ int64_t load_tile(const DiceCEParams& p, int64_t b, int64_t s0, int n, Scratch<F
   if (p.dice && p.act == kActSigmoid) {
     F* q = sc.q.data();
     for (int64_t c = 0; c < C; ++c) {
-      const F* xc = x + c * K;
+      const F* xc = x + c * xld;
       F* qc = q + c * K;
 #pragma omp simd
       for (int k = 0; k < n; ++k) qc[k] = fm_sigmoid(xc[k]);
@@ -225,10 +243,12 @@ int64_t load_tile(const DiceCEParams& p, int64_t b, int64_t s0, int n, Scratch<F
 }
 
 template <typename F>
-const F* dice_probs(const DiceCEParams& p, const Scratch<F>& sc) {
+const F* dice_probs(const DiceCEParams& p, const Scratch<F>& sc, int64_t& ld) {
+  ld = sc.K;
   if (p.act == kActSoftmax) return sc.pr.data();
   if (p.act == kActSigmoid) return sc.q.data();
-  return sc.x.data();
+  ld = sc.xld;
+  return sc.xp;
 }
 
 template <typename F>
@@ -254,13 +274,15 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
   for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
     const int n = (int)std::min<int64_t>(K, s_end - s0);
     bad += load_tile(p, b, s0, n, sc, need_sm);
-    const F* x = sc.x.data();
+    const F* x = sc.xp;
+    const int64_t xld = sc.xld;
     const F* m = sc.m.data();
     const int32_t* lab = sc.lab.data();
     if (p.dice) {
-      const F* q = dice_probs(p, sc);
+      int64_t qld;
+      const F* q = dice_probs(p, sc, qld);
       for (int64_t c = 0; c < C; ++c) {
-        const F* qc = q + c * K;
+        const F* qc = q + c * qld;
         F sI = 0, sP = 0, sG = 0, sD = 0;
         if (p.label_map) {
           const int32_t cc = (int32_t)c;
@@ -299,7 +321,7 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
 #pragma omp simd
       for (int k = 0; k < n; ++k) { lse[k] = mx[k] + fm_log(z[k]); wx[k] = F(0); }
       for (int64_t c = 0; c < C; ++c) {
-        const F* xc = x + c * K;
+        const F* xc = x + c * xld;
         const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
 #pragma omp simd
         for (int k = 0; k < n; ++k) wx[k] += wc * xc[k];
@@ -310,7 +332,7 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
           const int32_t t = lab[k];
           if (t < 0) continue;  // ignored (or invalid) voxel: m[k] is 0 too
           const F wt_k = m[k] * (p.ce_weight ? (F)p.ce_weight[t] : F(1));
-          a += wt_k * (lse[k] - x[(int64_t)t * K + k]);
+          a += wt_k * (lse[k] - x[(int64_t)t * xld + k]);
           sm += m[k] * (Wsum * lse[k] - wx[k]);
           wt += wt_k;
           cnt += m[k];
@@ -320,7 +342,7 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
         F* wyx = sc.z.data();  // z no longer needed
         for (int k = 0; k < n; ++k) { wy[k] = F(0); wyx[k] = F(0); }
         for (int64_t c = 0; c < C; ++c) {
-          const F* xc = x + c * K;
+          const F* xc = x + c * xld;
           const F* yc = sc.y.data() + c * K;
           const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
 #pragma omp simd
@@ -338,7 +360,7 @@ void fwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, dou
     } else if (p.ce == kCeBce) {
       F a = 0, cnt = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const F* xc = x + c * K;
+        const F* xc = x + c * xld;
         const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
         const int32_t cc = (int32_t)c;
         if (p.label_map) {
@@ -382,16 +404,18 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
     const int n = (int)std::min<int64_t>(K, s_end - s0);
     int64_t bad_unused = load_tile(p, b, s0, n, sc, need_sm);
     (void)bad_unused;
-    const F* x = sc.x.data();
+    const F* x = sc.xp;
+    const int64_t xld = sc.xld;
     const F* m = sc.m.data();
     const int32_t* lab = sc.lab.data();
     F* g = sc.g.data();
     // 1. gradient w.r.t. the Dice probabilities, chained through the activation
     if (p.dice) {
-      const F* q = dice_probs(p, sc);
+      int64_t qld;
+      const F* q = dice_probs(p, sc, qld);
       for (int64_t c = 0; c < C; ++c) {
         const F gI = (F)gs[4 * c + 0], gP = (F)gs[4 * c + 1], gD = (F)gs[4 * c + 3];
-        const F* qc = q + c * K;
+        const F* qc = q + c * qld;
         F* gc = g + c * K;
         const int32_t cc = (int32_t)c;
         const F* yc = p.label_map ? nullptr : sc.y.data() + c * K;
@@ -408,20 +432,20 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
         F* dot = sc.t1.data();
         for (int k = 0; k < n; ++k) dot[k] = F(0);
         for (int64_t c = 0; c < C; ++c) {
-          const F* qc = q + c * K;
+          const F* qc = q + c * qld;
           const F* gc = g + c * K;
 #pragma omp simd
           for (int k = 0; k < n; ++k) dot[k] += qc[k] * gc[k];
         }
         for (int64_t c = 0; c < C; ++c) {
-          const F* qc = q + c * K;
+          const F* qc = q + c * qld;
           F* gc = g + c * K;
 #pragma omp simd
           for (int k = 0; k < n; ++k) gc[k] = qc[k] * (gc[k] - dot[k]);
         }
       } else if (p.act == kActSigmoid) {
         for (int64_t c = 0; c < C; ++c) {
-          const F* qc = q + c * K;
+          const F* qc = q + c * qld;
           F* gc = g + c * K;
 #pragma omp simd
           for (int k = 0; k < n; ++k) gc[k] = gc[k] * qc[k] * (F(1) - qc[k]);
@@ -473,7 +497,7 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
       }
     } else if (p.ce == kCeBce) {
       for (int64_t c = 0; c < C; ++c) {
-        const F* xc = x + c * K;
+        const F* xc = x + c * xld;
         F* gc = g + c * K;
         const F wc = p.ce_weight ? (F)p.ce_weight[c] : F(1);
         const int32_t cc = (int32_t)c;
@@ -490,6 +514,224 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// fast path for the common case: integer label map, softmax Dice (plain sums), optional softmax CE.
+// Three sweeps over the C x K tile in each direction, probabilities never stored normalised.
+template <typename F>
+bool fast_path(const DiceCEParams& p) {
+  return p.label_map && (p.act == kActSoftmax || !p.dice) && !p.squared && !p.soft &&
+         (p.ce == kCeNone || p.ce == kCeSoftmax);
+}
+
+// One sweep over the classes: max, the logit of the labelled class x_t, and with CE weights
+// sum_c w_c x_c and w_t (selects instead of gathers, so everything vectorises).
+template <typename F>
+inline void class_sweep(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
+                        F* xt, F* wx, F* wt) {
+  for (int k = 0; k < n; ++k) { mx[k] = x[k]; xt[k] = F(0); }
+  if (wx) for (int k = 0; k < n; ++k) wx[k] = F(0);
+  if (wt) for (int k = 0; k < n; ++k) wt[k] = F(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const F* xc = x + c * xld;
+    const int32_t cc = (int32_t)c;
+    if (w) {
+      const F wc = (F)w[c];
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        const bool hit = lab[k] == cc;
+        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
+        xt[k] += hit ? xc[k] : F(0);
+        wx[k] += wc * xc[k];
+        wt[k] += hit ? wc : F(0);
+      }
+    } else if (wx) {
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
+        xt[k] += lab[k] == cc ? xc[k] : F(0);
+        wx[k] += xc[k];
+      }
+    } else {
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
+        xt[k] += lab[k] == cc ? xc[k] : F(0);
+      }
+    }
+  }
+}
+
+template <typename F>
+void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, double* part, int64_t& bad) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  for (int64_t i = 0; i < 4 * C + 4; ++i) part[i] = 0.0;
+  double* ce = part + 4 * C;
+  const bool do_ce = p.ce == kCeSoftmax;
+  F Wsum = F(0);
+  for (int64_t c = 0; c < C; ++c) Wsum += p.ce_weight ? (F)p.ce_weight[c] : F(1);
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    bad += load_tile(p, b, s0, n, sc, false);
+    const F* x = sc.xp;
+    const int64_t xld = sc.xld;
+    const F* m = sc.m.data();
+    const int32_t* lab = sc.lab.data();
+    F* mx = sc.mx.data();
+    F* z = sc.z.data();
+    F* e = sc.pr.data();
+    F* xt = sc.t1.data();
+    F* wx = sc.y.data();   // K-sized scratch (sc.y is C x K but unused on this path)
+    F* wtv = sc.g.data();
+    class_sweep(x, xld, C, n, lab, p.ce_weight, mx, xt, wx, wtv);
+    for (int k = 0; k < n; ++k) z[k] = F(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const F* xc = x + c * xld;
+      F* ec = e + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        F v = fm_exp(xc[k] - mx[k]);
+        ec[k] = v;
+        z[k] += v;
+      }
+    }
+    F* em = sc.t0.data();  // m / z
+#pragma omp simd
+    for (int k = 0; k < n; ++k) em[k] = m[k] / z[k];
+    if (p.dice) {
+      // prediction sums: one multiply-add per element
+      for (int64_t c = 0; c < C; ++c) {
+        const F* ec = e + c * K;
+        F sP = 0;
+#pragma omp simd reduction(+ : sP)
+        for (int k = 0; k < n; ++k) sP += ec[k] * em[k];
+        part[4 * c + 1] += (double)sP;
+      }
+      // intersection and label counts touch only the labelled class: a per-voxel histogram
+      F* pi = sc.t2.data();  // p_t m^2 per voxel
+#pragma omp simd
+      for (int k = 0; k < n; ++k) pi[k] = fm_exp(xt[k] - mx[k]) * em[k] * m[k];
+      F* hist = sc.hist.data();
+      for (int k = 0; k < n; ++k) {
+        const int32_t t = lab[k];
+        if (t < 0) continue;
+        hist[2 * t + 0] += pi[k];
+        hist[2 * t + 1] += m[k] * m[k];
+      }
+    }
+    if (do_ce) {
+      F a = 0, sm = 0, wt = 0, cnt = 0;
+#pragma omp simd reduction(+ : a, sm, wt, cnt)
+      for (int k = 0; k < n; ++k) {  // m is 0 where the label is invalid or ignored
+        const F lse = mx[k] + fm_log(z[k]);
+        const F wk = p.ce_weight ? wtv[k] : F(1);
+        a += m[k] * wk * (lse - xt[k]);
+        sm += m[k] * (Wsum * lse - wx[k]);
+        wt += m[k] * wk;
+        cnt += m[k];
+      }
+      ce[0] += (double)a; ce[1] += (double)sm; ce[2] += (double)wt; ce[3] += (double)cnt;
+    }
+    // flush the per-tile histogram into the double partials (fixed order)
+    if (p.dice) {
+      for (int64_t c = 0; c < C; ++c) {
+        part[4 * c + 0] += (double)sc.hist[2 * c + 0];
+        part[4 * c + 2] += (double)sc.hist[2 * c + 1];
+        sc.hist[2 * c + 0] = F(0);
+        sc.hist[2 * c + 1] = F(0);
+      }
+    }
+  }
+}
+
+template <typename F>
+void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  const double* gs = p.grad_stats + b * C * 4;
+  const bool do_ce = p.ce == kCeSoftmax;
+  const F gA = do_ce ? (F)p.grad_ce[b * 4 + 0] : F(0);
+  const F gSm = do_ce ? (F)p.grad_ce[b * 4 + 1] : F(0);
+  const float* w = p.ce_weight;
+  F Wsum = F(0);
+  for (int64_t c = 0; c < C; ++c) Wsum += w ? (F)w[c] : F(1);
+  std::vector<F> gI(C), gP(C);  // per-class gradients of the sums
+  for (int64_t c = 0; c < C; ++c) {
+    gI[c] = p.dice ? (F)gs[4 * c + 0] : F(0);
+    gP[c] = p.dice ? (F)gs[4 * c + 1] : F(0);
+  }
+  const int own = std::is_same<F, double>::value ? kF64 : kF32;
+  const bool direct = p.x_dtype == own && p.dx_ss == 1;
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    load_tile(p, b, s0, n, sc, false);
+    const F* x = sc.xp;
+    const int64_t xld = sc.xld;
+    const F* m = sc.m.data();
+    const int32_t* lab = sc.lab.data();
+    F* mx = sc.mx.data();
+    F* z = sc.z.data();
+    F* e = sc.pr.data();
+    F* sgp = sc.t1.data();
+    F* xt = sc.y.data();  // logit of the labelled class (K-sized scratch)
+    class_sweep<F>(x, xld, C, n, lab, nullptr, mx, xt, nullptr, nullptr);
+    for (int k = 0; k < n; ++k) { z[k] = F(0); sgp[k] = F(0); }
+    for (int64_t c = 0; c < C; ++c) {
+      const F* xc = x + c * xld;
+      F* ec = e + c * K;
+      const F gp = gP[c];
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        const F v = fm_exp(xc[k] - mx[k]);
+        ec[k] = v;
+        z[k] += v;
+        sgp[k] += gp * v;
+      }
+    }
+    // per voxel: dx_c = p_c (m gP_c + base) + [c == t] (p_c m^2 gI_t - coef) - val w_c
+    F* inv = sc.t0.data();
+    F* base = sc.t2.data();
+    F* hitc = sc.y.data() + K;  // m^2 gI_t
+    F* coefv = sc.y.data() + 2 * K;
+    F* valv = sc.y.data() + 3 * K;
+    const F* gIp = gI.data();
+    for (int k = 0; k < n; ++k) {
+      const int32_t t = lab[k] < 0 ? 0 : lab[k];  // m is 0 for invalid or ignored voxels
+      const F iv = F(1) / z[k];
+      const F mk = m[k];
+      const F pt = fm_exp(xt[k] - mx[k]) * iv;
+      const F git = gIp[t];
+      const F dot = mk * (git * mk * pt + iv * sgp[k]);
+      const F coef = mk * gA * (w ? (F)w[t] : F(1));
+      const F val = mk * gSm;
+      inv[k] = iv;
+      base[k] = coef + val * Wsum - dot;
+      hitc[k] = mk * mk * git;
+      coefv[k] = coef;
+      valv[k] = val;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const F* ec = e + c * K;
+      const F mgp = gP[c];
+      const F wc = w ? (F)w[c] : F(1);
+      const int32_t cc = (int32_t)c;
+      F* out = direct ? (F*)p.dx + b * p.dx_sb + c * p.dx_sc + s0 : sc.g.data() + c * K;
+#pragma omp simd
+      for (int k = 0; k < n; ++k) {
+        const F pc = ec[k] * inv[k];
+        F d = pc * (m[k] * mgp + base[k]) - valv[k] * wc;
+        d += lab[k] == cc ? pc * hitc[k] - coefv[k] : F(0);
+        out[k] = d;
+      }
+    }
+    if (!direct) scatter_any<F>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, sc.g.data(), K);
+  }
+}
+
 template <typename F>
 int fwd_impl(const DiceCEParams& p) {
   const int64_t nblk = dice_ce_num_blocks(p.S);
@@ -497,13 +739,15 @@ int fwd_impl(const DiceCEParams& p) {
   const int64_t P = 4 * p.C + 4;
   const int K = tile_width(p.C);
   int64_t bad = 0;
+  const bool fast = fast_path<F>(p) && !p.force_generic;
 #pragma omp parallel num_threads(std::max(1, p.num_threads)) reduction(+ : bad)
   {
     Scratch<F> sc(p.C, K, !p.label_map);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntask; ++task) {
       const int64_t b = task / nblk, blk = task % nblk;
-      fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
+      if (fast) fwd_task_fast<F>(p, b, blk, sc, p.workspace + task * P, bad);
+      else fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
     }
   }
   // fixed-order reduction over blocks
@@ -527,11 +771,15 @@ int bwd_impl(const DiceCEParams& p) {
   const int64_t nblk = dice_ce_num_blocks(p.S);
   const int64_t ntask = p.B * nblk;
   const int K = tile_width(p.C);
+  const bool fast = fast_path<F>(p) && !p.force_generic;
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
   {
     Scratch<F> sc(p.C, K, !p.label_map);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntask; ++task) bwd_task<F>(p, task / nblk, task % nblk, sc);
+    for (int64_t task = 0; task < ntask; ++task) {
+      if (fast) bwd_task_fast<F>(p, task / nblk, task % nblk, sc);
+      else bwd_task<F>(p, task / nblk, task % nblk, sc);
+    }
   }
   return kOk;
 }
@@ -545,6 +793,10 @@ int dice_ce_fwd(const DiceCEParams& p) {
 }
 
 int dice_ce_bwd(const DiceCEParams& p) {
+  if (p.dx_ss == 1 || p.dx_sc == 1) {  // dense output (contiguous or channels-last): fill it with huge pages
+    const size_t esize = p.x_dtype == kF64 ? 8 : (p.x_dtype == kF32 ? 4 : 2);
+    prefer_huge_pages(p.dx, (size_t)(p.B * p.C * p.S) * esize);
+  }
   if (p.x_dtype == kF64) return bwd_impl<double>(p);
   if (p.x_dtype == kF32 || p.x_dtype == kF16 || p.x_dtype == kBF16) return bwd_impl<float>(p);
   return kBadDtype;

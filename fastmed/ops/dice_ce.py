@@ -33,6 +33,9 @@ CE = {"none": 0, "softmax": 1, "bce": 2}
 LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64)
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# tests set this to check the specialised CPU fast path against the general kernel
+FORCE_GENERIC = False
+
 __all__ = ["dice_ce_fwd", "dice_ce_bwd", "dice_ce_reference", "ACT", "CE"]
 
 
@@ -83,6 +86,7 @@ def _params(logits, target, mask, ce_weight, act, ce, dice, label_map, squared, 
     p.has_ignore = int(ignore_index is not None)
     p.ignore_index = int(ignore_index) if ignore_index is not None else 0
     p.num_threads = _ext.num_threads()
+    p.force_generic = int(FORCE_GENERIC)
     p.stream = _ext.stream_ptr(logits.device)
     return mod, p, (logits, target, mask, ce_weight)
 
