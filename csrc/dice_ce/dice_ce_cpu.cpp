@@ -660,6 +660,8 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
   F Wsum = F(0);
   for (int64_t c = 0; c < C; ++c) Wsum += w ? (F)w[c] : F(1);
   std::vector<F> gI(C), gP(C);  // per-class gradients of the sums
+  std::vector<F> wvec(C);
+  for (int64_t c = 0; c < C; ++c) wvec[c] = w ? (F)w[c] : F(1);
   for (int64_t c = 0; c < C; ++c) {
     gI[c] = p.dice ? (F)gs[4 * c + 0] : F(0);
     gP[c] = p.dice ? (F)gs[4 * c + 1] : F(0);
@@ -692,13 +694,16 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
         sgp[k] += gp * v;
       }
     }
-    // per voxel: dx_c = p_c (m gP_c + base) + [c == t] (p_c m^2 gI_t - coef) - val w_c
-    F* inv = sc.t0.data();
-    F* base = sc.t2.data();
-    F* hitc = sc.y.data() + K;  // m^2 gI_t
-    F* coefv = sc.y.data() + 2 * K;
-    F* valv = sc.y.data() + 3 * K;
+    // dx_c = e_c (u gP_c + v) - val w_c, plus a fix-up of the labelled class:
+    //   + p_t m^2 gI_t - coef,  with p = e / z, u = m / z, v = base / z,
+    //   base = coef + val W - dot, dot = sum_c p_c g_c, coef = m gA w_t, val = m gSm.
+    F* u = sc.t0.data();
+    F* v = sc.t2.data();
+    F* valv = sc.y.data() + K;
+    F* fix = sc.y.data() + 2 * K;
     const F* gIp = gI.data();
+    const F* wvp = wvec.data();
+#pragma omp simd
     for (int k = 0; k < n; ++k) {
       const int32_t t = lab[k] < 0 ? 0 : lab[k];  // m is 0 for invalid or ignored voxels
       const F iv = F(1) / z[k];
@@ -706,27 +711,24 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
       const F pt = fm_exp(xt[k] - mx[k]) * iv;
       const F git = gIp[t];
       const F dot = mk * (git * mk * pt + iv * sgp[k]);
-      const F coef = mk * gA * (w ? (F)w[t] : F(1));
+      const F coef = mk * gA * wvp[t];
       const F val = mk * gSm;
-      inv[k] = iv;
-      base[k] = coef + val * Wsum - dot;
-      hitc[k] = mk * mk * git;
-      coefv[k] = coef;
+      u[k] = iv * mk;
+      v[k] = iv * (coef + val * Wsum - dot);
       valv[k] = val;
+      fix[k] = pt * mk * mk * git - coef;
     }
+    F* out0 = direct ? (F*)p.dx + b * p.dx_sb + s0 : sc.g.data();
+    const int64_t old = direct ? p.dx_sc : K;
     for (int64_t c = 0; c < C; ++c) {
       const F* ec = e + c * K;
-      const F mgp = gP[c];
+      const F gpc = gP[c];
       const F wc = w ? (F)w[c] : F(1);
+      F* out = out0 + c * old;
       const int32_t cc = (int32_t)c;
-      F* out = direct ? (F*)p.dx + b * p.dx_sb + c * p.dx_sc + s0 : sc.g.data() + c * K;
 #pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        const F pc = ec[k] * inv[k];
-        F d = pc * (m[k] * mgp + base[k]) - valv[k] * wc;
-        d += lab[k] == cc ? pc * hitc[k] - coefv[k] : F(0);
-        out[k] = d;
-      }
+      for (int k = 0; k < n; ++k)
+        out[k] = ec[k] * (u[k] * gpc + v[k]) - valv[k] * wc + (lab[k] == cc ? fix[k] : F(0));
     }
     if (!direct) scatter_any<F>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, sc.g.data(), K);
   }
