@@ -13,6 +13,9 @@
 
 #include "../common/common.h"
 #include "../common/fast_math.h"
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include "dice_ce.h"
 
 #ifndef FM_ISA
@@ -514,6 +517,27 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
   }
 }
 
+// Non-temporal copy of a row to its final place (no read-for-ownership of the destination).
+inline void stream_store(double* dst, const double* src, int n) {
+  for (int k = 0; k < n; ++k) dst[k] = src[k];
+}
+inline void stream_store(float* dst, const float* src, int n) {
+  int k = 0;
+#if defined(__AVX512F__)
+  for (; k < n && ((uintptr_t)(dst + k) & 63); ++k) dst[k] = src[k];
+  for (; k + 16 <= n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+#elif defined(__AVX__)
+  for (; k < n && ((uintptr_t)(dst + k) & 31); ++k) dst[k] = src[k];
+  for (; k + 8 <= n; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+#endif
+  for (; k < n; ++k) dst[k] = src[k];
+}
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // ----------------------------------------------------------------------------------------------
 // fast path for the common case: integer label map, softmax Dice (plain sums), optional softmax CE.
 // Three sweeps over the C x K tile in each direction, probabilities never stored normalised.
@@ -718,20 +742,23 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
       valv[k] = val;
       fix[k] = pt * mk * mk * git - coef;
     }
-    F* out0 = direct ? (F*)p.dx + b * p.dx_sb + s0 : sc.g.data();
-    const int64_t old = direct ? p.dx_sc : K;
+    F* dst0 = direct ? (F*)p.dx + b * p.dx_sb + s0 : nullptr;
+    F* row = sc.g.data();
     for (int64_t c = 0; c < C; ++c) {
       const F* ec = e + c * K;
       const F gpc = gP[c];
       const F wc = w ? (F)w[c] : F(1);
-      F* out = out0 + c * old;
+      F* out = row + c * K;
       const int32_t cc = (int32_t)c;
 #pragma omp simd
       for (int k = 0; k < n; ++k)
         out[k] = ec[k] * (u[k] * gpc + v[k]) - valv[k] * wc + (lab[k] == cc ? fix[k] : F(0));
+      // the gradient is written once and not read again here: bypass the cache
+      if (direct) stream_store(dst0 + c * p.dx_sc, out, n);
     }
     if (!direct) scatter_any<F>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, sc.g.data(), K);
   }
+  stream_fence();
 }
 
 template <typename F>

@@ -1,0 +1,322 @@
+"""The benchmark suite behind ``fastmed bench``: fastmed against MONAI, side by side in one run.
+
+Each case reports forward, backward and forward+backward times (median of repeats), the ratio to
+MONAI measured in the same run, the achieved bandwidth on the minimal memory traffic against the
+machine's copy bandwidth measured at the start of the run, and the peak extra memory (each
+implementation measured in a fresh process on the CPU; ``max_memory_allocated`` on a GPU).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------
+# machine facts
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """GB/s of a large tensor copy, counting bytes read plus bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def _time(fn: Callable[[], None], device: str, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    make_inputs: Callable[[str], tuple]        # device -> tensors
+    impls: dict                                # impl name -> loss factory
+    min_bytes: Callable[[tuple], int]          # minimal forward+backward memory traffic
+    baseline: str = "monai"
+
+
+@dataclass
+class Result:
+    op: str
+    case: str
+    impl: str
+    fwd_ms: float
+    bwd_ms: float
+    fwd_bwd_ms: float
+    ratio_vs_baseline: Optional[float] = None
+    gbps: Optional[float] = None
+    pct_copy_bw: Optional[float] = None
+    peak_extra_mb: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _dice_ce_inputs(shape):
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        B, C = shape[0], shape[1]
+        x = (torch.randn(shape, generator=g) * 2).to(device)
+        y = torch.randint(0, C, (B, 1) + tuple(shape[2:]), generator=g).to(device)
+        return x, y
+    return make
+
+
+def _dice_ce_impls():
+    def fm():
+        import fastmed.losses
+        return fastmed.losses.DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def mo():
+        import monai.losses
+        return monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)
+
+    return {"fastmed": fm, "monai": mo}
+
+
+def _dice_ce_bytes(inputs):
+    x, y = inputs
+    # forward reads logits + labels; backward reads them again and writes the gradient
+    return 3 * x.numel() * x.element_size() + 2 * y.numel() * y.element_size()
+
+
+def cases(quick: bool) -> list:
+    shape = (2, 14, 96, 96, 96)
+    out = [Case("dice_ce", "DiceCELoss 2x14x96^3 fp32, int64 labels", _dice_ce_inputs(shape), _dice_ce_impls(),
+                _dice_ce_bytes)]
+    if not quick:
+        out.append(Case("dice_ce", "DiceCELoss 1x117x64^3 fp32, int64 labels", _dice_ce_inputs((1, 117, 64, 64, 64)),
+                        _dice_ce_impls(), _dice_ce_bytes))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+
+
+def _run_impl(case: Case, impl: str, device: str, reps: int) -> dict:
+    inputs = case.make_inputs(device)
+    x, y = inputs
+    loss = case.impls[impl]()
+    xr = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            loss(xr, y)
+
+    def both():
+        xr.grad = None
+        loss(xr, y).backward()
+
+    holder = {}
+
+    def fwd_keep():
+        xr.grad = None
+        holder["v"] = loss(xr, y)
+
+    def bwd_only():
+        holder["v"].backward()
+
+    t_fwd = _time(fwd, device, reps)
+    t_both = _time(both, device, reps)
+    # backward alone: forward outside the timed region each time
+    ts = []
+    for _ in range(reps):
+        fwd_keep()
+        _sync(device)
+        t = time.perf_counter()
+        bwd_only()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    t_bwd = statistics.median(ts)
+    return {"fwd": t_fwd, "bwd": t_bwd, "both": t_both}
+
+
+def _peak_child(args):
+    case_idx, impl, quick, q = args
+    case = cases(quick)[case_idx]
+    torch.set_num_threads(torch.get_num_threads())
+    inputs = case.make_inputs("cpu")
+    x, y = inputs
+    xr = x.detach().clone().requires_grad_(True)
+    loss = case.impls[impl]()
+    loss(xr[:, :, :4, :4, :4].detach().clone().requires_grad_(True), y[:, :, :4, :4, :4]).backward()  # warm up
+    xr.grad = None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS")
+        loss(xr, y).backward()
+        peak = _status_kb("VmHWM")
+    except OSError:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss(xr, y).backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    q.put((peak - base) / 1024.0)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)
+
+
+def _peak_extra_mb(case_idx: int, impl: str, quick: bool, device: str, case: Case) -> Optional[float]:
+    if device == "cuda":
+        inputs = case.make_inputs(device)
+        x, y = inputs
+        xr = x.detach().clone().requires_grad_(True)
+        loss = case.impls[impl]()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss(xr, y).backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=((case_idx, impl, quick, q),))
+    p.start()
+    p.join(600)
+    return q.get(timeout=5) if p.exitcode == 0 else None
+
+
+def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, ops: Optional[list] = None,
+        memory: bool = True, log=print) -> dict:
+    reps = reps or (3 if quick else 7)
+    bw = copy_bandwidth(device, nbytes=(256 if quick else 512) * 2**20)
+    log(f"device: {device_name(device)}; copy bandwidth {bw:.1f} GB/s (read + write)")
+    results = []
+    for idx, case in enumerate(cases(quick)):
+        if ops and case.op not in ops:
+            continue
+        times = {}
+        for impl in case.impls:
+            try:
+                times[impl] = _run_impl(case, impl, device, reps)
+            except ImportError as exc:
+                log(f"  {impl}: skipped ({exc})")
+        nbytes = case.min_bytes(case.make_inputs("cpu"))
+        for impl, t in times.items():
+            r = Result(case.op, case.name, impl, t["fwd"] * 1e3, t["bwd"] * 1e3, t["both"] * 1e3)
+            if case.baseline in times:
+                r.ratio_vs_baseline = times[case.baseline]["both"] / t["both"]
+            r.gbps = nbytes / t["both"] / 1e9
+            r.pct_copy_bw = 100.0 * r.gbps / bw
+            if memory:
+                r.peak_extra_mb = _peak_extra_mb(idx, impl, quick, device, case)
+            r.extra["grad_mb"] = case.make_inputs("cpu")[0].numel() * 4 / 2**20
+            results.append(r)
+    return {
+        "device": device_name(device),
+        "device_type": device,
+        "copy_bandwidth_gbps": bw,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "quick": quick,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _versions() -> dict:
+    import fastmed
+
+    v = {"fastmed": fastmed.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import monai
+
+        v["monai"] = monai.__version__
+    except ImportError:
+        v["monai"] = None
+    if torch.version.cuda:
+        v["cuda"] = torch.version.cuda
+    v["build"] = fastmed.build_info()
+    return v
+
+
+def format_table(report: dict) -> str:
+    head = ["op", "case", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "x vs MONAI", "GB/s", "% copy BW", "peak extra MB"]
+    rows = [head]
+    for r in report["results"]:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+        rows.append([r["op"], r["case"], r["impl"], f(r["fwd_ms"], ".1f"), f(r["bwd_ms"], ".1f"), f(r["fwd_bwd_ms"], ".1f"),
+                     f(r["ratio_vs_baseline"], ".1f"), f(r["gbps"], ".1f"), f(r["pct_copy_bw"], ".0f"),
+                     f(r["peak_extra_mb"], ".0f")])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save(report: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        raise FileExistsError(f"out: {path} exists; fastmed never overwrites a file, choose another name")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def default_result_path(report: dict, root: str = "benches/results") -> str:
+    dev = "".join(c if c.isalnum() else "-" for c in report["device"].split("(")[0].strip()).strip("-").lower()
+    day = report["date"][:10]
+    base = os.path.join(root, f"{dev}-{day}")
+    path, i = base + ".json", 2
+    while os.path.exists(path):
+        path, i = f"{base}-{i}.json", i + 1
+    return path
