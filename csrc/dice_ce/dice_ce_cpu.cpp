@@ -165,9 +165,9 @@ struct Scratch {
 
 // Tile width: the C x K float tiles stay in L1/L2; depends on C only (determinism).
 inline int tile_width(int64_t C) {
-  int64_t k = 4096 / std::max<int64_t>(C, 1);
+  int64_t k = 16384 / std::max<int64_t>(C, 1);
   k = (k / 16) * 16;
-  return (int)std::min<int64_t>(std::max<int64_t>(k, 16), 512);
+  return (int)std::min<int64_t>(std::max<int64_t>(k, 64), 512);
 }
 
 // Load one tile: logits, labels or dense target, mask; then activations.
