@@ -37,6 +37,26 @@ FM_HD float fm_exp(float x) {
   return out;
 }
 
+// e^x for x <= 0 (softmax numerators after subtracting the max): x > 0 is taken as 0, and below
+// -87.33 it returns about 1e-38 instead of 0. NaN propagates through the polynomial.
+FM_HD float fm_exp_nonpos(float x) {
+  float xc = x < -87.33f ? -87.33f : x;
+  xc = xc > 0.0f ? 0.0f : xc;
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ni = (int32_t)n;
+  return p * fm_bits_to_float((uint32_t)(ni + 127) << 23);
+}
+
 // natural log for positive normal z; inf -> inf, nan -> nan, 0 -> -inf
 FM_HD float fm_log(float z) {
   uint32_t bits = fm_float_to_bits(z);
@@ -79,6 +99,7 @@ FM_HD float fm_sigmoid(float x) { return 1.0f / (1.0f + fm_exp(-x)); }
 
 // double versions for the float64 path (tests, gradcheck): libm is fine there
 FM_HD double fm_exp(double x) { return std::exp(x); }
+FM_HD double fm_exp_nonpos(double x) { return std::exp(x); }
 FM_HD double fm_log(double x) { return std::log(x); }
 FM_HD double fm_softplus(double x) {
   double ax = x < 0.0 ? -x : x;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#include <type_traits>
 
 #include "../common/common.h"
 #include "../common/fast_math.h"
@@ -162,6 +163,26 @@ struct Scratch {
     lab.resize(K); valid.resize(K); hist.assign(2 * C, F(0));
   }
 };
+
+// Software prefetch (into L2) of one class row of the next tile: the C rows of a tile are C short
+// streams far apart in memory, too many for the hardware prefetchers to follow.
+template <typename F>
+inline void prefetch_row(const DiceCEParams& p, const F* row_next, int64_t s_next, int K) {
+  const int64_t left = p.S - s_next;
+  if (left <= 0) return;
+  const int64_t n = std::min<int64_t>(K, left);
+  const char* a = (const char*)row_next;
+  for (int64_t off = 0; off < n * (int64_t)sizeof(F); off += 64) __builtin_prefetch(a + off, 0, 2);
+}
+inline void prefetch_labels(const DiceCEParams& p, int64_t b, int64_t s_next, int K) {
+  static const int esz[] = {4, 2, 2, 8, 1, 1, 2, 4, 8};
+  const int64_t left = p.S - s_next;
+  if (left <= 0 || p.t_ss != 1 || p.t_dtype < 0 || p.t_dtype > 8) return;
+  const int e = esz[p.t_dtype];
+  const char* a = (const char*)p.t + (b * p.t_sb + s_next) * e;
+  const int64_t bytes = std::min<int64_t>(K, left) * e;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(a + off, 0, 2);
+}
 
 // Tile width: the C x K float tiles stay in L1/L2; depends on C only (determinism).
 inline int tile_width(int64_t C) {
@@ -547,42 +568,37 @@ bool fast_path(const DiceCEParams& p) {
          (p.ce == kCeNone || p.ce == kCeSoftmax);
 }
 
-// One sweep over the classes: max, the logit of the labelled class x_t, and with CE weights
-// sum_c w_c x_c and w_t (selects instead of gathers, so everything vectorises).
-template <typename F>
-inline void class_sweep(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
-                        F* xt, F* wx, F* wt) {
+// One sweep over the classes: max, the logit of the labelled class x_t, and optionally
+// sum_c w_c x_c (only label smoothing needs it) and w_t (selects instead of gathers, so everything
+// vectorises).
+template <typename F, bool HasW, bool HasWX>
+inline void class_sweep_t(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
+                          F* xt, F* wx, F* wt) {
   for (int k = 0; k < n; ++k) { mx[k] = x[k]; xt[k] = F(0); }
-  if (wx) for (int k = 0; k < n; ++k) wx[k] = F(0);
-  if (wt) for (int k = 0; k < n; ++k) wt[k] = F(0);
+  if (HasWX) for (int k = 0; k < n; ++k) wx[k] = F(0);
+  if (HasW) for (int k = 0; k < n; ++k) wt[k] = F(0);
   for (int64_t c = 0; c < C; ++c) {
     const F* xc = x + c * xld;
     const int32_t cc = (int32_t)c;
-    if (w) {
-      const F wc = (F)w[c];
+    const F wc = HasW ? (F)w[c] : F(1);
 #pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        const bool hit = lab[k] == cc;
-        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
-        xt[k] += hit ? xc[k] : F(0);
-        wx[k] += wc * xc[k];
-        wt[k] += hit ? wc : F(0);
-      }
-    } else if (wx) {
-#pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
-        xt[k] += lab[k] == cc ? xc[k] : F(0);
-        wx[k] += xc[k];
-      }
-    } else {
-#pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
-        xt[k] += lab[k] == cc ? xc[k] : F(0);
-      }
+    for (int k = 0; k < n; ++k) {
+      const bool hit = lab[k] == cc;
+      mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
+      xt[k] += hit ? xc[k] : F(0);
+      if (HasWX) wx[k] += wc * xc[k];
+      if (HasW) wt[k] += hit ? wc : F(0);
     }
   }
+}
+
+template <typename F>
+inline void class_sweep(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
+                        F* xt, F* wx, F* wt) {
+  if (w && wx) class_sweep_t<F, true, true>(x, xld, C, n, lab, w, mx, xt, wx, wt);
+  else if (w) class_sweep_t<F, true, false>(x, xld, C, n, lab, w, mx, xt, wx, wt);
+  else if (wx) class_sweep_t<F, false, true>(x, xld, C, n, lab, w, mx, xt, wx, wt);
+  else class_sweep_t<F, false, false>(x, xld, C, n, lab, w, mx, xt, wx, wt);
 }
 
 template <typename F>
@@ -601,6 +617,7 @@ void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
     bad += load_tile(p, b, s0, n, sc, false);
     const F* x = sc.xp;
     const int64_t xld = sc.xld;
+    const bool inplace = x != sc.x.data();
     const F* m = sc.m.data();
     const int32_t* lab = sc.lab.data();
     F* mx = sc.mx.data();
@@ -609,18 +626,21 @@ void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
     F* xt = sc.t1.data();
     F* wx = sc.y.data();   // K-sized scratch (sc.y is C x K but unused on this path)
     F* wtv = sc.g.data();
-    class_sweep(x, xld, C, n, lab, p.ce_weight, mx, xt, wx, wtv);
+    const bool need_wx = do_ce && !p.skip_ce_smooth;
+    class_sweep(x, xld, C, n, lab, do_ce ? p.ce_weight : nullptr, mx, xt, need_wx ? wx : nullptr, wtv);
     for (int k = 0; k < n; ++k) z[k] = F(0);
     for (int64_t c = 0; c < C; ++c) {
       const F* xc = x + c * xld;
       F* ec = e + c * K;
 #pragma omp simd
       for (int k = 0; k < n; ++k) {
-        F v = fm_exp(xc[k] - mx[k]);
+        F v = fm_exp_nonpos(xc[k] - mx[k]);
         ec[k] = v;
         z[k] += v;
       }
+      if (inplace) prefetch_row(p, xc + K, s0 + K, K);
     }
+    prefetch_labels(p, b, s0 + K, K);
     F* em = sc.t0.data();  // m / z
 #pragma omp simd
     for (int k = 0; k < n; ++k) em[k] = m[k] / z[k];
@@ -636,7 +656,7 @@ void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
       // intersection and label counts touch only the labelled class: a per-voxel histogram
       F* pi = sc.t2.data();  // p_t m^2 per voxel
 #pragma omp simd
-      for (int k = 0; k < n; ++k) pi[k] = fm_exp(xt[k] - mx[k]) * em[k] * m[k];
+      for (int k = 0; k < n; ++k) pi[k] = fm_exp_nonpos(xt[k] - mx[k]) * em[k] * m[k];
       F* hist = sc.hist.data();
       for (int k = 0; k < n; ++k) {
         const int32_t t = lab[k];
@@ -647,15 +667,25 @@ void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
     }
     if (do_ce) {
       F a = 0, sm = 0, wt = 0, cnt = 0;
+      // branch-free loop bodies (a loop-invariant test inside stops GCC from vectorising)
+      auto ce_loop = [&](auto has_w, auto has_wx) {
+        constexpr bool HW = decltype(has_w)::value, HX = decltype(has_wx)::value;
 #pragma omp simd reduction(+ : a, sm, wt, cnt)
-      for (int k = 0; k < n; ++k) {  // m is 0 where the label is invalid or ignored
-        const F lse = mx[k] + fm_log(z[k]);
-        const F wk = p.ce_weight ? wtv[k] : F(1);
-        a += m[k] * wk * (lse - xt[k]);
-        sm += m[k] * (Wsum * lse - wx[k]);
-        wt += m[k] * wk;
-        cnt += m[k];
-      }
+        for (int k = 0; k < n; ++k) {  // m is 0 where the label is invalid or ignored
+          const F lse = mx[k] + fm_log(z[k]);
+          const F mw = HW ? m[k] * wtv[k] : m[k];
+          a += mw * (lse - xt[k]);
+          if (HX) sm += m[k] * (Wsum * lse - wx[k]);
+          wt += mw;
+          cnt += m[k];
+        }
+      };
+      using T_ = std::true_type;
+      using F_ = std::false_type;
+      if (p.ce_weight && need_wx) ce_loop(T_{}, T_{});
+      else if (p.ce_weight) ce_loop(T_{}, F_{});
+      else if (need_wx) ce_loop(F_{}, T_{});
+      else ce_loop(F_{}, F_{});
       ce[0] += (double)a; ce[1] += (double)sm; ce[2] += (double)wt; ce[3] += (double)cnt;
     }
     // flush the per-tile histogram into the double partials (fixed order)
@@ -697,6 +727,7 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
     load_tile(p, b, s0, n, sc, false);
     const F* x = sc.xp;
     const int64_t xld = sc.xld;
+    const bool inplace = x != sc.x.data();
     const F* m = sc.m.data();
     const int32_t* lab = sc.lab.data();
     F* mx = sc.mx.data();
@@ -712,12 +743,14 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
       const F gp = gP[c];
 #pragma omp simd
       for (int k = 0; k < n; ++k) {
-        const F v = fm_exp(xc[k] - mx[k]);
+        const F v = fm_exp_nonpos(xc[k] - mx[k]);
         ec[k] = v;
         z[k] += v;
         sgp[k] += gp * v;
       }
+      if (inplace) prefetch_row(p, xc + K, s0 + K, K);
     }
+    prefetch_labels(p, b, s0 + K, K);
     // dx_c = e_c (u gP_c + v) - val w_c, plus a fix-up of the labelled class:
     //   + p_t m^2 gI_t - coef,  with p = e / z, u = m / z, v = base / z,
     //   base = coef + val W - dot, dot = sum_c p_c g_c, coef = m gA w_t, val = m gSm.
@@ -732,7 +765,7 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
       const int32_t t = lab[k] < 0 ? 0 : lab[k];  // m is 0 for invalid or ignored voxels
       const F iv = F(1) / z[k];
       const F mk = m[k];
-      const F pt = fm_exp(xt[k] - mx[k]) * iv;
+      const F pt = fm_exp_nonpos(xt[k] - mx[k]) * iv;
       const F git = gIp[t];
       const F dot = mk * (git * mk * pt + iv * sgp[k]);
       const F coef = mk * gA * wvp[t];
