@@ -60,7 +60,7 @@ def copy_bandwidth(device: str, nbytes: int = 512 * 2**20, reps: int = 5) -> flo
     return 2 * nbytes / best / 1e9
 
 
-def _time(fn: Callable[[], None], device: str, reps: int, warmup: int = 1) -> float:
+def _time(fn: Callable[[], None], device: str, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     ts = []
@@ -235,7 +235,7 @@ def _peak_extra_mb(case_idx: int, impl: str, quick: bool, device: str, case: Cas
 
 def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, ops: Optional[list] = None,
         memory: bool = True, log=print) -> dict:
-    reps = reps or (3 if quick else 7)
+    reps = reps or (5 if quick else 10)
     bw = copy_bandwidth(device, nbytes=(256 if quick else 512) * 2**20)
     log(f"device: {device_name(device)}; copy bandwidth {bw:.1f} GB/s (read + write)")
     results = []

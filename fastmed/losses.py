@@ -110,7 +110,7 @@ def _check_inputs(input: Tensor, target: Tensor) -> None:
 
 
 def _stats(x, target, *, mask=None, ce_weight=None, act="none", ce="none", dice=True, label_map=False,
-           squared=False, soft=False, ignore_index=None):
+           squared=False, soft=False, ignore_index=None, ce_smooth=False):
     """Run the fused op (or the float64 reference where no kernel applies)."""
     if target.dtype == torch.bool or (not label_map and target.dtype in (torch.float16, torch.bfloat16) and target.dtype != x.dtype):
         target = target.to(torch.uint8 if target.dtype == torch.bool else torch.float32)
@@ -120,7 +120,7 @@ def _stats(x, target, *, mask=None, ce_weight=None, act="none", ce="none", dice=
         mask = mask.to(device=x.device, dtype=torch.float32)
     if ce_weight is not None:
         ce_weight = ce_weight.to(device=x.device, dtype=torch.float32).contiguous()
-    args = (x, target, mask, ce_weight, ACT[act], CE[ce], dice, label_map, squared, soft, ignore_index)
+    args = (x, target, mask, ce_weight, ACT[act], CE[ce], dice, label_map, squared, soft, ignore_index, ce_smooth)
     needs_ref = (
         x.device.type not in ("cpu", "cuda")
         or target.requires_grad
@@ -458,12 +458,14 @@ class DiceCELoss(_Loss):
         if fused:
             stats, ce = _stats(input, target, mask=prep.mask, ce_weight=w, act=prep.act, ce=ce_mode,
                                label_map=prep.label_map, squared=d.squared_pred, soft=d.soft_label,
-                               ignore_index=prep.ignore_index if prep.label_map else None)
+                               ignore_index=prep.ignore_index if prep.label_map else None,
+                               ce_smooth=self.label_smoothing > 0)
         else:
             stats, _ = _stats(prep.x, target, mask=prep.mask, act=prep.act, label_map=prep.label_map,
                               squared=d.squared_pred, soft=d.soft_label, ignore_index=prep.ignore_index)
             _, ce = _stats(input, ce_target, mask=ce_mask, ce_weight=w, ce=ce_mode, dice=False,
-                           label_map=ce_label_map, ignore_index=self.ignore_index if ce_label_map else None)
+                           label_map=ce_label_map, ignore_index=self.ignore_index if ce_label_map else None,
+                           ce_smooth=self.label_smoothing > 0)
         f = _dice_value(d, stats, prep, d.class_weight, d.squared_pred, d.jaccard, d.soft_label)
         dice_loss = _reduce(f, self.reduction, input.ndim - 2)
         ce_loss = _ce_value(ce, ce_mode, ce_label_map, C, self.label_smoothing, self.reduction)

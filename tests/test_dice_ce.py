@@ -499,3 +499,59 @@ def test_build_info():
     assert info["version"] == fastmed.__version__
     assert info["cpu"]["isa"] in ("baseline", "avx2", "avx512")
     assert info["cpu"]["openmp"]
+
+
+def test_cpu_gradient_buffer_is_reused_only_when_released():
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 64, 64, 64)
+    y = torch.randint(0, 5, (2, 1, 64, 64, 64))
+    loss = FL.DiceCELoss(to_onehot_y=True, softmax=True)
+    xr = x.clone().requires_grad_(True)
+    loss(xr, y).backward()
+    g1 = xr.grad
+    ref = g1.clone()
+    xr.grad = None
+    loss(xr, y).backward()  # g1 is still alive: must get a fresh buffer
+    g2 = xr.grad
+    assert g2.data_ptr() != g1.data_ptr()
+    torch.testing.assert_close(g1, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g2, ref, rtol=0, atol=0)
+    view = g2[:, :1]
+    del g1, g2
+    xr.grad = None
+    loss(xr, y).backward()  # a view of g2 is alive: still no reuse of g2's storage
+    assert xr.grad.data_ptr() != view.data_ptr()
+    torch.testing.assert_close(view, ref[:, :1], rtol=0, atol=0)
+    D.release_cached_memory()
+
+
+def test_ce_smooth_flag_only_drops_the_smoothing_sum():
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, 9, 10, 11)
+    y = torch.randint(0, 6, (2, 1, 9, 10, 11))
+    w = torch.rand(6) + 0.5
+    for weight in (None, w):
+        args = (x, y, None, weight, D.ACT["softmax"], D.CE["softmax"], True, True, False, False, None)
+        s1, c1 = D.dice_ce_fwd(*args, True)
+        s0, c0 = D.dice_ce_fwd(*args, False)
+        torch.testing.assert_close(s0, s1, rtol=0, atol=0)
+        torch.testing.assert_close(c0[:, [0, 2, 3]], c1[:, [0, 2, 3]], rtol=0, atol=0)
+        assert (c0[:, 1] == 0).all() and (c1[:, 1] != 0).all()
+    for eps in (0.0, 0.1):
+        a = FL.DiceCELoss(to_onehot_y=True, softmax=True, label_smoothing=eps)(x, y)
+        monai = pytest.importorskip("monai")
+        b = monai.losses.DiceCELoss(to_onehot_y=True, softmax=True, label_smoothing=eps)(x, y)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_very_negative_logits_at_ignored_voxels_give_finite_gradients():
+    x = torch.full((1, 3, 4, 4, 4), -200.0)
+    x[:, 1] = -150.0
+    y = torch.randint(0, 3, (1, 1, 4, 4, 4))
+    y[..., 0] = 255
+    xr = x.clone().requires_grad_(True)
+    FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=255)(xr, y).backward()
+    assert torch.isfinite(xr.grad).all()
+    xd = x.double().requires_grad_(True)
+    FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=255)(xd, y).backward()
+    torch.testing.assert_close(xr.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)

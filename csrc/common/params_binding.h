@@ -26,7 +26,7 @@ inline void bind_dice_ce_params(py::module_& m) {
   FM_FIELD(act); FM_FIELD(ce); FM_FIELD(dice); FM_FIELD(squared); FM_FIELD(soft);
   FM_FIELD(has_ignore); FM_FIELD(ignore_index);
   FM_FIELD(dx_sb); FM_FIELD(dx_sc); FM_FIELD(dx_ss);
-  FM_FIELD(num_threads); FM_FIELD(force_generic);
+  FM_FIELD(num_threads); FM_FIELD(force_generic); FM_FIELD(skip_ce_smooth);
 #undef FM_FIELD
   FM_PTR_FIELD(c, x, const void*);
   FM_PTR_FIELD(c, t, const void*);

@@ -46,6 +46,7 @@ struct DiceCEParams {
   int num_threads;
   int force_generic;  // tests: skip the specialised fast path
   void* stream;  // cudaStream_t for the CUDA kernels
+  int skip_ce_smooth;  // 1: ce[b][1] (only label smoothing uses it) may be left 0
 };
 
 // Voxels per task; fixed (never derived from the thread count) so results are bit-identical

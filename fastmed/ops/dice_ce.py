@@ -21,6 +21,8 @@ and sums (a NaN anywhere in a batch item's logits makes that item's sums NaN).
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -36,7 +38,7 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # tests set this to check the specialised CPU fast path against the general kernel
 FORCE_GENERIC = False
 
-__all__ = ["dice_ce_fwd", "dice_ce_bwd", "dice_ce_reference", "ACT", "CE"]
+__all__ = ["dice_ce_fwd", "dice_ce_bwd", "dice_ce_reference", "release_cached_memory", "ACT", "CE"]
 
 
 def _collapse(t: Tensor, nlead: int) -> Tuple[Tensor, list]:
@@ -120,10 +122,16 @@ def dice_ce_fwd(
     squared: bool,
     soft: bool,
     ignore_index: Optional[int],
+    ce_smooth: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-(batch, class) Dice statistics (B, C, 4) and per-batch CE sums (B, 4), float64."""
+    """Per-(batch, class) Dice statistics (B, C, 4) and per-batch CE sums (B, 4), float64.
+
+    ``ce_smooth=False`` lets the kernel skip ``ce[:, 1]`` (the all-class sum only label smoothing
+    uses); it is then 0.
+    """
     B, C = logits.shape[0], logits.shape[1]
     mod, p, keep = _params(logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index)
+    p.skip_ce_smooth = int(not ce_smooth)
     stats = torch.empty((B, C, 4), dtype=torch.float64, device=logits.device)
     ce_out = torch.empty((B, 4), dtype=torch.float64, device=logits.device)
     ws = torch.empty((int(mod.dice_ce_workspace_size(B, C, p.S)),), dtype=torch.float64, device=logits.device)
@@ -137,9 +145,48 @@ def dice_ce_fwd(
 
 
 @dice_ce_fwd.register_fake
-def _(logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index):
+def _(logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index, ce_smooth=True):
     B, C = logits.shape[0], logits.shape[1]
     return logits.new_empty((B, C, 4), dtype=torch.float64), logits.new_empty((B, 4), dtype=torch.float64)
+
+
+class _GradCache:
+    """One reusable CPU buffer for the logits' gradient.
+
+    A CPU tensor of ~100 MB comes from a fresh mmap, and faulting its pages in costs more than the
+    whole backward kernel on a small machine. Training calls the backward once per step with the
+    same shape, and by then the previous gradient is usually gone, so keep its storage and hand it
+    out again when nothing else refers to it any more (the storage's use count says so). A gradient
+    that is still alive anywhere (x.grad kept, a view, a numpy array) is never reused.
+    Turn off with ``FASTMED_CPU_GRAD_CACHE=0`` or :func:`release_cached_memory`.
+    """
+
+    enabled = os.environ.get("FASTMED_CPU_GRAD_CACHE", "1") != "0" and hasattr(torch._C, "_storage_Use_Count")
+    lock = threading.Lock()
+    storage = None
+
+
+def release_cached_memory() -> None:
+    """Drop the CPU gradient buffer fastmed keeps between backward calls."""
+    with _GradCache.lock:
+        _GradCache.storage = None
+
+
+def _grad_buffer(x: Tensor) -> Tensor:
+    if x.device.type != "cpu" or not _GradCache.enabled or x.numel() * x.element_size() < (1 << 22):
+        return torch.empty_like(x)
+    like = torch.empty_like(x, device="meta")
+    nbytes = x.numel() * x.element_size()
+    with _GradCache.lock:
+        st = _GradCache.storage
+        if st is not None and st.nbytes() == nbytes and torch._C._storage_Use_Count(st._cdata) == 1:
+            return torch.empty(0, dtype=x.dtype).set_(st, 0, like.shape, like.stride())
+        out = torch.empty_like(x)
+        if out.is_contiguous(memory_format=torch.contiguous_format) or out.is_contiguous(
+            memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+        ):
+            _GradCache.storage = out.untyped_storage()
+        return out
 
 
 @torch.library.custom_op("fastmed::dice_ce_bwd", mutates_args=())
@@ -157,11 +204,12 @@ def dice_ce_bwd(
     squared: bool,
     soft: bool,
     ignore_index: Optional[int],
+    ce_smooth: bool = True,
 ) -> Tensor:
     """Gradient of ``sum(grad_stats * stats) + sum(grad_ce * ce)`` with respect to the logits."""
     mod, p, keep = _params(logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index)
     x = keep[0]
-    dx = torch.empty_like(x)
+    dx = _grad_buffer(x)
     _, (p.dx_sb, p.dx_sc, p.dx_ss) = _collapse(dx, 2)
     grad_stats = grad_stats.to(torch.float64).contiguous()
     grad_ce = grad_ce.to(torch.float64).contiguous()
@@ -172,7 +220,8 @@ def dice_ce_bwd(
 
 
 @dice_ce_bwd.register_fake
-def _(grad_stats, grad_ce, logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index):
+def _(grad_stats, grad_ce, logits, target, mask, ce_weight, act, ce, dice, label_map, squared, soft, ignore_index,
+      ce_smooth=True):
     return torch.empty_like(logits)
 
 
@@ -191,7 +240,7 @@ def _backward(ctx, grad_stats, grad_ce):
     dx = None
     if ctx.needs_input_grad[0]:
         dx = torch.ops.fastmed.dice_ce_bwd(grad_stats, grad_ce, logits, target, mask, ce_weight, *ctx.flags)
-    return (dx,) + (None,) * 10
+    return (dx,) + (None,) * 11
 
 
 dice_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -211,6 +260,7 @@ def dice_ce_reference(
     squared: bool = False,
     soft: bool = False,
     ignore_index: Optional[int] = None,
+    ce_smooth: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Plain-PyTorch float64 version of :func:`dice_ce_fwd` (builds the one-hot tensor; differentiable)."""
     x = logits.to(torch.float64)
