@@ -1,0 +1,105 @@
+// fastmed._C_cuda: the CUDA kernels. Unpacks parameters, releases the GIL, calls the kernel and turns
+// an error code into an exception naming the op. No logic lives here. The module must import (and
+// build_info / device_count must answer) on a machine without a GPU or a CUDA driver.
+#include <pybind11/pybind11.h>
+#include <cuda_runtime_api.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/params_binding.h"
+#include "dice_ce/dice_ce.h"
+
+#ifndef FASTMED_CUDA_VERSION
+#define FASTMED_CUDA_VERSION "unknown"
+#endif
+#ifndef FASTMED_CUDA_ARCHS
+#define FASTMED_CUDA_ARCHS "unknown"
+#endif
+
+namespace fastmed {
+// dice_ce_cuda.cu: message of the last CUDA error its launches saw on this thread.
+const char* dice_ce_cuda_last_error();
+}  // namespace fastmed
+
+namespace py = pybind11;
+using namespace fastmed;
+
+namespace {
+
+void check_cuda_status(int status, const char* op) {
+  if (status == kCudaError) {
+    throw std::runtime_error(std::string("fastmed::") + op + ": " + status_message(status) + " (" +
+                             dice_ce_cuda_last_error() + ")");
+  }
+  check_status(status, op);
+}
+
+// pybind11 registers a C++ type once per process, and fastmed._C (always built, always imported
+// first by fastmed._ext) registers DiceCEParams through the same bind_dice_ce_params. Binding it
+// again here would make this module's import fail ("type already registered"), so reuse that class:
+// one field list (params_binding.h) for both modules, whatever the import order.
+void bind_params_shared(py::module_& m) {
+  if (py::detail::get_type_info(typeid(DiceCEParams)) == nullptr) {
+    try {
+      py::module_::import("fastmed._C");
+    } catch (py::error_already_set&) {
+      // no CPU module: register the class here instead
+    }
+  }
+  if (auto* ti = py::detail::get_type_info(typeid(DiceCEParams))) {
+    m.attr("DiceCEParams") = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(ti->type));
+  } else {
+    bind_dice_ce_params(m);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "fastmed CUDA kernels";
+  bind_params_shared(m);
+  m.def("dice_ce_workspace_size", &dice_ce_cuda_workspace_size, "workspace doubles for dice_ce_fwd (CUDA)");
+  m.def("dice_ce_fwd", [](const DiceCEParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = dice_ce_fwd_cuda(p);
+    }
+    check_cuda_status(s, "dice_ce_fwd");
+  });
+  m.def("dice_ce_bwd", [](const DiceCEParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = dice_ce_bwd_cuda(p);
+    }
+    check_cuda_status(s, "dice_ce_bwd");
+  });
+  m.def("build_info", []() {
+    py::dict d;
+    int rt = 0;
+    if (cudaRuntimeGetVersion(&rt) != cudaSuccess) {
+      rt = 0;
+      (void)cudaGetLastError();
+    }
+    int drv = 0;
+    if (cudaDriverGetVersion(&drv) != cudaSuccess) {
+      drv = 0;
+      (void)cudaGetLastError();
+    }
+    d["cuda_runtime_version"] = rt;
+    d["cuda_driver_version"] = drv;
+    d["compiled_cuda_version"] = FASTMED_CUDA_VERSION;
+    d["archs"] = FASTMED_CUDA_ARCHS;
+    return d;
+  });
+  m.def("device_count", []() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      (void)cudaGetLastError();  // no driver or no device: not an error for the caller
+      n = 0;
+    }
+    return n;
+  });
+}
