@@ -794,6 +794,285 @@ void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc
   stream_fence();
 }
 
+// ----------------------------------------------------------------------------------------------
+// Register-blocked fast path (float logits): 16 voxels at a time through all classes, with the
+// per-voxel max, normaliser and running sums in vector registers. Each logit is read twice from
+// L1/L2 (max, then exp) and the gradient written once; no per-class scratch row round trips.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int kV = 16;
+
+inline vf16 vld(const float* p) { vf16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline vi16 vldi(const int32_t* p) { vi16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vst(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+inline vf16 vsplat(float a) { return vf16{} + a; }
+inline double vsum(vf16 v) {  // fixed order
+  double s = 0.0;
+  for (int i = 0; i < kV; ++i) s += (double)v[i];
+  return s;
+}
+
+// vector forms of fm_exp_nonpos and fm_log (same constants, same special cases)
+inline vf16 vexp_nonpos(vf16 x) {
+  vf16 xc = x < -87.33f ? vsplat(-87.33f) : x;
+  xc = xc > 0.0f ? vsplat(0.0f) : xc;
+  const vf16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vf16 r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  vf16 q = vsplat(1.98412698e-4f);
+  q = q * r + 1.38888889e-3f;
+  q = q * r + 8.33333333e-3f;
+  q = q * r + 4.16666667e-2f;
+  q = q * r + 1.66666667e-1f;
+  q = q * r + 0.5f;
+  q = q * r + 1.0f;
+  q = q * r + 1.0f;
+  const vi16 ni = __builtin_convertvector(n, vi16);
+  return q * (vf16)((ni + 127) << 23);
+}
+
+inline vf16 vlog(vf16 z) {
+  const vi16 bits = (vi16)z;
+  vi16 e = ((bits >> 23) & 0xff) - 127;
+  vf16 m = (vf16)((bits & 0x007fffff) | 0x3f800000);
+  const vi16 big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = e - big;  // big is -1 where true
+  const vf16 f = m - 1.0f;
+  const vf16 s = f / (f + 2.0f);
+  const vf16 s2 = s * s;
+  vf16 poly = vsplat(0.222222222f);
+  poly = poly * s2 + 0.285714286f;
+  poly = poly * s2 + 0.4f;
+  poly = poly * s2 + 0.666666667f;
+  poly = poly * s2 + 2.0f;
+  const vf16 ef = __builtin_convertvector(e, vf16);
+  vf16 out = ef * 0.693145751953125f + (ef * 1.428606765330187e-06f + s * poly);
+  out = z == 0.0f ? vsplat(-INFINITY) : out;
+  out = z < INFINITY ? out : z;
+  return out;
+}
+
+// Store 16 gradient values that will not be read again: bypass the cache when the row is aligned.
+inline void vst_stream(float* dst, vf16 v) {
+#if defined(__AVX512F__)
+  if (((uintptr_t)dst & 63) == 0) { _mm512_stream_ps(dst, (__m512)v); return; }
+#elif defined(__AVX__)
+  if (((uintptr_t)dst & 31) == 0) {
+    __m256 lo, hi;
+    std::memcpy(&lo, &v, 32);
+    std::memcpy(&hi, (const char*)&v + 32, 32);
+    _mm256_stream_ps(dst, lo);
+    _mm256_stream_ps(dst + 8, hi);
+    return;
+  }
+#endif
+  vst(dst, v);
+}
+
+// The 16-voxel group starting at k0 of the current tile: logits rows (or a zero-padded copy when
+// fewer than 16 voxels are left), labels and mask (padded with -1 / 0 by pad_tile_tail).
+struct Group {
+  const float* x;
+  int64_t ld;
+};
+
+inline Group group_at(const float* x, int64_t xld, int64_t C, int k0, int n, float* pad) {
+  if (k0 + kV <= n) return {x + k0, xld};
+  const int r = n - k0;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int i = 0; i < kV; ++i) pad[c * kV + i] = i < r ? x[c * xld + k0 + i] : 0.0f;
+  }
+  return {pad, kV};
+}
+
+inline void pad_tile_tail(Scratch<float>& sc, int n) {
+  const int end = (n + kV - 1) / kV * kV;
+  for (int k = n; k < end; ++k) { sc.lab[k] = -1; sc.m[k] = 0.0f; }
+}
+
+// max over classes (and sum_c w_c x_c when label smoothing needs it); prefetches the same cache
+// line of the next tile in every row
+inline vf16 group_max(const Group& g, int64_t C, bool prefetch, int64_t pf_off, bool want_wx, const float* w,
+                      vf16& wx) {
+  vf16 mx = vld(g.x);
+  if (want_wx) wx = vld(g.x) * (w ? w[0] : 1.0f);
+  if (prefetch) __builtin_prefetch(g.x + pf_off, 0, 2);
+  for (int64_t c = 1; c < C; ++c) {
+    const vf16 v = vld(g.x + c * g.ld);
+    mx = v > mx ? v : mx;
+    if (want_wx) wx += v * (w ? w[c] : 1.0f);
+    if (prefetch) __builtin_prefetch(g.x + c * g.ld + pf_off, 0, 2);
+  }
+  return mx;
+}
+
+// per lane: x of the labelled class (0 where the label is invalid or ignored) and a per-class
+// table value (t_val[label], or `dflt`)
+inline vf16 group_xt(const Group& g, const int32_t* lab) {
+  alignas(64) float xt[kV];
+  for (int i = 0; i < kV; ++i) xt[i] = lab[i] >= 0 ? g.x[(int64_t)lab[i] * g.ld + i] : 0.0f;
+  return vld(xt);
+}
+inline vf16 group_lookup(const float* table, const int32_t* lab, float dflt) {
+  alignas(64) float v[kV];
+  for (int i = 0; i < kV; ++i) v[i] = (table && lab[i] >= 0) ? table[lab[i]] : dflt;
+  return vld(v);
+}
+
+void fwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<float>& sc, double* part,
+                      int64_t& bad) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  for (int64_t i = 0; i < 4 * C + 4; ++i) part[i] = 0.0;
+  double* ce = part + 4 * C;
+  const bool do_ce = p.ce == kCeSoftmax;
+  const bool need_wx = do_ce && !p.skip_ce_smooth;
+  const float* w = do_ce ? p.ce_weight : nullptr;
+  float Wsum = 0.0f;
+  for (int64_t c = 0; c < C; ++c) Wsum += w ? w[c] : 1.0f;
+  float* ebuf = sc.q.data();  // C x 16
+  float* acc = sc.g.data();   // C x 16 running sums of p * m
+  float* pad = sc.pr.data();  // C x 16
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    bad += load_tile(p, b, s0, n, sc, false);
+    pad_tile_tail(sc, n);
+    const bool inplace = sc.xp != sc.x.data();
+    const bool prefetch = inplace && s0 + K < p.S;
+    prefetch_labels(p, b, s0 + K, K);
+    if (p.dice) for (int64_t i = 0; i < C * kV; ++i) acc[i] = 0.0f;
+    vf16 a_acc{}, sm_acc{}, wt_acc{}, cnt_acc{};
+    float* hist = sc.hist.data();
+    for (int k0 = 0; k0 < n; k0 += kV) {
+      const Group g = group_at(sc.xp, sc.xld, C, k0, n, pad);
+      const int32_t* lab = sc.lab.data() + k0;
+      const vf16 mv = vld(sc.m.data() + k0);
+      vf16 wx{};
+      const vf16 mx = group_max(g, C, prefetch && k0 + kV <= n, K, need_wx, w, wx);
+      const vf16 xt = group_xt(g, lab);
+      vf16 z{};
+      for (int64_t c = 0; c < C; ++c) {
+        const vf16 e = vexp_nonpos(vld(g.x + c * g.ld) - mx);
+        z += e;
+        vst(ebuf + c * kV, e);
+      }
+      const vf16 em = mv / z;
+      if (p.dice) {
+        for (int64_t c = 0; c < C; ++c) vst(acc + c * kV, vld(acc + c * kV) + vld(ebuf + c * kV) * em);
+        const vf16 pi = vexp_nonpos(xt - mx) * em * mv;
+        const vf16 mm = mv * mv;
+        for (int i = 0; i < kV; ++i) {
+          const int32_t t = lab[i];
+          if (t < 0) continue;
+          hist[2 * t + 0] += pi[i];
+          hist[2 * t + 1] += mm[i];
+        }
+      }
+      if (do_ce) {
+        const vf16 lse = mx + vlog(z);
+        const vf16 mw = w ? mv * group_lookup(w, lab, 0.0f) : mv;
+        a_acc += mw * (lse - xt);
+        if (need_wx) sm_acc += mv * (lse * Wsum - wx);
+        wt_acc += mw;
+        cnt_acc += mv;
+      }
+    }
+    if (do_ce) {
+      ce[0] += vsum(a_acc); ce[1] += vsum(sm_acc); ce[2] += vsum(wt_acc); ce[3] += vsum(cnt_acc);
+    }
+    if (p.dice) {
+      for (int64_t c = 0; c < C; ++c) {
+        part[4 * c + 1] += vsum(vld(acc + c * kV));
+        part[4 * c + 0] += (double)hist[2 * c + 0];
+        part[4 * c + 2] += (double)hist[2 * c + 1];
+        hist[2 * c + 0] = 0.0f;
+        hist[2 * c + 1] = 0.0f;
+      }
+    }
+  }
+}
+
+void bwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<float>& sc) {
+  const int64_t C = p.C;
+  const int K = sc.K;
+  const int64_t s_begin = blk * kDiceBlockVoxels;
+  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
+  const double* gs = p.grad_stats + b * C * 4;
+  const bool do_ce = p.ce == kCeSoftmax;
+  const float gA = do_ce ? (float)p.grad_ce[b * 4 + 0] : 0.0f;
+  const float gSm = do_ce ? (float)p.grad_ce[b * 4 + 1] : 0.0f;
+  const float* w = do_ce ? p.ce_weight : nullptr;
+  float Wsum = 0.0f;
+  for (int64_t c = 0; c < C; ++c) Wsum += w ? w[c] : 1.0f;
+  std::vector<float> gI(C), gP(C);
+  for (int64_t c = 0; c < C; ++c) {
+    gI[c] = p.dice ? (float)gs[4 * c + 0] : 0.0f;
+    gP[c] = p.dice ? (float)gs[4 * c + 1] : 0.0f;
+  }
+  const bool direct = p.x_dtype == kF32 && p.dx_ss == 1;
+  float* ebuf = sc.q.data();
+  float* pad = sc.pr.data();
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
+    const int n = (int)std::min<int64_t>(K, s_end - s0);
+    load_tile(p, b, s0, n, sc, false);
+    pad_tile_tail(sc, n);
+    const bool inplace = sc.xp != sc.x.data();
+    const bool prefetch = inplace && s0 + K < p.S;
+    prefetch_labels(p, b, s0 + K, K);
+    float* dst0 = direct ? (float*)p.dx + b * p.dx_sb + s0 : nullptr;
+    const int64_t dld = direct ? p.dx_sc : K;
+    if (!direct) dst0 = sc.g.data();
+    for (int k0 = 0; k0 < n; k0 += kV) {
+      const Group g = group_at(sc.xp, sc.xld, C, k0, n, pad);
+      const int32_t* lab = sc.lab.data() + k0;
+      const vi16 labv = vldi(lab);
+      const vf16 mv = vld(sc.m.data() + k0);
+      vf16 unused{};
+      const vf16 mx = group_max(g, C, prefetch && k0 + kV <= n, K, false, nullptr, unused);
+      const vf16 xt = group_xt(g, lab);
+      vf16 z{}, sgp{};
+      for (int64_t c = 0; c < C; ++c) {
+        const vf16 e = vexp_nonpos(vld(g.x + c * g.ld) - mx);
+        z += e;
+        sgp += e * gP[c];
+        vst(ebuf + c * kV, e);
+      }
+      // dx_c = e_c (u gP_c + v) - val w_c, plus for the labelled class p_t m^2 gI_t - coef, with
+      // p = e / z, u = m / z, v = (coef + val W - dot) / z, dot = sum_c p_c (dDice/dp_c),
+      // coef = m gA w_t, val = m gSm
+      const vf16 iv = 1.0f / z;
+      const vf16 pt = vexp_nonpos(xt - mx) * iv;
+      const vf16 git = group_lookup(gI.data(), lab, 0.0f);
+      const vf16 wt = group_lookup(w, lab, 1.0f);
+      const vf16 dot = mv * (git * mv * pt + iv * sgp);
+      const vf16 coef = mv * gA * wt;
+      const vf16 val = mv * gSm;
+      const vf16 u = iv * mv;
+      const vf16 v = iv * (coef + val * Wsum - dot);
+      const vf16 fix = pt * mv * mv * git - coef;
+      const bool full = k0 + kV <= n;
+      for (int64_t c = 0; c < C; ++c) {
+        vf16 out = vld(ebuf + c * kV) * (u * gP[c] + v);
+        if (gSm != 0.0f) out -= val * (w ? w[c] : 1.0f);
+        out = labv == (int32_t)c ? out + fix : out;
+        float* d = dst0 + c * dld + k0;
+        if (!full) {
+          for (int i = 0; i < n - k0; ++i) d[i] = out[i];
+        } else if (direct) {
+          vst_stream(d, out);
+        } else {
+          vst(d, out);
+        }
+      }
+    }
+    if (!direct) scatter_any<float>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, sc.g.data(), K);
+  }
+  stream_fence();
+}
+
 template <typename F>
 int fwd_impl(const DiceCEParams& p) {
   const int64_t nblk = dice_ce_num_blocks(p.S);
@@ -808,6 +1087,11 @@ int fwd_impl(const DiceCEParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntask; ++task) {
       const int64_t b = task / nblk, blk = task % nblk;
+      if constexpr (std::is_same<F, float>::value) {
+        if (fast) fwd_task_blocked(p, b, blk, sc, p.workspace + task * P, bad);
+        else fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
+        continue;
+      }
       if (fast) fwd_task_fast<F>(p, b, blk, sc, p.workspace + task * P, bad);
       else fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
     }
@@ -839,6 +1123,11 @@ int bwd_impl(const DiceCEParams& p) {
     Scratch<F> sc(p.C, K, !p.label_map);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntask; ++task) {
+      if constexpr (std::is_same<F, float>::value) {
+        if (fast) bwd_task_blocked(p, task / nblk, task % nblk, sc);
+        else bwd_task<F>(p, task / nblk, task % nblk, sc);
+        continue;
+      }
       if (fast) bwd_task_fast<F>(p, task / nblk, task % nblk, sc);
       else bwd_task<F>(p, task / nblk, task % nblk, sc);
     }
