@@ -831,6 +831,30 @@ inline vf16 vexp_nonpos(vf16 x) {
   return q * (vf16)((ni + 127) << 23);
 }
 
+// e^(x - mx) for x <= mx: on AVX-512, 2^t with t = (x - mx) log2(e) split as n + f by a rounding
+// instruction, a degree-6 minimax polynomial for 2^f on [-1/2, 1/2] (relative error 1e-7, the
+// float rounding) and a scalef for 2^n, which also handles underflow. t is clamped to [-200, 0]
+// (an ignored voxel's x_t may exceed the max); max/min keep a NaN t as NaN.
+inline vf16 vexp_sub(vf16 x, vf16 mx) {
+#if defined(__AVX512F__)
+  __m512 t = _mm512_mul_ps((__m512)(x - mx), _mm512_set1_ps(1.44269504088896341f));
+  t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
+  t = _mm512_min_ps(_mm512_set1_ps(0.0f), t);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 q = _mm512_set1_ps(1.534572074888274e-4f);
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.3399902964010835e-3f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.618489071726799e-3f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550329014658928e-2f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022646248340607e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931471824645996e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0f));
+  return (vf16)_mm512_scalef_ps(q, n);
+#else
+  return vexp_nonpos(x - mx);
+#endif
+}
+
 inline vf16 vlog(vf16 z) {
   const vi16 bits = (vi16)z;
   vi16 e = ((bits >> 23) & 0xff) - 127;
@@ -955,14 +979,14 @@ void fwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<flo
       const vf16 xt = group_xt(g, lab);
       vf16 z{};
       for (int64_t c = 0; c < C; ++c) {
-        const vf16 e = vexp_nonpos(vld(g.x + c * g.ld) - mx);
+        const vf16 e = vexp_sub(vld(g.x + c * g.ld), mx);
         z += e;
         vst(ebuf + c * kV, e);
       }
       const vf16 em = mv / z;
       if (p.dice) {
         for (int64_t c = 0; c < C; ++c) vst(acc + c * kV, vld(acc + c * kV) + vld(ebuf + c * kV) * em);
-        const vf16 pi = vexp_nonpos(xt - mx) * em * mv;
+        const vf16 pi = vexp_sub(xt, mx) * em * mv;
         const vf16 mm = mv * mv;
         for (int i = 0; i < kV; ++i) {
           const int32_t t = lab[i];
@@ -1035,7 +1059,7 @@ void bwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<flo
       const vf16 xt = group_xt(g, lab);
       vf16 z{}, sgp{};
       for (int64_t c = 0; c < C; ++c) {
-        const vf16 e = vexp_nonpos(vld(g.x + c * g.ld) - mx);
+        const vf16 e = vexp_sub(vld(g.x + c * g.ld), mx);
         z += e;
         sgp += e * gP[c];
         vst(ebuf + c * kV, e);
@@ -1044,7 +1068,7 @@ void bwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<flo
       // p = e / z, u = m / z, v = (coef + val W - dot) / z, dot = sum_c p_c (dDice/dp_c),
       // coef = m gA w_t, val = m gSm
       const vf16 iv = 1.0f / z;
-      const vf16 pt = vexp_nonpos(xt - mx) * iv;
+      const vf16 pt = vexp_sub(xt, mx) * iv;
       const vf16 git = group_lookup(gI.data(), lab, 0.0f);
       const vf16 wt = group_lookup(w, lab, 1.0f);
       const vf16 dot = mv * (git * mv * pt + iv * sgp);
