@@ -164,16 +164,8 @@ struct Scratch {
   }
 };
 
-// Software prefetch (into L2) of one class row of the next tile: the C rows of a tile are C short
-// streams far apart in memory, too many for the hardware prefetchers to follow.
-template <typename F>
-inline void prefetch_row(const DiceCEParams& p, const F* row_next, int64_t s_next, int K) {
-  const int64_t left = p.S - s_next;
-  if (left <= 0) return;
-  const int64_t n = std::min<int64_t>(K, left);
-  const char* a = (const char*)row_next;
-  for (int64_t off = 0; off < n * (int64_t)sizeof(F); off += 64) __builtin_prefetch(a + off, 0, 2);
-}
+// Software prefetch (into L2) of the next tile's labels; the logits rows are prefetched per
+// 16-voxel group in group_max.
 inline void prefetch_labels(const DiceCEParams& p, int64_t b, int64_t s_next, int K) {
   static const int esz[] = {4, 2, 2, 8, 1, 1, 2, 4, 8};
   const int64_t left = p.S - s_next;
@@ -538,21 +530,6 @@ void bwd_task(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
   }
 }
 
-// Non-temporal copy of a row to its final place (no read-for-ownership of the destination).
-inline void stream_store(double* dst, const double* src, int n) {
-  for (int k = 0; k < n; ++k) dst[k] = src[k];
-}
-inline void stream_store(float* dst, const float* src, int n) {
-  int k = 0;
-#if defined(__AVX512F__)
-  for (; k < n && ((uintptr_t)(dst + k) & 63); ++k) dst[k] = src[k];
-  for (; k + 16 <= n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
-#elif defined(__AVX__)
-  for (; k < n && ((uintptr_t)(dst + k) & 31); ++k) dst[k] = src[k];
-  for (; k + 8 <= n; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
-#endif
-  for (; k < n; ++k) dst[k] = src[k];
-}
 inline void stream_fence() {
 #if defined(__AVX__)
   _mm_sfence();
@@ -560,238 +537,12 @@ inline void stream_fence() {
 }
 
 // ----------------------------------------------------------------------------------------------
-// fast path for the common case: integer label map, softmax Dice (plain sums), optional softmax CE.
-// Three sweeps over the C x K tile in each direction, probabilities never stored normalised.
-template <typename F>
-bool fast_path(const DiceCEParams& p) {
-  return p.label_map && (p.act == kActSoftmax || !p.dice) && !p.squared && !p.soft &&
+// Fast path for the common case: float logits, an integer label map, softmax Dice with plain sums,
+// optional softmax CE. Everything else (and float64, used for tests and gradcheck) takes the
+// general tile kernels above.
+inline bool fast_path(const DiceCEParams& p, bool is_float) {
+  return is_float && p.label_map && (p.act == kActSoftmax || !p.dice) && !p.squared && !p.soft &&
          (p.ce == kCeNone || p.ce == kCeSoftmax);
-}
-
-// One sweep over the classes: max, the logit of the labelled class x_t, and optionally
-// sum_c w_c x_c (only label smoothing needs it) and w_t (selects instead of gathers, so everything
-// vectorises).
-template <typename F, bool HasW, bool HasWX>
-inline void class_sweep_t(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
-                          F* xt, F* wx, F* wt) {
-  for (int k = 0; k < n; ++k) { mx[k] = x[k]; xt[k] = F(0); }
-  if (HasWX) for (int k = 0; k < n; ++k) wx[k] = F(0);
-  if (HasW) for (int k = 0; k < n; ++k) wt[k] = F(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const F* xc = x + c * xld;
-    const int32_t cc = (int32_t)c;
-    const F wc = HasW ? (F)w[c] : F(1);
-#pragma omp simd
-    for (int k = 0; k < n; ++k) {
-      const bool hit = lab[k] == cc;
-      mx[k] = xc[k] > mx[k] ? xc[k] : mx[k];
-      xt[k] += hit ? xc[k] : F(0);
-      if (HasWX) wx[k] += wc * xc[k];
-      if (HasW) wt[k] += hit ? wc : F(0);
-    }
-  }
-}
-
-template <typename F>
-inline void class_sweep(const F* x, int64_t xld, int64_t C, int n, const int32_t* lab, const float* w, F* mx,
-                        F* xt, F* wx, F* wt) {
-  if (w && wx) class_sweep_t<F, true, true>(x, xld, C, n, lab, w, mx, xt, wx, wt);
-  else if (w) class_sweep_t<F, true, false>(x, xld, C, n, lab, w, mx, xt, wx, wt);
-  else if (wx) class_sweep_t<F, false, true>(x, xld, C, n, lab, w, mx, xt, wx, wt);
-  else class_sweep_t<F, false, false>(x, xld, C, n, lab, w, mx, xt, wx, wt);
-}
-
-template <typename F>
-void fwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc, double* part, int64_t& bad) {
-  const int64_t C = p.C;
-  const int K = sc.K;
-  const int64_t s_begin = blk * kDiceBlockVoxels;
-  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
-  for (int64_t i = 0; i < 4 * C + 4; ++i) part[i] = 0.0;
-  double* ce = part + 4 * C;
-  const bool do_ce = p.ce == kCeSoftmax;
-  F Wsum = F(0);
-  for (int64_t c = 0; c < C; ++c) Wsum += p.ce_weight ? (F)p.ce_weight[c] : F(1);
-  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
-    const int n = (int)std::min<int64_t>(K, s_end - s0);
-    bad += load_tile(p, b, s0, n, sc, false);
-    const F* x = sc.xp;
-    const int64_t xld = sc.xld;
-    const bool inplace = x != sc.x.data();
-    const F* m = sc.m.data();
-    const int32_t* lab = sc.lab.data();
-    F* mx = sc.mx.data();
-    F* z = sc.z.data();
-    F* e = sc.pr.data();
-    F* xt = sc.t1.data();
-    F* wx = sc.y.data();   // K-sized scratch (sc.y is C x K but unused on this path)
-    F* wtv = sc.g.data();
-    const bool need_wx = do_ce && !p.skip_ce_smooth;
-    class_sweep(x, xld, C, n, lab, do_ce ? p.ce_weight : nullptr, mx, xt, need_wx ? wx : nullptr, wtv);
-    for (int k = 0; k < n; ++k) z[k] = F(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const F* xc = x + c * xld;
-      F* ec = e + c * K;
-#pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        F v = fm_exp_nonpos(xc[k] - mx[k]);
-        ec[k] = v;
-        z[k] += v;
-      }
-      if (inplace) prefetch_row(p, xc + K, s0 + K, K);
-    }
-    prefetch_labels(p, b, s0 + K, K);
-    F* em = sc.t0.data();  // m / z
-#pragma omp simd
-    for (int k = 0; k < n; ++k) em[k] = m[k] / z[k];
-    if (p.dice) {
-      // prediction sums: one multiply-add per element
-      for (int64_t c = 0; c < C; ++c) {
-        const F* ec = e + c * K;
-        F sP = 0;
-#pragma omp simd reduction(+ : sP)
-        for (int k = 0; k < n; ++k) sP += ec[k] * em[k];
-        part[4 * c + 1] += (double)sP;
-      }
-      // intersection and label counts touch only the labelled class: a per-voxel histogram
-      F* pi = sc.t2.data();  // p_t m^2 per voxel
-#pragma omp simd
-      for (int k = 0; k < n; ++k) pi[k] = fm_exp_nonpos(xt[k] - mx[k]) * em[k] * m[k];
-      F* hist = sc.hist.data();
-      for (int k = 0; k < n; ++k) {
-        const int32_t t = lab[k];
-        if (t < 0) continue;
-        hist[2 * t + 0] += pi[k];
-        hist[2 * t + 1] += m[k] * m[k];
-      }
-    }
-    if (do_ce) {
-      F a = 0, sm = 0, wt = 0, cnt = 0;
-      // branch-free loop bodies (a loop-invariant test inside stops GCC from vectorising)
-      auto ce_loop = [&](auto has_w, auto has_wx) {
-        constexpr bool HW = decltype(has_w)::value, HX = decltype(has_wx)::value;
-#pragma omp simd reduction(+ : a, sm, wt, cnt)
-        for (int k = 0; k < n; ++k) {  // m is 0 where the label is invalid or ignored
-          const F lse = mx[k] + fm_log(z[k]);
-          const F mw = HW ? m[k] * wtv[k] : m[k];
-          a += mw * (lse - xt[k]);
-          if (HX) sm += m[k] * (Wsum * lse - wx[k]);
-          wt += mw;
-          cnt += m[k];
-        }
-      };
-      using T_ = std::true_type;
-      using F_ = std::false_type;
-      if (p.ce_weight && need_wx) ce_loop(T_{}, T_{});
-      else if (p.ce_weight) ce_loop(T_{}, F_{});
-      else if (need_wx) ce_loop(F_{}, T_{});
-      else ce_loop(F_{}, F_{});
-      ce[0] += (double)a; ce[1] += (double)sm; ce[2] += (double)wt; ce[3] += (double)cnt;
-    }
-    // flush the per-tile histogram into the double partials (fixed order)
-    if (p.dice) {
-      for (int64_t c = 0; c < C; ++c) {
-        part[4 * c + 0] += (double)sc.hist[2 * c + 0];
-        part[4 * c + 2] += (double)sc.hist[2 * c + 1];
-        sc.hist[2 * c + 0] = F(0);
-        sc.hist[2 * c + 1] = F(0);
-      }
-    }
-  }
-}
-
-template <typename F>
-void bwd_task_fast(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<F>& sc) {
-  const int64_t C = p.C;
-  const int K = sc.K;
-  const int64_t s_begin = blk * kDiceBlockVoxels;
-  const int64_t s_end = std::min(p.S, s_begin + kDiceBlockVoxels);
-  const double* gs = p.grad_stats + b * C * 4;
-  const bool do_ce = p.ce == kCeSoftmax;
-  const F gA = do_ce ? (F)p.grad_ce[b * 4 + 0] : F(0);
-  const F gSm = do_ce ? (F)p.grad_ce[b * 4 + 1] : F(0);
-  const float* w = p.ce_weight;
-  F Wsum = F(0);
-  for (int64_t c = 0; c < C; ++c) Wsum += w ? (F)w[c] : F(1);
-  std::vector<F> gI(C), gP(C);  // per-class gradients of the sums
-  std::vector<F> wvec(C);
-  for (int64_t c = 0; c < C; ++c) wvec[c] = w ? (F)w[c] : F(1);
-  for (int64_t c = 0; c < C; ++c) {
-    gI[c] = p.dice ? (F)gs[4 * c + 0] : F(0);
-    gP[c] = p.dice ? (F)gs[4 * c + 1] : F(0);
-  }
-  const int own = std::is_same<F, double>::value ? kF64 : kF32;
-  const bool direct = p.x_dtype == own && p.dx_ss == 1;
-  for (int64_t s0 = s_begin; s0 < s_end; s0 += K) {
-    const int n = (int)std::min<int64_t>(K, s_end - s0);
-    load_tile(p, b, s0, n, sc, false);
-    const F* x = sc.xp;
-    const int64_t xld = sc.xld;
-    const bool inplace = x != sc.x.data();
-    const F* m = sc.m.data();
-    const int32_t* lab = sc.lab.data();
-    F* mx = sc.mx.data();
-    F* z = sc.z.data();
-    F* e = sc.pr.data();
-    F* sgp = sc.t1.data();
-    F* xt = sc.y.data();  // logit of the labelled class (K-sized scratch)
-    class_sweep<F>(x, xld, C, n, lab, nullptr, mx, xt, nullptr, nullptr);
-    for (int k = 0; k < n; ++k) { z[k] = F(0); sgp[k] = F(0); }
-    for (int64_t c = 0; c < C; ++c) {
-      const F* xc = x + c * xld;
-      F* ec = e + c * K;
-      const F gp = gP[c];
-#pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        const F v = fm_exp_nonpos(xc[k] - mx[k]);
-        ec[k] = v;
-        z[k] += v;
-        sgp[k] += gp * v;
-      }
-      if (inplace) prefetch_row(p, xc + K, s0 + K, K);
-    }
-    prefetch_labels(p, b, s0 + K, K);
-    // dx_c = e_c (u gP_c + v) - val w_c, plus a fix-up of the labelled class:
-    //   + p_t m^2 gI_t - coef,  with p = e / z, u = m / z, v = base / z,
-    //   base = coef + val W - dot, dot = sum_c p_c g_c, coef = m gA w_t, val = m gSm.
-    F* u = sc.t0.data();
-    F* v = sc.t2.data();
-    F* valv = sc.y.data() + K;
-    F* fix = sc.y.data() + 2 * K;
-    const F* gIp = gI.data();
-    const F* wvp = wvec.data();
-#pragma omp simd
-    for (int k = 0; k < n; ++k) {
-      const int32_t t = lab[k] < 0 ? 0 : lab[k];  // m is 0 for invalid or ignored voxels
-      const F iv = F(1) / z[k];
-      const F mk = m[k];
-      const F pt = fm_exp_nonpos(xt[k] - mx[k]) * iv;
-      const F git = gIp[t];
-      const F dot = mk * (git * mk * pt + iv * sgp[k]);
-      const F coef = mk * gA * wvp[t];
-      const F val = mk * gSm;
-      u[k] = iv * mk;
-      v[k] = iv * (coef + val * Wsum - dot);
-      valv[k] = val;
-      fix[k] = pt * mk * mk * git - coef;
-    }
-    F* dst0 = direct ? (F*)p.dx + b * p.dx_sb + s0 : nullptr;
-    F* row = sc.g.data();
-    for (int64_t c = 0; c < C; ++c) {
-      const F* ec = e + c * K;
-      const F gpc = gP[c];
-      const F wc = w ? (F)w[c] : F(1);
-      F* out = row + c * K;
-      const int32_t cc = (int32_t)c;
-#pragma omp simd
-      for (int k = 0; k < n; ++k)
-        out[k] = ec[k] * (u[k] * gpc + v[k]) - valv[k] * wc + (lab[k] == cc ? fix[k] : F(0));
-      // the gradient is written once and not read again here: bypass the cache
-      if (direct) stream_store(dst0 + c * p.dx_sc, out, n);
-    }
-    if (!direct) scatter_any<F>(p.dx, p.x_dtype, b * p.dx_sb + s0 * p.dx_ss, C, p.dx_sc, p.dx_ss, n, sc.g.data(), K);
-  }
-  stream_fence();
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1104,7 +855,7 @@ int fwd_impl(const DiceCEParams& p) {
   const int64_t P = 4 * p.C + 4;
   const int K = tile_width(p.C);
   int64_t bad = 0;
-  const bool fast = fast_path<F>(p) && !p.force_generic;
+  const bool fast = fast_path(p, std::is_same<F, float>::value) && !p.force_generic;
 #pragma omp parallel num_threads(std::max(1, p.num_threads)) reduction(+ : bad)
   {
     Scratch<F> sc(p.C, K, !p.label_map);
@@ -1112,12 +863,12 @@ int fwd_impl(const DiceCEParams& p) {
     for (int64_t task = 0; task < ntask; ++task) {
       const int64_t b = task / nblk, blk = task % nblk;
       if constexpr (std::is_same<F, float>::value) {
-        if (fast) fwd_task_blocked(p, b, blk, sc, p.workspace + task * P, bad);
-        else fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
-        continue;
+        if (fast) {
+          fwd_task_blocked(p, b, blk, sc, p.workspace + task * P, bad);
+          continue;
+        }
       }
-      if (fast) fwd_task_fast<F>(p, b, blk, sc, p.workspace + task * P, bad);
-      else fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
+      fwd_task<F>(p, b, blk, sc, p.workspace + task * P, bad);
     }
   }
   // fixed-order reduction over blocks
@@ -1141,19 +892,19 @@ int bwd_impl(const DiceCEParams& p) {
   const int64_t nblk = dice_ce_num_blocks(p.S);
   const int64_t ntask = p.B * nblk;
   const int K = tile_width(p.C);
-  const bool fast = fast_path<F>(p) && !p.force_generic;
+  const bool fast = fast_path(p, std::is_same<F, float>::value) && !p.force_generic;
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
   {
     Scratch<F> sc(p.C, K, !p.label_map);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntask; ++task) {
       if constexpr (std::is_same<F, float>::value) {
-        if (fast) bwd_task_blocked(p, task / nblk, task % nblk, sc);
-        else bwd_task<F>(p, task / nblk, task % nblk, sc);
-        continue;
+        if (fast) {
+          bwd_task_blocked(p, task / nblk, task % nblk, sc);
+          continue;
+        }
       }
-      if (fast) bwd_task_fast<F>(p, task / nblk, task % nblk, sc);
-      else bwd_task<F>(p, task / nblk, task % nblk, sc);
+      bwd_task<F>(p, task / nblk, task % nblk, sc);
     }
   }
   return kOk;
