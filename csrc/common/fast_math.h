@@ -12,25 +12,38 @@ namespace fastmed {
 FM_HD float fm_bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 FM_HD uint32_t fm_float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-// e^x. Underflows to 0 below -87.33 (just above FLT_MIN), overflows to inf above 88.72.
-FM_HD float fm_exp(float x) {
-  float xc = x < -87.33f ? -87.33f : x;
-  xc = xc > 88.72f ? 88.72f : xc;
-  // n = round(x / ln 2) with the 1.5 * 2^23 trick (no libm call, vectorises everywhere)
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693145751953125f;   // ln2 high part (exact product)
-  r = r - n * 1.428606765330187e-06f;      // ln2 low part
-  float p = 1.98412698e-4f;                // Taylor series of e^r, |r| <= 0.347, to r^7
-  p = p * r + 1.38888889e-3f;
+// 2^n for an integral float n in [-126, 127], from its exponent bits
+FM_HD float fm_pow2i(float n) { return fm_bits_to_float((uint32_t)((int32_t)n + 127) << 23); }
+#if !defined(__CUDACC__)
+// 16 floats as one GCC vector (the CPU kernels' register blocks); the same formulas apply lane-wise
+typedef float fm_vf16 __attribute__((vector_size(64)));
+typedef int32_t fm_vi16 __attribute__((vector_size(64)));
+inline fm_vf16 fm_pow2i(fm_vf16 n) { return (fm_vf16)((__builtin_convertvector(n, fm_vi16) + 127) << 23); }
+#endif
+
+// e^xc for xc in [-87.33, 88.72] (or NaN, which propagates): n = round(xc / ln 2) with the
+// 1.5 * 2^23 trick (no libm call, vectorises everywhere), Cody-Waite reduction r = xc - n ln 2,
+// |r| <= 0.347, and the Taylor series of e^r to r^7. V is float or fm_vf16.
+template <typename V>
+FM_HD V fm_exp_clamped(V xc) {
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = xc - n * 0.693145751953125f;  // ln2 high part (exact product)
+  r = r - n * 1.428606765330187e-06f;  // ln2 low part
+  V p = r * 1.98412698e-4f + 1.38888889e-3f;
   p = p * r + 8.33333333e-3f;
   p = p * r + 4.16666667e-2f;
   p = p * r + 1.66666667e-1f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t ni = (int32_t)n;
-  float scale = fm_bits_to_float((uint32_t)(ni + 127) << 23);
-  float out = p * scale;
+  return p * fm_pow2i(n);
+}
+
+// e^x. Underflows to 0 below -87.33 (just above FLT_MIN), overflows to inf above 88.72.
+FM_HD float fm_exp(float x) {
+  float xc = x < -87.33f ? -87.33f : x;
+  xc = xc > 88.72f ? 88.72f : xc;
+  float out = fm_exp_clamped(xc);
   out = x < -87.33f ? 0.0f : out;
   out = x > 88.72f ? INFINITY : out;
   out = x != x ? x : out;
@@ -42,19 +55,7 @@ FM_HD float fm_exp(float x) {
 FM_HD float fm_exp_nonpos(float x) {
   float xc = x < -87.33f ? -87.33f : x;
   xc = xc > 0.0f ? 0.0f : xc;
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.98412698e-4f;
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ni = (int32_t)n;
-  return p * fm_bits_to_float((uint32_t)(ni + 127) << 23);
+  return fm_exp_clamped(xc);
 }
 
 // natural log for positive normal z; inf -> inf, nan -> nan, 0 -> -inf

@@ -549,8 +549,8 @@ inline bool fast_path(const DiceCEParams& p, bool is_float) {
 // Register-blocked fast path (float logits): 16 voxels at a time through all classes, with the
 // per-voxel max, normaliser and running sums in vector registers. Each logit is read twice from
 // L1/L2 (max, then exp) and the gradient written once; no per-class scratch row round trips.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef fm_vf16 vf16;
+typedef fm_vi16 vi16;
 constexpr int kV = 16;
 
 inline vf16 vld(const float* p) { vf16 v; std::memcpy(&v, p, sizeof v); return v; }
@@ -567,19 +567,7 @@ inline double vsum(vf16 v) {  // fixed order
 inline vf16 vexp_nonpos(vf16 x) {
   vf16 xc = x < -87.33f ? vsplat(-87.33f) : x;
   xc = xc > 0.0f ? vsplat(0.0f) : xc;
-  const vf16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vf16 r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  vf16 q = vsplat(1.98412698e-4f);
-  q = q * r + 1.38888889e-3f;
-  q = q * r + 8.33333333e-3f;
-  q = q * r + 4.16666667e-2f;
-  q = q * r + 1.66666667e-1f;
-  q = q * r + 0.5f;
-  q = q * r + 1.0f;
-  q = q * r + 1.0f;
-  const vi16 ni = __builtin_convertvector(n, vi16);
-  return q * (vf16)((ni + 127) << 23);
+  return fm_exp_clamped(xc);
 }
 
 // e^(x - mx) for x <= mx: on AVX-512, 2^t with t = (x - mx) log2(e) split as n + f by a rounding

@@ -1,4 +1,7 @@
 // Picks the best instruction-set build of the CPU kernels at run time.
+#include <cstdlib>
+#include <cstring>
+
 #include "dice_ce.h"
 #include "../common/common.h"
 
@@ -32,8 +35,19 @@ Isa detect() {
 #endif
   return kBase;
 }
+// FASTMED_CPU_ISA=baseline|avx2|avx512 asks for a lower build (tests run every build this way); a
+// build the CPU cannot run is never chosen.
+Isa requested(Isa best) {
+  const char* want = std::getenv("FASTMED_CPU_ISA");
+  if (!want) return best;
+  Isa w = best;
+  if (!std::strcmp(want, "baseline") || !std::strcmp(want, "base")) w = kBase;
+  else if (!std::strcmp(want, "avx2")) w = kAvx2;
+  else if (!std::strcmp(want, "avx512")) w = kAvx512;
+  return w < best ? w : best;
+}
 Isa isa() {
-  static const Isa chosen = detect();
+  static const Isa chosen = requested(detect());
   return chosen;
 }
 }  // namespace

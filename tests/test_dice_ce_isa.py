@@ -1,0 +1,61 @@
+"""Every instruction-set build of the CPU kernels gives the same results (FASTMED_CPU_ISA picks a
+lower build than the machine's best; each runs in its own process because the choice is made once)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = r"""
+import sys, torch, fastmed
+from fastmed import losses as FL
+torch.manual_seed(0)
+out = {"isa": fastmed.build_info()["cpu"]["isa"]}
+cases = [
+    ("odd", (2, 5, 7, 9, 11), torch.float32, {}, False),
+    ("cl", (2, 14, 12, 10, 8), torch.float32, {}, True),
+    ("half", (1, 3, 17, 5, 3), torch.float16, {}, False),
+    ("opts", (2, 6, 9, 8, 7), torch.float32, {"weight": torch.rand(6) + 0.5, "ignore_index": 5, "label_smoothing": 0.1}, False),
+    ("sq", (2, 4, 6, 6, 6), torch.float32, {"squared_pred": True, "jaccard": True}, False),
+]
+for name, shape, dt, kw, cl in cases:
+    x = (torch.randn(shape) * 3).to(dt)
+    if cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+    y = torch.randint(0, shape[1], (shape[0], 1) + shape[2:])
+    x.requires_grad_(True)
+    loss = FL.DiceCELoss(to_onehot_y=True, softmax=True, **kw)(x, y)
+    loss.backward()
+    out[name] = (loss.detach().double(), x.grad.double())
+torch.save(out, sys.argv[1])
+"""
+
+
+def _run(isa, path):
+    env = dict(os.environ, FASTMED_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, timeout=300)
+    return torch.load(path)
+
+
+def test_all_cpu_builds_agree(tmp_path):
+    best = _run("avx512", tmp_path / "best.pt")
+    seen = {best["isa"]}
+    for isa in ("baseline", "avx2"):
+        got = _run(isa, tmp_path / f"{isa}.pt")
+        if got["isa"] in seen:
+            continue
+        seen.add(got["isa"])
+        for name in best:
+            if name == "isa":
+                continue
+            l0, g0 = best[name]
+            l1, g1 = got[name]
+            tol = 2e-3 if name == "half" else 1e-5
+            torch.testing.assert_close(l1, l0, rtol=tol, atol=tol, msg=f"{isa} {name} loss")
+            torch.testing.assert_close(g1, g0, rtol=tol, atol=tol * 1e-2 if name != "half" else tol,
+                                       msg=f"{isa} {name} grad")
+    if len(seen) == 1:
+        pytest.skip("only one CPU build here")
