@@ -2,7 +2,9 @@
 // an error code into an exception naming the op. No logic lives here.
 #include <pybind11/pybind11.h>
 #include "common/params_binding.h"
+#include "common/sw_params_binding.h"
 #include "dice_ce/dice_ce.h"
+#include "sliding_window/sliding_window.h"
 
 namespace py = pybind11;
 using namespace fastmed;
@@ -26,6 +28,23 @@ PYBIND11_MODULE(_C, m) {
       s = dice_ce_bwd_cpu(p);
     }
     check_status(s, "dice_ce_bwd");
+  });
+  bind_sw_params(m);
+  m.def("sw_accumulate", [](const SWAccParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_accumulate_cpu(p);
+    }
+    check_status(s, "sw_accumulate");
+  });
+  m.def("sw_normalize", [](const SWNormParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_normalize_cpu(p);
+    }
+    check_status(s, "sw_normalize");
   });
   m.def("build_info", []() {
     py::dict d;

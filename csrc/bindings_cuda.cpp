@@ -8,6 +8,8 @@
 #include <string>
 
 #include "common/params_binding.h"
+#include "common/sw_params_binding.h"
+#include "sliding_window/sliding_window.h"
 #include "dice_ce/dice_ce.h"
 
 #ifndef FASTMED_CUDA_VERSION
@@ -39,19 +41,25 @@ void check_cuda_status(int status, const char* op) {
 // first by fastmed._ext) registers DiceCEParams through the same bind_dice_ce_params. Binding it
 // again here would make this module's import fail ("type already registered"), so reuse that class:
 // one field list (params_binding.h) for both modules, whatever the import order.
+template <typename T>
+bool reuse_type(py::module_& m, const char* name) {
+  auto* ti = py::detail::get_type_info(typeid(T));
+  if (!ti) return false;
+  m.attr(name) = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(ti->type));
+  return true;
+}
+
 void bind_params_shared(py::module_& m) {
   if (py::detail::get_type_info(typeid(DiceCEParams)) == nullptr) {
     try {
       py::module_::import("fastmed._C");
     } catch (py::error_already_set&) {
-      // no CPU module: register the class here instead
+      // no CPU module: register the classes here instead
     }
   }
-  if (auto* ti = py::detail::get_type_info(typeid(DiceCEParams))) {
-    m.attr("DiceCEParams") = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(ti->type));
-  } else {
-    bind_dice_ce_params(m);
-  }
+  if (!reuse_type<DiceCEParams>(m, "DiceCEParams")) bind_dice_ce_params(m);
+  if (reuse_type<SWAccParams>(m, "SWAccParams")) reuse_type<SWNormParams>(m, "SWNormParams");
+  else bind_sw_params(m);
 }
 
 }  // namespace
@@ -75,6 +83,22 @@ PYBIND11_MODULE(_C_cuda, m) {
       s = dice_ce_bwd_cuda(p);
     }
     check_cuda_status(s, "dice_ce_bwd");
+  });
+  m.def("sw_accumulate", [](const SWAccParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_accumulate_cuda(p);
+    }
+    check_cuda_status(s, "sw_accumulate");
+  });
+  m.def("sw_normalize", [](const SWNormParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_normalize_cuda(p);
+    }
+    check_cuda_status(s, "sw_normalize");
   });
   m.def("build_info", []() {
     py::dict d;

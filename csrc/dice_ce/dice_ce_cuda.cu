@@ -46,6 +46,8 @@ thread_local cudaError_t g_last_cuda_error = cudaSuccess;
 }
 
 const char* dice_ce_cuda_last_error() { return cudaGetErrorString(g_last_cuda_error); }
+// the other ops' launches record their errors here too (one message for the bindings)
+void cuda_record_error(cudaError_t e) { g_last_cuda_error = e; }
 
 namespace {
 

@@ -1,0 +1,444 @@
+"""Sliding-window inference with fused, weighted stitching: drop-ins for MONAI 1.6's
+``sliding_window_inference`` and ``SlidingWindowInferer``.
+
+Same arguments, window placement, order and batching (a stateful predictor sees the same calls),
+outputs (tensor, tuple or dict; other resolutions than the input) and values as MONAI's. What
+changes is the stitching: each predicted batch is added into the output in one pass with the
+blending weight applied on the fly (``fastmed::sw_accumulate``; MONAI multiplies the batch by the
+weight map, then adds it, window by window), the normalising weight map is built once per tiling
+and cached, and the final division is one pass in place (``fastmed::sw_normalize_``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops.sliding_window import FLOAT_DTYPES, sw_accumulate, sw_normalize_
+
+__all__ = ["sliding_window_inference", "SlidingWindowInferer", "importance_map_factors"]
+
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+_BLEND_MODES = ("constant", "gaussian")
+
+
+def _mode_value(mode) -> str:
+    return str(getattr(mode, "value", mode)).lower()
+
+
+def _tuple_rep(v, n: int, name: str) -> tuple:
+    if isinstance(v, (int, float)) or v is None:
+        return (v,) * n
+    v = tuple(v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f"{name}: expected one value or {n}, got {len(v)}")
+    return v
+
+
+def _roi_fallback(roi_size, image_size: Sequence[int]) -> tuple:
+    """MONAI's fall_back_tuple: a non-positive or None entry takes the image's size."""
+    n = len(image_size)
+    roi = (roi_size,) * n if isinstance(roi_size, int) or roi_size is None else tuple(roi_size)
+    if len(roi) < n:
+        roi = roi + (None,) * (n - len(roi))
+    return tuple(int(r) if r is not None and r > 0 else int(s) for r, s in zip(roi[:n], image_size))
+
+
+def _scan_interval(image_size, roi_size, overlap) -> tuple:
+    out = []
+    for s, r, o in zip(image_size, roi_size, overlap):
+        if r == s:
+            out.append(int(r))
+        else:
+            out.append(max(int(r * (1 - o)), 1))
+    return tuple(out)
+
+
+def _window_starts(image_size, roi_size, interval) -> list:
+    """Start of every window, C order over the spatial dims (MONAI's dense_patch_slices)."""
+    per_dim = []
+    for s, r, i in zip(image_size, roi_size, interval):
+        r = min(r, s)
+        n = 1
+        if i > 0:
+            n = next((d + 1 for d in range(int(math.ceil(s / i))) if d * i + r >= s), 1)
+        per_dim.append([d * i - max(d * i + r - s, 0) for d in range(n)])
+    grids = torch.meshgrid(*[torch.tensor(p, dtype=torch.int64) for p in per_dim], indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], 1).tolist()
+
+
+def importance_map_factors(patch_size: Sequence[int], mode="constant", sigma_scale=0.125):
+    """The per-dimension factors and clamp of MONAI's importance map: the map is
+    ``max(((g[0] x g[1]) x g[2]), wmin)`` in float32 (``compute_importance_map``, same operations)."""
+    mode = _mode_value(mode)
+    n = len(patch_size)
+    if mode == "constant":
+        return [torch.ones(p, dtype=torch.float32) for p in patch_size], 1.0
+    if mode != "gaussian":
+        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
+    sig = _tuple_rep(sigma_scale, n, "sigma_scale")
+    gs = []
+    for p, s in zip(patch_size, sig):
+        sigma = p * s
+        x = torch.arange(start=-(p - 1) / 2.0, end=(p - 1) / 2.0 + 1, dtype=torch.float)
+        gs.append(torch.exp(x**2 / (-2 * sigma**2)))
+    low = gs[0].min()
+    for g in gs[1:]:
+        low = low * g.min()
+    return gs, max(float(low), 1e-3)
+
+
+def _importance_map(gs, wmin) -> Tensor:
+    m = gs[0]
+    for i, g in enumerate(gs[1:], 1):
+        m = m.unsqueeze(-1) * g[(None,) * i]
+    return torch.clamp(m, min=wmin)
+
+
+def _flatten(out):
+    if isinstance(out, Tensor):
+        return None, (out,)
+    if isinstance(out, Mapping):
+        keys = sorted(out.keys())
+        return keys, tuple(out[k] for k in keys)
+    if isinstance(out, (list, tuple)):
+        return None, tuple(out)
+    return None, (out,)
+
+
+def _pack(outs, keys):
+    if keys is not None:
+        return dict(zip(keys, outs))
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(outs)
+
+
+class _Tiling:
+    """Normalising weight maps by (image size, roi, interval, weight, device, dtype, scale)."""
+
+    cache: dict = {}
+
+    @classmethod
+    def count_map(cls, key, shape, starts, gs, wmin, wmap, device, dtype):
+        hit = cls.cache.get(key)
+        if hit is not None:
+            return hit
+        count = torch.zeros([1, 1] + list(shape), dtype=dtype, device=device)
+        st = torch.tensor([[0] + list(s) for s in starts], dtype=torch.int64)
+        if wmap is not None:
+            sw_accumulate(count, None, st, None, None, None, 0.0, wmap)
+        else:
+            sw_accumulate(count, None, st, *_pad3(gs), wmin, None)
+        if len(cls.cache) > 8:
+            cls.cache.clear()
+        cls.cache[key] = count
+        return count
+
+
+def _pad3(gs):
+    gs = list(gs)
+    return [torch.ones(1)] * (3 - len(gs)) + gs
+
+
+def sliding_window_inference(
+    inputs: Tensor,
+    roi_size,
+    sw_batch_size: int,
+    predictor: Callable[..., Any],
+    overlap=0.25,
+    mode="constant",
+    sigma_scale=0.125,
+    padding_mode="constant",
+    cval: float = 0.0,
+    sw_device=None,
+    device=None,
+    progress: bool = False,
+    roi_weight_map: Optional[Tensor] = None,
+    process_fn: Optional[Callable] = None,
+    buffer_steps: Optional[int] = None,
+    buffer_dim: int = -1,
+    with_coord: bool = False,
+    *args: Any,
+    **kwargs: Any,
+):
+    """Sliding-window inference, as ``monai.inferers.sliding_window_inference`` (MONAI 1.6), with
+    every argument meaning the same. See the module docstring for what fastmed does differently.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
+    nsp = inputs.ndim - 2
+    if nsp not in (1, 2, 3):
+        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if nsp == 1:
+        raise ValueError("inputs: 1D sliding windows are not supported; use (B, C, H, W) with H = 1")
+    if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
+        raise ValueError(
+            f"roi_size: has {len(roi_size)} dimensions but inputs {tuple(inputs.shape)} has {nsp} spatial dimensions"
+        )
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
+    if inputs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
+    buffered = buffer_steps is not None and buffer_steps > 0
+    if buffered:
+        if buffer_dim < -nsp or buffer_dim > nsp:
+            raise ValueError(f"buffer_dim: must be in [{-nsp}, {nsp}], got {buffer_dim}")
+        if buffer_dim < 0:
+            buffer_dim += nsp
+    overlap = _tuple_rep(overlap, nsp, "overlap")
+    for o in overlap:
+        if not 0 <= o < 1:
+            raise ValueError(f"overlap: must be >= 0 and < 1, got {overlap}")
+    mode = _mode_value(mode)
+    if mode not in _BLEND_MODES:
+        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
+    padding_mode = _mode_value(padding_mode)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
+
+    meta_src = inputs
+    compute_dtype = inputs.dtype
+    batch_size = inputs.shape[0]
+    image_size_ = tuple(inputs.shape[2:])
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    condition = kwargs.pop("condition", None)
+    if type(inputs) is not Tensor:  # e.g. MONAI's MetaTensor: work on the plain tensor
+        inputs = inputs.as_subclass(Tensor)
+        if condition is not None and type(condition) is not Tensor:
+            condition = condition.as_subclass(Tensor)
+
+    roi_size = _roi_fallback(roi_size, image_size_)
+    image_size = tuple(max(s, r) for s, r in zip(image_size_, roi_size))
+    pad_size = []
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(roi_size[k - 2] - inputs.shape[k], 0)
+        pad_size += [diff // 2, diff - diff // 2]
+    if any(pad_size):
+        pad_kw = {"value": cval} if padding_mode == "constant" else {}
+        inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **pad_kw)
+        if condition is not None:
+            condition = F.pad(condition, pad=pad_size, mode=padding_mode, **pad_kw)
+
+    interval = _scan_interval(image_size, roi_size, overlap)
+    starts = _window_starts(image_size, roi_size, interval)
+    patch = tuple(min(r, s) for r, s in zip(roi_size, image_size))
+    num_win = len(starts)
+    total = num_win * batch_size
+
+    # the order and batches of windows
+    if not buffered:
+        batches = [list(range(i, min(i + sw_batch_size, total))) for i in range(0, total, sw_batch_size)]
+    else:
+        batches, starts = _buffered_batches(starts, patch, batch_size, sw_batch_size, buffer_dim, buffer_steps)
+
+    # the window weight: MONAI's importance map, kept as separable factors where it is one
+    if patch == roi_size and roi_weight_map is not None:
+        gs, wmin = None, None
+        imap = torch.as_tensor(roi_weight_map).to(device=sw_device, dtype=compute_dtype)
+    else:
+        gs, wmin = importance_map_factors(patch, mode, sigma_scale)
+        imap = _importance_map(gs, wmin).to(device=sw_device, dtype=compute_dtype)
+        if not process_fn:
+            imap = imap[None, None]
+    own_map = gs is not None
+
+    outputs, counts, zscales, keys = [], [], [], None
+    it = batches
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(batches)
+        except ImportError:
+            warnings.warn("progress=True needs tqdm, which is not installed")
+    for idxs in it:
+        coords = [
+            [slice(i // num_win, i // num_win + 1), slice(None)]
+            + [slice(s, s + p) for s, p in zip(starts[i % num_win], patch)]
+            for i in idxs
+        ]
+        if len(coords) > 1:
+            win = torch.cat([inputs[tuple(c)] for c in coords]).to(sw_device)
+            if condition is not None:
+                kwargs["condition"] = torch.cat([condition[tuple(c)] for c in coords]).to(sw_device)
+        else:
+            win = inputs[tuple(coords[0])].to(sw_device)
+            if condition is not None:
+                kwargs["condition"] = condition[tuple(coords[0])].to(sw_device)
+        out = predictor(win, coords, *args, **kwargs) if with_coord else predictor(win, *args, **kwargs)
+        keys, seg = _flatten(out)
+        if process_fn:
+            seg, w_t = process_fn(seg, win, imap)
+            custom_w = True
+        else:
+            w_t, custom_w = imap, not own_map
+        if w_t.ndim == nsp:
+            w_t = w_t[None, None]
+        w_t = w_t.to(dtype=compute_dtype, device=sw_device)
+        if buffered:
+            seg = seg[:1]  # MONAI's buffered mode keeps the first output only
+        for ss, p in enumerate(seg):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"predictor: outputs must be tensors, got {type(p).__name__}")
+            if p.ndim != nsp + 2 or p.shape[0] != len(idxs):
+                raise ValueError(
+                    f"predictor: output {ss} has shape {tuple(p.shape)}; expected ({len(idxs)}, C, ...) "
+                    f"for a batch of {len(idxs)} windows of {nsp}D"
+                )
+            seg_shape = tuple(p.shape[2:])
+            z = None
+            if not buffered and seg_shape != tuple(roi_size):
+                z = [o / float(r) for o, r in zip(seg_shape, roi_size)]
+                w_t = F.interpolate(w_t, seg_shape, mode="nearest-exact")
+                custom_w = True
+            if len(outputs) <= ss:
+                shape = [batch_size, p.shape[1]] + (
+                    [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))
+                outputs.append(torch.zeros(shape, dtype=compute_dtype, device=device))
+                zscales.append(z)
+                counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
+                                         mode, sigma_scale, shape[2:], device, compute_dtype))
+            elif list(p.shape[1:2]) != list(outputs[ss].shape[1:2]) or zscales[ss] != z:
+                raise ValueError(
+                    f"predictor: output {ss} changed shape between windows ({tuple(p.shape)}); "
+                    f"the first batch gave {outputs[ss].shape[1]} channels at scale {zscales[ss]}"
+                )
+            st = torch.tensor(
+                [[i // num_win] + [int(s * f) for s, f in zip(starts[i % num_win], z or [1.0] * nsp)] for i in idxs],
+                dtype=torch.int64,
+            )
+            p = p.to(device)
+            if p.dtype not in FLOAT_DTYPES:
+                p = p.to(compute_dtype)
+            if not custom_w:
+                sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None)
+            elif w_t.shape[0] == 1 and w_t.shape[1] == 1:
+                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device))
+            else:  # per-window or per-channel weights from process_fn
+                sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None)
+
+    for ss in range(len(outputs)):
+        sw_normalize_(outputs[ss], counts[ss])
+    if any(pad_size):
+        for ss, o in enumerate(outputs):
+            zoom = [a / r for a, r in zip(o.shape[2:], roi_size)]
+            sl = []
+            for sp in range(nsp):
+                si = nsp - sp - 1
+                sl.insert(0, slice(int(round(pad_size[sp * 2] * zoom[si])),
+                                   int(round((pad_size[sp * 2] + image_size_[si]) * zoom[si]))))
+            outputs[ss] = o[(slice(None), slice(None), *sl)]
+    result = _pack(outputs, keys)
+    if type(meta_src) is not Tensor:
+        result = _to_meta(result, meta_src)
+    return result
+
+
+def _count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin, mode, sigma_scale, shape, device,
+               dtype):
+    nsp = len(image_size)
+    sc = z or [1.0] * nsp
+    st = [[int(s * f) for s, f in zip(s0, sc)] for s0 in starts]
+    if not custom_w:
+        key = ("sep", tuple(image_size), tuple(roi_size), tuple(interval), tuple(map(tuple, starts)), mode,
+               str(sigma_scale), str(device), dtype)
+        return _Tiling.count_map(key, shape, st, gs, wmin, None, device, dtype)
+    count = torch.zeros([1, 1] + list(shape), dtype=dtype, device=device)
+    stt = torch.tensor([[0] + s for s in st], dtype=torch.int64)
+    sw_accumulate(count, None, stt, None, None, None, 0.0, w_t[0, 0].to(device))
+    return count
+
+
+def _buffered_batches(starts, patch, batch_size, sw_batch_size, buffer_dim, buffer_steps):
+    """MONAI's buffered order: windows sorted (stably) by their start along buffer_dim, batches that
+    do not cross a buffer boundary."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i][buffer_dim])
+    starts = [starts[i] for i in order]
+    firsts = [s[buffer_dim] for s in starts]
+    counts = []
+    for v in firsts:
+        if counts and counts[-1][0] == v:
+            counts[-1][1] += 1
+        else:
+            counts.append([v, 1])
+    ends, acc = [], 0
+    for _, c in counts:
+        acc += c
+        ends.append(acc)
+    x = [0, *ends][:: min(len(ends), int(buffer_steps))]
+    if x[-1] < ends[-1]:
+        x.append(ends[-1])
+    n = len(starts)
+    batches = []
+    for b in range(batch_size):
+        for i in range(len(x) - 1):
+            lo, hi = b * n + x[i], b * n + x[i + 1]
+            batches += [list(range(j, min(j + sw_batch_size, hi))) for j in range(lo, hi, sw_batch_size)]
+    return batches, starts
+
+
+def _to_meta(result, src):
+    try:
+        from monai.data import MetaTensor
+        from monai.utils import convert_to_dst_type
+    except ImportError:
+        return result
+    if not isinstance(src, MetaTensor):
+        return result
+    meta = MetaTensor([]).copy_meta_from(src, copy_attr=False)
+    return convert_to_dst_type(result, meta, device=None)[0] if isinstance(result, Tensor) else type(result)(
+        result) if not isinstance(result, dict) else {k: convert_to_dst_type(v, meta)[0] for k, v in result.items()}
+
+
+class SlidingWindowInferer:
+    """``monai.inferers.SlidingWindowInferer`` (MONAI 1.6) with fastmed's stitching."""
+
+    def __init__(self, roi_size, sw_batch_size: int = 1, overlap=0.25, mode="constant", sigma_scale=0.125,
+                 padding_mode="constant", cval: float = 0.0, sw_device=None, device=None, progress: bool = False,
+                 cache_roi_weight_map: bool = False, cpu_thresh: Optional[int] = None,
+                 buffer_steps: Optional[int] = None, buffer_dim: int = -1, with_coord: bool = False) -> None:
+        self.roi_size = roi_size
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = _mode_value(mode)
+        if self.mode not in _BLEND_MODES:
+            raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
+        self.sigma_scale = sigma_scale
+        self.padding_mode = padding_mode
+        self.cval = cval
+        self.sw_device = sw_device
+        self.device = device
+        self.progress = progress
+        self.cpu_thresh = cpu_thresh
+        self.buffer_steps = buffer_steps
+        self.buffer_dim = buffer_dim
+        self.with_coord = with_coord
+        self.roi_weight_map = None
+        if cache_roi_weight_map and isinstance(roi_size, Sequence) and min(roi_size) > 0:
+            gs, wmin = importance_map_factors(tuple(roi_size), self.mode, sigma_scale)
+            self.roi_weight_map = _importance_map(gs, wmin).to(device or "cpu")
+        elif cache_roi_weight_map:
+            warnings.warn("cache_roi_weight_map=True, but cache is not created. (dynamic roi_size?)")
+
+    def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
+        condition = kwargs.get("condition", None)
+        if condition is not None and condition.shape != inputs.shape:
+            raise ValueError(f"condition: must match the shape of inputs ({inputs.shape}), got {condition.shape}")
+        device = kwargs.pop("device", self.device)
+        buffer_steps = kwargs.pop("buffer_steps", self.buffer_steps)
+        buffer_dim = kwargs.pop("buffer_dim", self.buffer_dim)
+        if device is None and self.cpu_thresh is not None and inputs.shape[2:].numel() > self.cpu_thresh:
+            device = "cpu"
+        return sliding_window_inference(
+            inputs, self.roi_size, self.sw_batch_size, network, self.overlap, self.mode, self.sigma_scale,
+            self.padding_mode, self.cval, self.sw_device, device, self.progress, self.roi_weight_map, None,
+            buffer_steps, buffer_dim, self.with_coord, *args, **kwargs)

@@ -1,0 +1,137 @@
+"""``fastmed::sw_accumulate`` / ``fastmed::sw_normalize``: sliding-window stitching.
+
+``sw_accumulate(acc, pred, starts, g0, g1, g2, wmin, wmap)`` adds a batch of predicted windows into
+a full-volume accumulator in place, each multiplied by the blending weight computed on the fly:
+
+* separable (``g0, g1, g2`` given): ``w[i, j, k] = max((g0[i] * g1[j]) * g2[k], wmin)`` in float32,
+  exactly MONAI's Gaussian importance map (same operations, same rounding);
+* a full map ``wmap`` (the window's spatial shape, float32);
+* neither: weight 1.
+
+``pred`` is ``(N, C, *window)``; ``starts`` is ``(N, 1 + ndim)`` int64: batch index, then the window's
+offset in the accumulator. ``pred=None`` adds the weight alone (the normalising map; ``acc`` then has
+one channel). Windows are added in order, each product and sum rounded to the accumulator's dtype,
+so the result equals PyTorch's ``out[idx] += pred * w`` window after window, bit for bit.
+
+``sw_normalize(acc, count, dtype)`` returns ``acc / count`` (count broadcast over batch and
+channels) in ``dtype``; with ``dtype=None`` it divides ``acc`` in place and returns it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _vec3(t: Tensor, lead: int):
+    """(strides of the `lead` leading dims, spatial strides padded to 3, spatial sizes padded to 3)."""
+    nsp = t.ndim - lead
+    st, sz = list(t.stride()), list(t.shape)
+    return st[:lead], [0] * (3 - nsp) + st[lead:], [1] * (3 - nsp) + sz[lead:]
+
+
+@torch.library.custom_op("fastmed::sw_accumulate", mutates_args=("acc",))
+def sw_accumulate(
+    acc: Tensor,
+    pred: Optional[Tensor],
+    starts: Tensor,
+    g0: Optional[Tensor],
+    g1: Optional[Tensor],
+    g2: Optional[Tensor],
+    wmin: float,
+    wmap: Optional[Tensor],
+) -> None:
+    mod = _ext.require(acc.device, "sw_accumulate")
+    p = mod.SWAccParams()
+    nsp = acc.ndim - 2
+    (p.a_sb, p.a_sc), p.a_s, p.a_size = _vec3(acc, 2)
+    p.acc, p.acc_dtype = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype]
+    starts = starts.to(device=acc.device, dtype=torch.int64)
+    if starts.shape[1] < 4:  # 2D: a depth offset of 0
+        starts = torch.cat([starts[:, :1], starts.new_zeros((starts.shape[0], 4 - starts.shape[1])), starts[:, 1:]], 1)
+    starts = starts.contiguous()
+    p.starts, p.N = starts.data_ptr(), starts.shape[0]
+    keep = [starts]
+    if pred is not None:
+        (p.p_sn, p.p_sc), p.p_s, p.win = _vec3(pred, 2)
+        p.pred, p.pred_dtype, p.C = pred.data_ptr(), _ext.DTYPE_CODES[pred.dtype], pred.shape[1]
+    else:
+        p.C = 1
+        p.win = ([1] * (3 - nsp) + list(wmap.shape[-nsp:])) if wmap is not None else [
+            int(g.numel()) for g in (g0 if g0 is not None else torch.ones(1), g1, g2)]
+    if g1 is not None:
+        gs = [g.to(device=acc.device, dtype=torch.float32).contiguous() for g in (g0, g1, g2)]
+        keep += gs
+        p.wmode, p.wmin = 1, float(wmin)
+        p.g0, p.g1, p.g2 = (g.data_ptr() for g in gs)
+    elif wmap is not None:
+        wm = wmap.to(device=acc.device, dtype=torch.float32).contiguous()
+        keep.append(wm)
+        p.wmode, p.wmap = 2, wm.data_ptr()
+    p.num_threads = _ext.num_threads()
+    p.stream = _ext.stream_ptr(acc.device)
+    mod.sw_accumulate(p)
+    del keep
+
+
+@sw_accumulate.register_fake
+def _(acc, pred, starts, g0, g1, g2, wmin, wmap):
+    return None
+
+
+@torch.library.custom_op("fastmed::sw_normalize", mutates_args=())
+def sw_normalize(acc: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    _normalize_into(acc, count, out)
+    return out
+
+
+@sw_normalize.register_fake
+def _(acc, count, dtype):
+    return acc.new_empty(acc.shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastmed::sw_normalize_", mutates_args=("acc",))
+def sw_normalize_(acc: Tensor, count: Tensor) -> None:
+    _normalize_into(acc, count, acc)
+
+
+@sw_normalize_.register_fake
+def _(acc, count):
+    return None
+
+
+def _normalize_into(acc: Tensor, count: Tensor, out: Tensor) -> None:
+    mod = _ext.require(acc.device, "sw_normalize")
+    p = mod.SWNormParams()
+    count = count.to(device=acc.device, dtype=acc.dtype)
+    count = count.reshape(count.shape[-(acc.ndim - 2):]) if count.ndim > acc.ndim - 2 else count
+    (p.a_sb, p.a_sc), p.a_s, p.size = _vec3(acc, 2)
+    _, p.n_s, _ = _vec3(count, 0)
+    (p.d_sb, p.d_sc), p.d_s, _ = _vec3(out, 2)
+    p.B, p.C = acc.shape[0], acc.shape[1]
+    p.acc, p.acc_dtype = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype]
+    p.count, p.dst, p.dst_dtype = count.data_ptr(), out.data_ptr(), _ext.DTYPE_CODES[out.dtype]
+    p.num_threads = _ext.num_threads()
+    p.stream = _ext.stream_ptr(acc.device)
+    mod.sw_normalize(p)
+
+
+def sw_accumulate_reference(acc: Tensor, pred: Optional[Tensor], starts: Tensor, weight: Optional[Tensor]) -> None:
+    """Plain PyTorch: ``acc[b, :, window] += pred[n] * weight`` for each window in order (in place)."""
+    nsp = acc.ndim - 2
+    for n in range(starts.shape[0]):
+        s = [int(v) for v in starts[n]]
+        size = weight.shape[-nsp:] if pred is None else pred.shape[2:]
+        idx = (slice(s[0], s[0] + 1), slice(None)) + tuple(slice(o, o + w) for o, w in zip(s[1:], size))
+        if pred is None:
+            acc[idx] += weight
+        else:
+            acc[idx] += pred[n:n + 1] * weight if weight is not None else pred[n:n + 1]
