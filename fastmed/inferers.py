@@ -223,6 +223,15 @@ def sliding_window_inference(
         diff = max(roi_size[k - 2] - inputs.shape[k], 0)
         pad_size += [diff // 2, diff - diff // 2]
     if any(pad_size):
+        if padding_mode in ("reflect", "circular"):
+            for d in range(nsp):
+                need = max(pad_size[2 * (nsp - 1 - d)], pad_size[2 * (nsp - 1 - d) + 1])
+                limit = image_size_[d] - (1 if padding_mode == "reflect" else 0)
+                if need > limit:
+                    raise ValueError(
+                        f"padding_mode: {padding_mode!r} can pad spatial dimension {d} (size {image_size_[d]}) by at "
+                        f"most {limit} on a side, but roi_size {roi_size} needs {need}; use 'constant' or 'replicate'"
+                    )
         pad_kw = {"value": cval} if padding_mode == "constant" else {}
         inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **pad_kw)
         if condition is not None:

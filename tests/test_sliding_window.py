@@ -1,0 +1,269 @@
+"""fastmed.inferers against MONAI 1.6's sliding_window_inference, and the stitching ops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmed import inferers as FI
+from fastmed.ops import sliding_window as SW
+
+monai = pytest.importorskip("monai")
+from monai.inferers import SlidingWindowInferer as MSWI  # noqa: E402
+from monai.inferers import sliding_window_inference as msw  # noqa: E402
+
+
+def pred3(x):
+    return torch.cat([x.sin(), x.cos() * 2, x * x], 1)
+
+
+def run_both(x, *args, **kw):
+    return msw(x, *args, **kw), FI.sliding_window_inference(x, *args, **kw)
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            assert_same(a[k], b[k])
+        return
+    if isinstance(a, (tuple, list)):
+        assert isinstance(b, (tuple, list)) and len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v)
+        return
+    a = a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a
+    b = b.as_subclass(torch.Tensor) if isinstance(b, torch.Tensor) else b
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75, (0.5, 0.25, 0.0)])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("sw_batch_size", [1, 3, 8])
+def test_3d_matches_monai_exactly(overlap, mode, sw_batch_size):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 37, 45, 29)
+    a, b = run_both(x, (16, 20, 12), sw_batch_size, pred3, overlap, mode)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_2d_matches_monai_exactly(overlap, mode):
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 50, 33)
+    a, b = run_both(x, (16, 16), 4, pred3, overlap, mode, sigma_scale=(0.2, 0.1))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("roi", [(16, 16, -1), (None, 8, 8), (0, 12, 12), 10, (64, 12, 40)])
+@pytest.mark.parametrize("padding_mode", ["constant", "reflect", "replicate", "circular"])
+def test_roi_fallback_and_padding(roi, padding_mode):
+    torch.manual_seed(2)
+    x = torch.randn(1, 1, 21, 30, 17)
+    kw = dict(padding_mode=padding_mode, cval=-3.0)
+    if roi == (64, 12, 40) and padding_mode in ("reflect", "circular"):
+        with pytest.raises(ValueError, match="padding_mode"):
+            FI.sliding_window_inference(x, roi, 2, pred3, 0.5, "gaussian", **kw)
+        return
+    b = FI.sliding_window_inference(x, roi, 2, pred3, 0.5, "gaussian", **kw)
+    try:
+        a = msw(x, roi, 2, pred3, 0.5, "gaussian", **kw)
+    except RuntimeError as e:  # MONAI 1.6 passes cval to F.pad for every mode, which torch refuses
+        assert padding_mode != "constant" and "value" in str(e)
+        assert b.shape == (1, 3, 21, 30, 17) and torch.isfinite(b).all()
+        return
+    assert torch.equal(a, b)
+
+
+def test_image_smaller_than_roi_pads_like_monai():
+    x = torch.randn(1, 1, 5, 7, 3)
+    a, b = run_both(x, (8, 8, 8), 1, pred3, 0.25, "gaussian", padding_mode="constant", cval=2.0)
+    assert torch.equal(a, b) and b.shape == (1, 3, 5, 7, 3)
+
+
+def test_tuple_and_dict_outputs_and_other_resolutions():
+    torch.manual_seed(3)
+    x = torch.randn(2, 1, 24, 32, 20)
+
+    def multi(w):
+        up = torch.nn.functional.interpolate(w, scale_factor=2, mode="nearest")
+        down = torch.nn.functional.avg_pool3d(w, 2)
+        return (w * 2, up.sin(), down + 1)
+
+    a, b = run_both(x, (16, 16, 8), 3, multi, 0.5, "gaussian")
+    assert_same(a, b)
+    assert b[1].shape[2:] == (48, 64, 40) and b[2].shape[2:] == (12, 16, 10)
+
+    def as_dict(w):
+        return {"seg": pred3(w), "aux": w.mean(1, keepdim=True)}
+
+    a, b = run_both(x, (16, 16, 8), 2, as_dict, 0.25, "constant")
+    assert_same(a, b)
+
+
+def test_other_resolution_smaller_than_roi_image():
+    x = torch.randn(1, 1, 6, 20, 9)
+
+    def up(w):
+        return torch.nn.functional.interpolate(w, scale_factor=2, mode="nearest")
+
+    a, b = run_both(x, (8, 8, 8), 2, up, 0.5, "gaussian")
+    assert_same(a, b)
+
+
+class Stateful:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, w, *args, **kwargs):
+        self.calls.append((tuple(w.shape), float(w.sum()), args, tuple(sorted(kwargs))))
+        return w * len(self.calls)
+
+
+@pytest.mark.parametrize("buffer_steps", [None, 1, 2])
+def test_stateful_predictor_sees_the_same_calls(buffer_steps):
+    torch.manual_seed(4)
+    x = torch.randn(2, 1, 30, 26, 22)
+    pm, pf = Stateful(), Stateful()
+    a = msw(x, (12, 12, 12), 3, pm, 0.5, "gaussian", buffer_steps=buffer_steps, buffer_dim=0, extra=1)
+    b = FI.sliding_window_inference(x, (12, 12, 12), 3, pf, 0.5, "gaussian", buffer_steps=buffer_steps,
+                                    buffer_dim=0, extra=1)
+    assert pm.calls == pf.calls
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_with_coord_args_kwargs_and_condition():
+    torch.manual_seed(5)
+    x = torch.randn(1, 1, 20, 20, 20)
+    cond = torch.randn(1, 1, 20, 20, 20)
+    seen = {"m": [], "f": []}
+
+    def make(tag):
+        def p(w, coords, scale, condition=None, shift=0.0):
+            seen[tag].append([[(s.start, s.stop) for s in c] for c in coords])
+            return w * scale + condition + shift
+        return p
+
+    pos = (0.25, "gaussian", 0.125, "constant", 0.0, None, None, False, None, None, None, -1, True, 3.0)
+    a = msw(x, (8, 8, 8), 4, make("m"), *pos, condition=cond, shift=1.0)
+    b = FI.sliding_window_inference(x, (8, 8, 8), 4, make("f"), *pos, condition=cond, shift=1.0)
+    assert seen["m"] == seen["f"]
+    assert torch.equal(a, b)
+
+
+def test_process_fn_and_roi_weight_map():
+    torch.manual_seed(6)
+    x = torch.randn(1, 1, 20, 24, 16)
+    wmap = torch.rand(8, 8, 8) + 0.1
+
+    def process(seg, win, imap):
+        return tuple(s * 0.5 for s in seg), imap * 2 + 0.5
+
+    a, b = run_both(x, (8, 8, 8), 3, pred3, 0.5, "gaussian", process_fn=process)
+    assert torch.equal(a, b)
+    a, b = run_both(x, (8, 8, 8), 3, pred3, 0.5, "gaussian", roi_weight_map=wmap)
+    assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_follow_the_input(dtype):
+    torch.manual_seed(7)
+    x = torch.randn(1, 1, 24, 20, 18).to(dtype)
+    a, b = run_both(x, (12, 12, 12), 2, pred3, 0.5, "gaussian")
+    assert b.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+    torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+def test_fp16_accumulation_error_is_bounded():
+    """fp16 accumulators: error against the float64 result stays within a few fp16 ulps."""
+    torch.manual_seed(8)
+    x = torch.randn(1, 1, 40, 40, 40)
+    ref = FI.sliding_window_inference(x.double(), (16, 16, 16), 4, pred3, 0.5, "gaussian")
+    got = FI.sliding_window_inference(x.half(), (16, 16, 16), 4, pred3, 0.5, "gaussian").double()
+    err = ((got - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    # measured 4.7e-3: the input is rounded to fp16 (4.9e-4 relative), then each product and each of
+    # up to 27 window sums and the division are rounded to fp16 (4.9e-4 each)
+    assert err < 1e-2
+
+
+def test_inferer_class_matches_monai():
+    torch.manual_seed(9)
+    x = torch.randn(1, 1, 30, 30, 30)
+    for kw in ({}, {"cache_roi_weight_map": True}, {"cpu_thresh": 10}, {"buffer_steps": 2, "buffer_dim": 1}):
+        m = MSWI((12, 12, 12), 3, 0.5, "gaussian", **kw)
+        f = FI.SlidingWindowInferer((12, 12, 12), 3, 0.5, "gaussian", **kw)
+        torch.testing.assert_close(f(x, pred3), m(x, pred3), rtol=1e-6, atol=1e-6)
+
+
+def test_metatensor_in_metatensor_out():
+    from monai.data import MetaTensor
+
+    x = MetaTensor(torch.randn(1, 1, 20, 20, 20), affine=torch.diag(torch.tensor([0.7, 0.7, 5.0, 1.0])))
+    a, b = run_both(x, (8, 8, 8), 2, pred3, 0.25, "gaussian")
+    assert isinstance(b, MetaTensor)
+    torch.testing.assert_close(b.affine, a.affine)
+    assert torch.equal(b.as_tensor(), a.as_tensor())
+
+
+def test_progress_bar_runs():
+    pytest.importorskip("tqdm")
+    x = torch.randn(1, 1, 16, 16, 16)
+    a, b = run_both(x, (8, 8, 8), 2, pred3, 0.5, "gaussian", progress=True)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        ({"overlap": 1.0}, ValueError, "overlap"),
+        ({"overlap": -0.1}, ValueError, "overlap"),
+        ({"mode": "bilinear"}, ValueError, "mode"),
+        ({"padding_mode": "zeros"}, ValueError, "padding_mode"),
+        ({"roi_size": (8, 8)}, ValueError, "roi_size"),
+        ({"sw_batch_size": 0}, ValueError, "sw_batch_size"),
+    ],
+)
+def test_bad_arguments(kw, exc, match):
+    args = {"roi_size": (8, 8, 8), "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian", "padding_mode": "constant"}
+    args.update(kw)
+    x = torch.randn(1, 1, 12, 12, 12)
+    with pytest.raises(exc, match=match):
+        FI.sliding_window_inference(x, args["roi_size"], args["sw_batch_size"], pred3, args["overlap"], args["mode"],
+                                    padding_mode=args["padding_mode"])
+
+
+def test_bad_predictors():
+    x = torch.randn(1, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match="predictor"):
+        FI.sliding_window_inference(x, (8, 8, 8), 3, lambda w: w[:1], 0.25)
+    with pytest.raises(TypeError, match="predictor"):
+        FI.sliding_window_inference(x, (8, 8, 8), 2, lambda w: (w, [1, 2]), 0.25)
+    with pytest.raises(ValueError, match="predictor"):
+        FI.sliding_window_inference(x, (8, 8, 8), 2, lambda w: w[:, :, 0], 0.25)
+    with pytest.raises(TypeError, match="inputs"):
+        FI.sliding_window_inference(x.numpy(), (8, 8, 8), 2, pred3, 0.25)
+    with pytest.raises(TypeError, match="inputs"):
+        FI.sliding_window_inference(x.long(), (8, 8, 8), 2, pred3, 0.25)
+
+
+def test_accumulate_op_matches_reference_and_opcheck():
+    torch.manual_seed(10)
+    acc = torch.randn(2, 3, 10, 12, 9)
+    pred = torch.randn(4, 3, 5, 6, 4)
+    starts = torch.tensor([[0, 0, 0, 0], [1, 5, 6, 5], [0, 3, 2, 1], [0, 3, 3, 1]])
+    gs, wmin = FI.importance_map_factors((5, 6, 4), "gaussian", 0.3)
+    w = FI._importance_map(gs, wmin)
+    a1, a2 = acc.clone(), acc.clone()
+    SW.sw_accumulate(a1, pred, starts, *gs, wmin, None)
+    SW.sw_accumulate_reference(a2, pred, starts, w)
+    assert torch.equal(a1, a2)
+    a3 = acc.clone()
+    SW.sw_accumulate(a3, pred, starts, None, None, None, 0.0, w)
+    assert torch.equal(a3, a2)
+    torch.library.opcheck(torch.ops.fastmed.sw_accumulate.default, (acc.clone(), pred, starts, *gs, wmin, None))
+    cnt = torch.rand(10, 12, 9) + 0.5
+    torch.library.opcheck(torch.ops.fastmed.sw_normalize.default, (acc, cnt, torch.float32))
+    torch.testing.assert_close(SW.sw_normalize(acc, cnt, torch.float64), (acc / cnt).double())
