@@ -46,6 +46,8 @@ PYBIND11_MODULE(_C, m) {
     }
     check_status(s, "sw_normalize");
   });
+  m.def("advise_huge_pages", [](uintptr_t ptr, size_t bytes) { prefer_huge_pages((void*)ptr, bytes); },
+        "madvise(MADV_HUGEPAGE) on a fresh buffer about to be filled (advisory)");
   m.def("build_info", []() {
     py::dict d;
     d["isa"] = dice_ce_cpu_isa();

@@ -259,15 +259,110 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
                 r.peak_extra_mb = _peak_extra_mb(idx, impl, quick, device, case)
             r.extra["grad_mb"] = case.make_inputs("cpu")[0].numel() * 4 / 2**20
             results.append(r)
+    inference = []
+    if not ops or "sliding_window" in ops:
+        inference = run_sliding_window(quick, device, bw, reps=3 if quick else 5, log=log)
     return {
         "device": device_name(device),
         "device_type": device,
         "copy_bandwidth_gbps": bw,
+        "inference": inference,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "quick": quick,
         "results": [asdict(r) for r in results],
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# sliding-window inference: the stitching overhead (time beyond the predictor's own)
+
+
+def _sw_case(device: str):
+    """A cheap 14-class predictor (a 1x1x1 convolution) on 192x192x160, roi 96^3, overlap 0.5, gaussian."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 1, 192, 192, 160), generator=g).to(device)
+    net = torch.nn.Conv3d(1, 14, 1).to(device).eval()
+    return x, net, dict(roi_size=(96, 96, 96), sw_batch_size=2, overlap=0.5, mode="gaussian")
+
+
+def _sw_min_bytes(x, C, roi, nwin, esize=4) -> int:
+    vol = x[0, 0].numel()
+    win = roi[0] * roi[1] * roi[2]
+    gather = nwin * win * x.shape[1] * esize * 2        # read the window, write the batch
+    stitch = nwin * C * win * esize * 3                 # read the prediction, read + write the output
+    final = C * vol * esize * 2 + vol * esize           # normalise in place, read the weight sum
+    return gather + stitch + final
+
+
+def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=print) -> list:
+    from . import inferers as fi
+
+    x, net, kw = _sw_case(device)
+    impls = {"fastmed": fi.sliding_window_inference}
+    try:
+        from monai.inferers import sliding_window_inference as msw
+
+        impls["monai"] = msw
+    except ImportError as exc:
+        log(f"  monai: skipped ({exc})")
+    # the predictor's own time: the same 14 batches of windows through it in a plain loop (each
+    # output allocated and freed, as it is inside sliding-window inference)
+    batches = [x[:, :, :96, :96, :96].repeat(2 if i < 13 else 1, 1, 1, 1, 1) for i in range(14)]
+
+    def predictor_alone():
+        with torch.no_grad():
+            for w in batches:
+                out = net(w)
+                del out
+        _sync(device)
+
+    rows = {}
+    for name, fn in impls.items():
+        totals, preds = [], []
+        for rep in range(reps + 1):
+            fi._Tiling.cache.clear()  # build the weight map every time, as MONAI does
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = fn(x, kw["roi_size"], kw["sw_batch_size"], net, kw["overlap"], kw["mode"])
+            _sync(device)
+            t1 = time.perf_counter()
+            del out
+            predictor_alone()
+            t2 = time.perf_counter()
+            if rep:  # the first run warms up
+                totals.append(t1 - t0)
+                preds.append(t2 - t1)
+        tot, pr = statistics.median(totals), statistics.median(preds)
+        rows[name] = {"total_ms": tot * 1e3, "predictor_ms": pr * 1e3, "overhead_ms": (tot - pr) * 1e3}
+    nwin = 27
+    min_ms = _sw_min_bytes(x, 14, kw["roi_size"], nwin) / (bw * 1e9) * 1e3
+    out = []
+    for name, r in rows.items():
+        r.update(op="sliding_window", case="14-class 1x1 conv, 192x192x160, roi 96^3, overlap 0.5, gaussian",
+                 impl=name, min_traffic_ms=min_ms, overhead_vs_min=r["overhead_ms"] / min_ms)
+        if "monai" in rows:
+            r["overhead_ratio_vs_monai"] = rows["monai"]["overhead_ms"] / r["overhead_ms"]
+        out.append(r)
+    return out
+
+
+def format_inference_table(report: dict) -> str:
+    rows = report.get("inference") or []
+    if not rows:
+        return ""
+    head = ["op", "case", "impl", "total ms", "predictor ms", "stitching ms", "x less than MONAI", "min traffic ms",
+            "stitching / min"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["op"], r["case"], r["impl"], f"{r['total_ms']:.0f}", f"{r['predictor_ms']:.0f}",
+                      f"{r['overhead_ms']:.0f}", f"{r.get('overhead_ratio_vs_monai', float('nan')):.1f}",
+                      f"{r['min_traffic_ms']:.0f}", f"{r['overhead_vs_min']:.1f}"])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    text = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def _versions() -> dict:

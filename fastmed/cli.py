@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         return 2
     report = bench.run(quick=args.quick, device=args.device, reps=args.reps, ops=args.ops, memory=not args.no_memory)
     print(bench.format_table(report))
+    inf = bench.format_inference_table(report)
+    if inf:
+        print()
+        print(inf)
     path = args.out or (bench.default_result_path(report) if args.save else None)
     if path:
         try:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.sliding_window import FLOAT_DTYPES, sw_accumulate, sw_normalize_
+from .ops.sliding_window import FLOAT_DTYPES, sw_accumulate, sw_normalize_, zeros
 
 __all__ = ["sliding_window_inference", "SlidingWindowInferer", "importance_map_factors"]
 
@@ -312,7 +312,7 @@ def sliding_window_inference(
             if len(outputs) <= ss:
                 shape = [batch_size, p.shape[1]] + (
                     [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))
-                outputs.append(torch.zeros(shape, dtype=compute_dtype, device=device))
+                outputs.append(zeros(shape, compute_dtype, device))
                 zscales.append(z)
                 counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
                                          mode, sigma_scale, shape[2:], device, compute_dtype))

@@ -3,7 +3,6 @@
 // `buffer *= w; out[idx] += buffer` rounds them, so results match MONAI's bit for bit.
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "../common/common.h"
 #include "sliding_window.h"
@@ -29,64 +28,69 @@ template <typename T> inline typename Val<T>::type rnd(typename Val<T>::type v) 
 template <> inline float rnd<half_t>(float v) { return half_bits_to_float(float_to_half_bits(v)); }
 template <> inline float rnd<bf16_t>(float v) { return bf16_bits_to_float(float_to_bf16_bits(v)); }
 
-// the window's weights for row (i, j): w[k], k < win[2], rounded to the accumulator's precision
+// weight of window voxel (i, j, k), rounded to the accumulator's precision (gij = g0[i] * g1[j])
 template <typename A>
-void weight_row(const SWAccParams& p, int64_t i, int64_t j, typename Val<A>::type* w) {
+inline typename Val<A>::type weight_at(const SWAccParams& p, float gij, const float* mrow, int64_t k) {
   using V = typename Val<A>::type;
-  const int64_t nk = p.win[2];
   if (p.wmode == 1) {
-    const float gij = p.g0[i] * p.g1[j];
-    for (int64_t k = 0; k < nk; ++k) {
-      const float v = gij * p.g2[k];
-      w[k] = rnd<A>((V)(v < p.wmin ? p.wmin : v));
-    }
-  } else if (p.wmode == 2) {
-    const float* m = p.wmap + (i * p.win[1] + j) * nk;
-    for (int64_t k = 0; k < nk; ++k) w[k] = rnd<A>((V)m[k]);
-  } else {
-    for (int64_t k = 0; k < nk; ++k) w[k] = (V)1;
+    const float v = gij * p.g2[k];
+    return rnd<A>((V)(v < p.wmin ? p.wmin : v));
   }
+  if (p.wmode == 2) return rnd<A>((V)mrow[k]);
+  return (V)1;
 }
 
+// One task per (channel, window plane i): its rows j are nearly contiguous in both the prediction
+// and the accumulator, so every thread streams through memory.
 template <typename A, typename P>
 void accumulate(const SWAccParams& p) {
   using V = typename Val<A>::type;
-  const int64_t nij = p.win[0] * p.win[1];
   const int64_t nk = p.win[2];
   const int64_t C = p.pred ? p.C : 1;
+  const int64_t tasks = C * p.win[0];
+  const bool unit = p.a_s[2] == 1 && p.p_s[2] == 1;
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
-  {
-    std::vector<V> w(nk);
-    for (int64_t n = 0; n < p.N; ++n) {  // windows in order: they may overlap
-      const int64_t* s = p.starts + 4 * n;
-      A* base = (A*)p.acc + s[0] * p.a_sb + s[1] * p.a_s[0] + s[2] * p.a_s[1] + s[3] * p.a_s[2];
-      const P* pbase = p.pred ? (const P*)p.pred + n * p.p_sn : nullptr;
+  for (int64_t n = 0; n < p.N; ++n) {  // windows in order: they may overlap
+    const int64_t* s = p.starts + 4 * n;
+    A* base = (A*)p.acc + s[0] * p.a_sb + s[1] * p.a_s[0] + s[2] * p.a_s[1] + s[3] * p.a_s[2];
+    const P* pbase = p.pred ? (const P*)p.pred + n * p.p_sn : nullptr;
 #pragma omp for schedule(static)
-      for (int64_t ij = 0; ij < nij; ++ij) {
-        const int64_t i = ij / p.win[1], j = ij % p.win[1];
-        weight_row<A>(p, i, j, w.data());
-        for (int64_t c = 0; c < C; ++c) {
-          A* o = base + c * p.a_sc + i * p.a_s[0] + j * p.a_s[1];
-          if (!pbase) {
-            for (int64_t k = 0; k < nk; ++k) st<A>(o + k * p.a_s[2], rnd<A>(ld<A>(o + k * p.a_s[2]) + w[k]));
-            continue;
-          }
-          const P* q = pbase + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1];
-          if (p.a_s[2] == 1 && p.p_s[2] == 1) {
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c = t / p.win[0], i = t % p.win[0];
+      for (int64_t j = 0; j < p.win[1]; ++j) {
+        const float gij = p.wmode == 1 ? p.g0[i] * p.g1[j] : 0.0f;
+        const float* mrow = p.wmode == 2 ? p.wmap + (i * p.win[1] + j) * nk : nullptr;
+        A* o = base + c * p.a_sc + i * p.a_s[0] + j * p.a_s[1];
+        if (!pbase) {
+          for (int64_t k = 0; k < nk; ++k)
+            st<A>(o + k * p.a_s[2], rnd<A>(ld<A>(o + k * p.a_s[2]) + weight_at<A>(p, gij, mrow, k)));
+          continue;
+        }
+        const P* q = pbase + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1];
+        if (unit && p.wmode == 1) {
+          const float* g2 = p.g2;
+          const float wmin = p.wmin;
 #pragma omp simd
-            for (int64_t k = 0; k < nk; ++k) {
-              const V t = rnd<A>((V)ld<P>(q + k) * w[k]);
-              st<A>(o + k, rnd<A>(ld<A>(o + k) + t));
-            }
-          } else {
-            for (int64_t k = 0; k < nk; ++k) {
-              const V t = rnd<A>((V)ld<P>(q + k * p.p_s[2]) * w[k]);
-              st<A>(o + k * p.a_s[2], rnd<A>(ld<A>(o + k * p.a_s[2]) + t));
-            }
+          for (int64_t k = 0; k < nk; ++k) {
+            const float v = gij * g2[k];
+            const V w = rnd<A>((V)(v < wmin ? wmin : v));
+            const V prod = rnd<A>((V)ld<P>(q + k) * w);
+            st<A>(o + k, rnd<A>(ld<A>(o + k) + prod));
+          }
+        } else if (unit) {
+#pragma omp simd
+          for (int64_t k = 0; k < nk; ++k) {
+            const V prod = rnd<A>((V)ld<P>(q + k) * weight_at<A>(p, gij, mrow, k));
+            st<A>(o + k, rnd<A>(ld<A>(o + k) + prod));
+          }
+        } else {
+          for (int64_t k = 0; k < nk; ++k) {
+            const V prod = rnd<A>((V)ld<P>(q + k * p.p_s[2]) * weight_at<A>(p, gij, mrow, k));
+            st<A>(o + k * p.a_s[2], rnd<A>(ld<A>(o + k * p.a_s[2]) + prod));
           }
         }
-      }  // implicit barrier: the next window may overlap this one
-    }
+      }
+    }  // implicit barrier: the next window may overlap this one
   }
 }
 
