@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.sliding_window import FLOAT_DTYPES, sw_accumulate, sw_normalize_, zeros
+from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_normalize_, zeros
 
 __all__ = ["sliding_window_inference", "SlidingWindowInferer", "importance_map_factors"]
 
@@ -242,6 +242,8 @@ def sliding_window_inference(
     patch = tuple(min(r, s) for r, s in zip(roi_size, image_size))
     num_win = len(starts)
     total = num_win * batch_size
+    # per window, the box of voxels no earlier window (in C order) touched: written, not added
+    fresh = _fresh_boxes(starts, patch)
 
     # the order and batches of windows
     if not buffered:
@@ -312,7 +314,8 @@ def sliding_window_inference(
             if len(outputs) <= ss:
                 shape = [batch_size, p.shape[1]] + (
                     [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))
-                outputs.append(zeros(shape, compute_dtype, device))
+                # first touches write (no zero fill) in the plain grid order at the input's resolution
+                outputs.append((empty if not buffered and z is None else zeros)(shape, compute_dtype, device))
                 zscales.append(z)
                 counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
                                          mode, sigma_scale, shape[2:], device, compute_dtype))
@@ -325,15 +328,16 @@ def sliding_window_inference(
                 [[i // num_win] + [int(s * f) for s, f in zip(starts[i % num_win], z or [1.0] * nsp)] for i in idxs],
                 dtype=torch.int64,
             )
+            fr = None if buffered or z is not None else torch.tensor([fresh[i % num_win] for i in idxs])
             p = p.to(device)
             if p.dtype not in FLOAT_DTYPES:
                 p = p.to(compute_dtype)
             if not custom_w:
-                sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None)
+                sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None, fr)
             elif w_t.shape[0] == 1 and w_t.shape[1] == 1:
-                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device))
+                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device), fr)
             else:  # per-window or per-channel weights from process_fn
-                sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None)
+                sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None, fr)
 
     for ss in range(len(outputs)):
         sw_normalize_(outputs[ss], counts[ss])
@@ -350,6 +354,18 @@ def sliding_window_inference(
     if type(meta_src) is not Tensor:
         result = _to_meta(result, meta_src)
     return result
+
+
+def _fresh_boxes(starts, patch) -> list:
+    """Windows on a grid in C order: the first window containing a voxel is, per dimension, the first
+    window along that dimension containing its coordinate, so each window's first touches form a box:
+    per dimension, from the end of the previous window along it to the window's end."""
+    nsp = len(patch)
+    lo = []
+    for d in range(nsp):
+        ss = sorted({s[d] for s in starts})
+        lo.append({b: (max(0, a + patch[d] - b) if k else 0) for k, (a, b) in enumerate(zip([None] + ss[:-1], ss))})
+    return [[v for d in range(nsp) for v in (lo[d][s[d]], patch[d])] for s in starts]
 
 
 def _count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin, mode, sigma_scale, shape, device,

@@ -267,3 +267,17 @@ def test_accumulate_op_matches_reference_and_opcheck():
     cnt = torch.rand(10, 12, 9) + 0.5
     torch.library.opcheck(torch.ops.fastmed.sw_normalize.default, (acc, cnt, torch.float32))
     torch.testing.assert_close(SW.sw_normalize(acc, cnt, torch.float64), (acc / cnt).double())
+
+
+@pytest.mark.parametrize("roi, overlap", [((16, 20, 12), 0.5), ((7, 9, 5), 0.75), ((16, 16, 16), 0.0), ((30, 8, 8), 0.3)])
+def test_first_touch_writes_cover_every_voxel(monkeypatch, roi, overlap):
+    """The output is not zero-filled: every voxel must be written by its first window. Hand out
+    NaN-filled memory to make a missed voxel visible."""
+    monkeypatch.setattr(FI, "empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype))
+    torch.manual_seed(11)
+    x = torch.randn(2, 1, 37, 45, 29)
+    a, b = run_both(x, roi, 3, pred3, overlap, "gaussian")
+    assert torch.equal(a, b)
+    x2 = torch.randn(1, 2, 40, 33)
+    a, b = run_both(x2, roi[1:], 2, pred3, overlap, "constant")
+    assert torch.equal(a, b)

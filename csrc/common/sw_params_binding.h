@@ -32,6 +32,7 @@ inline void bind_sw_params(py::module_& m) {
   FM_SW_VEC3(a, SWAccParams, p_s); FM_SW_VEC3(a, SWAccParams, win);
   FM_SW_PTR(a, SWAccParams, acc, void*); FM_SW_PTR(a, SWAccParams, pred, const void*);
   FM_SW_PTR(a, SWAccParams, starts, const int64_t*);
+  FM_SW_PTR(a, SWAccParams, fresh, const int64_t*);
   FM_SW_PTR(a, SWAccParams, g0, const float*); FM_SW_PTR(a, SWAccParams, g1, const float*);
   FM_SW_PTR(a, SWAccParams, g2, const float*); FM_SW_PTR(a, SWAccParams, wmap, const float*);
   FM_SW_PTR(a, SWAccParams, stream, void*);

@@ -21,6 +21,10 @@ struct SWAccParams {
   const void* pred; int pred_dtype; int64_t p_sn, p_sc, p_s[3]; int64_t win[3];
   const int64_t* starts;  // N x 4: batch index, z0, y0, x0
   int wmode; const float* g0; const float* g1; const float* g2; float wmin; const float* wmap;
+  // optional, N x 6: per window the half-open window-local range [lo, hi) along each dim of the
+  // voxels no earlier window touched; there the sum is written instead of added (so the
+  // accumulator needs no zero fill and those voxels are not read)
+  const int64_t* fresh;
   int num_threads;
   void* stream;
 };

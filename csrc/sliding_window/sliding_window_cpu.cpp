@@ -54,6 +54,7 @@ void accumulate(const SWAccParams& p) {
     const int64_t* s = p.starts + 4 * n;
     A* base = (A*)p.acc + s[0] * p.a_sb + s[1] * p.a_s[0] + s[2] * p.a_s[1] + s[3] * p.a_s[2];
     const P* pbase = p.pred ? (const P*)p.pred + n * p.p_sn : nullptr;
+    const int64_t* fr = p.fresh ? p.fresh + 6 * n : nullptr;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t c = t / p.win[0], i = t % p.win[0];
@@ -67,28 +68,38 @@ void accumulate(const SWAccParams& p) {
           continue;
         }
         const P* q = pbase + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1];
-        if (unit && p.wmode == 1) {
-          const float* g2 = p.g2;
-          const float wmin = p.wmin;
+        // k in [f0, f1) is written (first touch), the rest added
+        int64_t f0 = nk, f1 = nk;
+        if (fr && i >= fr[0] && i < fr[1] && j >= fr[2] && j < fr[3]) { f0 = fr[4]; f1 = fr[5]; }
+        auto run = [&](int64_t k0, int64_t k1, bool write) {
+          if (unit && p.wmode == 1) {
+            const float* g2 = p.g2;
+            const float wmin = p.wmin;
+            if (write) {
 #pragma omp simd
-          for (int64_t k = 0; k < nk; ++k) {
-            const float v = gij * g2[k];
-            const V w = rnd<A>((V)(v < wmin ? wmin : v));
-            const V prod = rnd<A>((V)ld<P>(q + k) * w);
-            st<A>(o + k, rnd<A>(ld<A>(o + k) + prod));
-          }
-        } else if (unit) {
+              for (int64_t k = k0; k < k1; ++k) {
+                const float v = gij * g2[k];
+                st<A>(o + k, rnd<A>((V)ld<P>(q + k) * rnd<A>((V)(v < wmin ? wmin : v))));
+              }
+            } else {
 #pragma omp simd
-          for (int64_t k = 0; k < nk; ++k) {
-            const V prod = rnd<A>((V)ld<P>(q + k) * weight_at<A>(p, gij, mrow, k));
-            st<A>(o + k, rnd<A>(ld<A>(o + k) + prod));
+              for (int64_t k = k0; k < k1; ++k) {
+                const float v = gij * g2[k];
+                const V prod = rnd<A>((V)ld<P>(q + k) * rnd<A>((V)(v < wmin ? wmin : v)));
+                st<A>(o + k, rnd<A>(ld<A>(o + k) + prod));
+              }
+            }
+          } else {
+            for (int64_t k = k0; k < k1; ++k) {
+              const V prod = rnd<A>((V)ld<P>(q + k * p.p_s[2]) * weight_at<A>(p, gij, mrow, k));
+              A* ok = o + k * p.a_s[2];
+              st<A>(ok, write ? prod : rnd<A>(ld<A>(ok) + prod));
+            }
           }
-        } else {
-          for (int64_t k = 0; k < nk; ++k) {
-            const V prod = rnd<A>((V)ld<P>(q + k * p.p_s[2]) * weight_at<A>(p, gij, mrow, k));
-            st<A>(o + k * p.a_s[2], rnd<A>(ld<A>(o + k * p.a_s[2]) + prod));
-          }
-        }
+        };
+        run(0, f0, false);
+        run(f0, f1, true);
+        run(f1, nk, false);
       }
     }  // implicit barrier: the next window may overlap this one
   }

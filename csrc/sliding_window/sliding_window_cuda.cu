@@ -60,7 +60,9 @@ __global__ void accumulate_window(SWAccParams p, int64_t n) {
       const P* q = (const P*)p.pred + n * p.p_sn + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1] + k * p.p_s[2];
       add = rnd<A>(mul_rn((V)ld<P>(q), w));
     }
-    st<A>(o, rnd<A>(add_rn(ld<A>(o), add)));
+    const int64_t* fr = p.fresh ? p.fresh + 6 * n : nullptr;
+    const bool first = fr && i >= fr[0] && i < fr[1] && j >= fr[2] && j < fr[3] && k >= fr[4] && k < fr[5];
+    st<A>(o, first ? add : rnd<A>(add_rn(ld<A>(o), add)));
   }
 }
 

@@ -9,7 +9,9 @@ a full-volume accumulator in place, each multiplied by the blending weight compu
 * neither: weight 1.
 
 ``pred`` is ``(N, C, *window)``; ``starts`` is ``(N, 1 + ndim)`` int64: batch index, then the window's
-offset in the accumulator. ``pred=None`` adds the weight alone (the normalising map; ``acc`` then has
+offset in the accumulator. Optional ``fresh`` ``(N, 2 * ndim)``: per window, the window-local box
+``[lo, hi)`` per dim of voxels no earlier window touched; there the value is written, not added, so
+the accumulator needs no zero fill. ``pred=None`` adds the weight alone (the normalising map; ``acc`` then has
 one channel). Windows are added in order, each product and sum rounded to the accumulator's dtype,
 so the result equals PyTorch's ``out[idx] += pred * w`` window after window, bit for bit.
 
@@ -25,9 +27,18 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "zeros", "FLOAT_DTYPES"]
+__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "zeros", "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def empty(shape, dtype: torch.dtype, device) -> Tensor:
+    """torch.empty; on the CPU a large buffer asks for transparent huge pages (see zeros)."""
+    device = torch.device(device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and _ext.cpu is not None:
+        _ext.cpu.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+    return out
 
 
 def zeros(shape, dtype: torch.dtype, device) -> Tensor:
@@ -58,6 +69,7 @@ def sw_accumulate(
     g2: Optional[Tensor],
     wmin: float,
     wmap: Optional[Tensor],
+    fresh: Optional[Tensor] = None,
 ) -> None:
     mod = _ext.require(acc.device, "sw_accumulate")
     p = mod.SWAccParams()
@@ -86,6 +98,13 @@ def sw_accumulate(
         wm = wmap.to(device=acc.device, dtype=torch.float32).contiguous()
         keep.append(wm)
         p.wmode, p.wmap = 2, wm.data_ptr()
+    if fresh is not None:
+        fr = fresh.to(device=acc.device, dtype=torch.int64)
+        if fr.shape[1] < 6:  # 2D: the depth range is [0, 1)
+            fr = torch.cat([fr.new_tensor([[0, 1]]).expand(fr.shape[0], 2), fr], 1)
+        fr = fr.contiguous()
+        keep.append(fr)
+        p.fresh = fr.data_ptr()
     p.num_threads = _ext.num_threads()
     p.stream = _ext.stream_ptr(acc.device)
     mod.sw_accumulate(p)
@@ -93,7 +112,7 @@ def sw_accumulate(
 
 
 @sw_accumulate.register_fake
-def _(acc, pred, starts, g0, g1, g2, wmin, wmap):
+def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None):
     return None
 
 
