@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_normalize_, zeros
 
-__all__ = ["sliding_window_inference", "SlidingWindowInferer", "importance_map_factors"]
+__all__ = ["sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "importance_map_factors"]
 
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 _BLEND_MODES = ("constant", "gaussian")
@@ -467,3 +467,167 @@ class SlidingWindowInferer:
             inputs, self.roi_size, self.sw_batch_size, network, self.overlap, self.mode, self.sigma_scale,
             self.padding_mode, self.cval, self.sw_device, device, self.progress, self.roi_weight_map, None,
             buffer_steps, buffer_dim, self.with_coord, *args, **kwargs)
+
+
+def sliding_window_labels(
+    inputs: Tensor,
+    roi_size,
+    sw_batch_size: int,
+    predictor: Callable[..., Any],
+    overlap=0.25,
+    mode="constant",
+    sigma_scale=0.125,
+    padding_mode="constant",
+    cval: float = 0.0,
+    sw_device=None,
+    device=None,
+    roi_weight_map: Optional[Tensor] = None,
+    accumulate_dtype: Optional[torch.dtype] = None,
+    labels_dtype: Optional[torch.dtype] = None,
+    slab_dim: Optional[int] = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Tensor:
+    """Sliding-window inference straight to a label map: ``argmax`` over the classes of what
+    :func:`sliding_window_inference` would return, as ``(B, 1, *spatial)`` integers, without ever
+    holding the C-channel result for the whole volume.
+
+    Windows are taken slab by slab along ``slab_dim`` (default: the largest spatial dimension); the
+    accumulator is a ring of ``roi_size[slab_dim]`` planes, and planes are turned into labels as soon
+    as no later window touches them, so memory is ``C x roi x (the other two dimensions)`` instead of
+    ``C x volume`` (117 classes, 512 x 512 x 800, roi 96: 5.9 GB in float16 instead of 98 GB in float32).
+    ``accumulate_dtype`` defaults to the input's dtype (``torch.float16`` halves the memory; argmax
+    may then differ where two classes are within fp16 rounding). ``labels_dtype`` defaults to
+    uint8 (up to 256 classes), else int16. The predictor must return one tensor ``(n, C, *roi)``.
+    With ``slab_dim=0`` the windows are summed in MONAI's order and the labels equal
+    ``argmax(sliding_window_inference(...), 1)`` exactly.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
+    nsp = inputs.ndim - 2
+    if nsp not in (2, 3):
+        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if inputs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
+    if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
+        raise ValueError(f"roi_size: has {len(roi_size)} dimensions but inputs has {nsp} spatial dimensions")
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
+    overlap = _tuple_rep(overlap, nsp, "overlap")
+    if any(not 0 <= o < 1 for o in overlap):
+        raise ValueError(f"overlap: must be >= 0 and < 1, got {overlap}")
+    mode = _mode_value(mode)
+    if mode not in _BLEND_MODES:
+        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
+    padding_mode = _mode_value(padding_mode)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
+    acc_dtype = accumulate_dtype or inputs.dtype
+    if acc_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"accumulate_dtype: expected a floating-point dtype, got {acc_dtype}")
+    if type(inputs) is not Tensor:
+        inputs = inputs.as_subclass(Tensor)
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    batch_size, image_size_ = inputs.shape[0], tuple(inputs.shape[2:])
+    roi_size = _roi_fallback(roi_size, image_size_)
+    image_size = tuple(max(s, r) for s, r in zip(image_size_, roi_size))
+    pad_size = []
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(roi_size[k - 2] - inputs.shape[k], 0)
+        pad_size += [diff // 2, diff - diff // 2]
+    if any(pad_size):
+        inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **({"value": cval} if padding_mode == "constant" else {}))
+    if slab_dim is None:
+        slab_dim = max(range(nsp), key=lambda d: (image_size[d], -d))
+    if not -nsp <= slab_dim < nsp:
+        raise ValueError(f"slab_dim: must be in [{-nsp}, {nsp}), got {slab_dim}")
+    slab_dim %= nsp
+    interval = _scan_interval(image_size, roi_size, overlap)
+    starts = _window_starts(image_size, roi_size, interval)
+    patch = tuple(min(r, s) for r, s in zip(roi_size, image_size))
+    order = sorted(range(len(starts)), key=lambda i: starts[i][slab_dim])
+    if patch == roi_size and roi_weight_map is not None:
+        gs, wmin = None, 0.0
+        wmap = torch.as_tensor(roi_weight_map).to(device=device, dtype=torch.float32).reshape(patch)
+    else:
+        gs, wmin = importance_map_factors(patch, mode, sigma_scale)
+        gs = [g.to(device) for g in gs]
+        wmap = None
+    R = patch[slab_dim]
+    ax = 2 + slab_dim
+    ring_shape = list(image_size)
+    ring_shape[slab_dim] = R
+    labels = None
+    acc = count = None
+
+    def weights_for(off, n):
+        if gs is not None:
+            g = list(gs)
+            g[slab_dim] = g[slab_dim][off:off + n]
+            return _pad3(g), wmin, None
+        return [None, None, None], 0.0, wmap.narrow(slab_dim, off, n)
+
+    def finalize(b, lo, hi):
+        z = lo
+        while z < hi:
+            r = z % R
+            n = min(hi - z, R - r, chunk)
+            a = acc.narrow(ax, r, n)
+            c = count.narrow(ax, r, n)
+            lab = (a / c).argmax(1, keepdim=True)
+            labels[b:b + 1].narrow(ax, z, n).copy_(lab)
+            a.zero_()
+            c.zero_()
+            z += n
+
+    for b in range(batch_size):
+        groups = {}
+        for i in order:
+            groups.setdefault(starts[i][slab_dim], []).append(i)
+        base = None
+        for s in sorted(groups):
+            if base is not None and s > base:
+                finalize(b, base, s)
+            base = s
+            ids = groups[s]
+            for j in range(0, len(ids), sw_batch_size):
+                batch = ids[j:j + sw_batch_size]
+                sl = [[slice(b, b + 1), slice(None)] + [slice(st, st + p) for st, p in zip(starts[i], patch)]
+                      for i in batch]
+                win = torch.cat([inputs[tuple(c)] for c in sl]).to(sw_device)
+                pred = predictor(win, *args, **kwargs)
+                if not isinstance(pred, Tensor):
+                    raise TypeError(f"predictor: must return one tensor (n, C, *roi), got {type(pred).__name__}")
+                if pred.ndim != nsp + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != patch:
+                    raise ValueError(
+                        f"predictor: returned shape {tuple(pred.shape)}; expected ({len(batch)}, C, *{patch})")
+                pred = pred.to(device)
+                if acc is None:
+                    C = pred.shape[1]
+                    if labels is None:
+                        ldt = labels_dtype or (torch.uint8 if C <= 256 else torch.int16 if C <= 32768 else torch.int32)
+                        labels = torch.empty([batch_size, 1] + list(image_size), dtype=ldt, device=device)
+                    acc = zeros([1, C] + ring_shape, acc_dtype, device)
+                    count = torch.zeros([1, 1] + ring_shape, dtype=acc_dtype, device=device)
+                    chunk = max(1, (256 << 20) // max(1, C * acc.element_size() * (acc[0, 0].numel() // R)))
+                elif pred.shape[1] != acc.shape[1]:
+                    raise ValueError(f"predictor: returned {pred.shape[1]} channels, earlier {acc.shape[1]}")
+                r0 = s % R
+                n1 = min(patch[slab_dim], R - r0)
+                for boff, soff, n in ((r0, 0, n1), (0, n1, patch[slab_dim] - n1)):
+                    if n <= 0:
+                        continue
+                    st = [[0] + [boff if d == slab_dim else starts[i][d] for d in range(nsp)] for i in batch]
+                    st_t = torch.tensor(st, dtype=torch.int64)
+                    (g0, g1, g2), wm, wmp = weights_for(soff, n)
+                    sw_accumulate(acc, pred.narrow(ax, soff, n), st_t, g0, g1, g2, wm, wmp)
+                    sw_accumulate(count, None, st_t, g0, g1, g2, wm, wmp)  # the weight sum
+        finalize(b, base, image_size[slab_dim])
+    if any(pad_size):
+        sl = []
+        for sp in range(nsp):
+            si = nsp - sp - 1
+            sl.insert(0, slice(pad_size[sp * 2], pad_size[sp * 2] + image_size_[si]))
+        labels = labels[(slice(None), slice(None), *sl)]
+    return labels

@@ -281,3 +281,60 @@ def test_first_touch_writes_cover_every_voxel(monkeypatch, roi, overlap):
     x2 = torch.randn(1, 2, 40, 33)
     a, b = run_both(x2, roi[1:], 2, pred3, overlap, "constant")
     assert torch.equal(a, b)
+
+
+def pred4(x):
+    return torch.cat([x.sin(), x.cos(), x * 0.3, -x], 1)
+
+
+@pytest.mark.parametrize(
+    "shape, roi, overlap, mode, slab_dim",
+    [
+        ((2, 1, 37, 45, 29), (16, 16, 16), 0.5, "gaussian", 0),
+        ((1, 1, 40, 40, 40), (24, 24, 24), 0.25, "constant", None),
+        ((1, 2, 33, 21), (16, 16), 0.75, "gaussian", 1),
+        ((1, 1, 10, 40, 12), (16, 16, -1), 0.5, "gaussian", None),
+        ((1, 1, 8, 8, 8), (16, 12, 4), 0.0, "gaussian", 2),
+        ((1, 1, 30, 26, 50), (12, 12, 12), 0.6, "gaussian", -1),
+    ],
+)
+def test_label_map_mode_equals_argmax_of_full_result(shape, roi, overlap, mode, slab_dim):
+    torch.manual_seed(12)
+    x = torch.randn(shape)
+    full = FI.sliding_window_inference(x, roi, 3, pred4, overlap, mode).argmax(1, keepdim=True)
+    lab = FI.sliding_window_labels(x, roi, 3, pred4, overlap, mode, slab_dim=slab_dim)
+    assert lab.dtype == torch.uint8 and lab.shape == full.shape
+    assert torch.equal(lab.long(), full)
+
+
+def test_label_map_mode_many_classes_and_fp16_accumulators():
+    torch.manual_seed(13)
+    x = torch.randn(1, 1, 20, 24, 28)
+    proj = torch.randn(300, 1, 1, 1, 1)
+
+    def many(w):
+        return (w * proj.view(1, 300, 1, 1, 1)).sin() * 5
+
+    res = FI.sliding_window_inference(x, (8, 8, 8), 4, many, 0.5, "gaussian")
+    full = res.argmax(1, keepdim=True)
+    lab = FI.sliding_window_labels(x, (8, 8, 8), 4, many, 0.5, "gaussian")
+    assert lab.dtype == torch.int16 and torch.equal(lab.long(), full)
+    lab16 = FI.sliding_window_labels(x, (8, 8, 8), 4, many, 0.5, "gaussian", accumulate_dtype=torch.float16)
+    # fp16 accumulators: labels may differ only where the two best classes are within fp16 rounding
+    # of each other (a few half-ulps of values up to 5 summed over <= 8 windows: margin 0.05)
+    top2 = res.topk(2, dim=1).values
+    clear = (top2[:, :1] - top2[:, 1:2]) > 0.05
+    assert clear.float().mean() > 0.3
+    assert torch.equal(lab16.long()[clear], full[clear])
+
+
+def test_label_map_mode_bad_inputs():
+    x = torch.randn(1, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match="overlap"):
+        FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, 1.0)
+    with pytest.raises(TypeError, match="predictor"):
+        FI.sliding_window_labels(x, (8, 8, 8), 1, lambda w: (w,))
+    with pytest.raises(ValueError, match="predictor"):
+        FI.sliding_window_labels(x, (8, 8, 8), 2, lambda w: w[:1])
+    with pytest.raises(ValueError, match="slab_dim"):
+        FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=3)
