@@ -46,6 +46,14 @@ PYBIND11_MODULE(_C, m) {
     }
     check_status(s, "sw_normalize");
   });
+  m.def("sw_argmax", [](const SWArgmaxParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_argmax_cpu(p);
+    }
+    check_status(s, "sw_argmax");
+  });
   m.def("advise_huge_pages", [](uintptr_t ptr, size_t bytes) { prefer_huge_pages((void*)ptr, bytes); },
         "madvise(MADV_HUGEPAGE) on a fresh buffer about to be filled (advisory)");
   m.def("build_info", []() {

@@ -58,7 +58,10 @@ void bind_params_shared(py::module_& m) {
     }
   }
   if (!reuse_type<DiceCEParams>(m, "DiceCEParams")) bind_dice_ce_params(m);
-  if (reuse_type<SWAccParams>(m, "SWAccParams")) reuse_type<SWNormParams>(m, "SWNormParams");
+  if (reuse_type<SWAccParams>(m, "SWAccParams")) {
+    reuse_type<SWNormParams>(m, "SWNormParams");
+    reuse_type<SWArgmaxParams>(m, "SWArgmaxParams");
+  }
   else bind_sw_params(m);
 }
 

@@ -259,14 +259,17 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
                 r.peak_extra_mb = _peak_extra_mb(idx, impl, quick, device, case)
             r.extra["grad_mb"] = case.make_inputs("cpu")[0].numel() * 4 / 2**20
             results.append(r)
-    inference = []
+    inference, label_memory = [], None
     if not ops or "sliding_window" in ops:
         inference = run_sliding_window(quick, device, bw, reps=3 if quick else 5, log=log)
+        if not quick and device == "cpu":
+            label_memory = label_map_memory()
     return {
         "device": device_name(device),
         "device_type": device,
         "copy_bandwidth_gbps": bw,
         "inference": inference,
+        "label_map_memory": label_memory,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "quick": quick,
@@ -351,6 +354,55 @@ def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=p
             r["overhead_ratio_vs_monai"] = rows["monai"]["overhead_ms"] / r["overhead_ms"]
         out.append(r)
     return out
+
+
+def _label_memory_child(args):
+    shape, C, roi, overlap, acc_dtype, q = args
+    from . import inferers as fi
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    scale = torch.linspace(-1.0, 1.0, C).view(1, C, 1, 1, 1).half()
+    buf = torch.empty((1, C) + tuple(roi), dtype=torch.float16)
+    buf.fill_(0)
+
+    def predictor(w):  # a cheap C-class predictor writing fp16 into a reused buffer
+        return torch.mul(w.half(), scale, out=buf[: w.shape[0]])
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        lab = fi.sliding_window_labels(x, roi, 1, predictor, overlap, "gaussian",
+                                       accumulate_dtype=getattr(torch, acc_dtype))
+    dt = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    q.put({"peak_extra_mb": (peak - base) / 1024.0, "seconds": dt, "labels_shape": list(lab.shape),
+           "labels_dtype": str(lab.dtype)})
+
+
+def label_map_memory(shape=(1, 1, 512, 512, 800), C=117, roi=(96, 96, 96), overlap=0.25,
+                     acc_dtype="float16", timeout=1800) -> Optional[dict]:
+    """Peak extra CPU memory (RSS) of sliding_window_labels for `C` classes on `shape`, measured
+    in a fresh process (the full C-channel float32 result would need C x volume x 4 bytes)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_label_memory_child, args=((shape, C, roi, overlap, acc_dtype, q),))
+    p.start()
+    p.join(timeout)
+    if p.exitcode != 0:
+        if p.is_alive():
+            p.kill()
+        return None
+    r = q.get(timeout=5)
+    vol = 1
+    for n in shape[2:]:
+        vol *= n
+    r.update(op="sliding_window_labels", case=f"{C} classes, {'x'.join(map(str, shape[2:]))}, roi "
+             f"{roi[0]}^3, overlap {overlap}, {acc_dtype} accumulators",
+             full_result_fp32_mb=C * vol * 4 / 2**20)
+    return r
 
 
 def format_inference_table(report: dict) -> str:

@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     if inf:
         print()
         print(inf)
+    lm = report.get("label_map_memory")
+    if lm:
+        print(f"\n{lm['op']}: {lm['case']}: peak extra memory {lm['peak_extra_mb']:.0f} MB "
+              f"(the full float32 result would be {lm['full_result_fp32_mb']:.0f} MB), {lm['seconds']:.1f} s")
     path = args.out or (bench.default_result_path(report) if args.save else None)
     if path:
         try:

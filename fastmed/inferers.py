@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_normalize_, zeros
+from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_normalize_, zeros
 
 __all__ = ["sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "importance_map_factors"]
 
@@ -575,8 +575,7 @@ def sliding_window_labels(
             n = min(hi - z, R - r, chunk)
             a = acc.narrow(ax, r, n)
             c = count.narrow(ax, r, n)
-            lab = (a / c).argmax(1, keepdim=True)
-            labels[b:b + 1].narrow(ax, z, n).copy_(lab)
+            sw_argmax(a, c, labels[b:b + 1].narrow(ax, z, n))
             a.zero_()
             c.zero_()
             z += n
@@ -610,7 +609,7 @@ def sliding_window_labels(
                         labels = torch.empty([batch_size, 1] + list(image_size), dtype=ldt, device=device)
                     acc = zeros([1, C] + ring_shape, acc_dtype, device)
                     count = torch.zeros([1, 1] + ring_shape, dtype=acc_dtype, device=device)
-                    chunk = max(1, (256 << 20) // max(1, C * acc.element_size() * (acc[0, 0].numel() // R)))
+                    chunk = R  # sw_argmax needs no temporaries
                 elif pred.shape[1] != acc.shape[1]:
                     raise ValueError(f"predictor: returned {pred.shape[1]} channels, earlier {acc.shape[1]}")
                 r0 = s % R

@@ -48,6 +48,17 @@ inline void bind_sw_params(py::module_& m) {
   FM_SW_VEC3(n, SWNormParams, n_s); FM_SW_VEC3(n, SWNormParams, d_s);
   FM_SW_PTR(n, SWNormParams, acc, const void*); FM_SW_PTR(n, SWNormParams, count, const void*);
   FM_SW_PTR(n, SWNormParams, dst, void*); FM_SW_PTR(n, SWNormParams, stream, void*);
+
+  py::class_<SWArgmaxParams> g(m, "SWArgmaxParams");
+  g.def(py::init([]() { SWArgmaxParams p{}; return p; }));
+  g.def_readwrite("B", &SWArgmaxParams::B).def_readwrite("C", &SWArgmaxParams::C);
+  g.def_readwrite("acc_dtype", &SWArgmaxParams::acc_dtype).def_readwrite("a_sb", &SWArgmaxParams::a_sb);
+  g.def_readwrite("a_sc", &SWArgmaxParams::a_sc).def_readwrite("dst_esize", &SWArgmaxParams::dst_esize);
+  g.def_readwrite("d_sb", &SWArgmaxParams::d_sb).def_readwrite("num_threads", &SWArgmaxParams::num_threads);
+  FM_SW_VEC3(g, SWArgmaxParams, size); FM_SW_VEC3(g, SWArgmaxParams, a_s);
+  FM_SW_VEC3(g, SWArgmaxParams, n_s); FM_SW_VEC3(g, SWArgmaxParams, d_s);
+  FM_SW_PTR(g, SWArgmaxParams, acc, const void*); FM_SW_PTR(g, SWArgmaxParams, count, const void*);
+  FM_SW_PTR(g, SWArgmaxParams, dst, void*); FM_SW_PTR(g, SWArgmaxParams, stream, void*);
 }
 #undef FM_SW_PTR
 #undef FM_SW_VEC3

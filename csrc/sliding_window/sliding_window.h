@@ -39,7 +39,19 @@ struct SWNormParams {
   void* stream;
 };
 
+// dst[b, 0, s] = argmax_c r(acc[b, c, s] / count[s]) (first maximum; NaN counts as the largest, as
+// torch.argmax); dst is an integer tensor of dst_esize bytes per element (1: uint8, 2, 4, 8: signed)
+struct SWArgmaxParams {
+  int64_t B, C, size[3];
+  const void* acc; int acc_dtype; int64_t a_sb, a_sc, a_s[3];
+  const void* count; int64_t n_s[3];  // same dtype as acc
+  void* dst; int dst_esize; int64_t d_sb, d_s[3];
+  int num_threads;
+  void* stream;
+};
+
 int sw_accumulate_cpu(const SWAccParams& p);
+int sw_argmax_cpu(const SWArgmaxParams& p);
 int sw_normalize_cpu(const SWNormParams& p);
 int sw_accumulate_cuda(const SWAccParams& p);
 int sw_normalize_cuda(const SWNormParams& p);

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "zeros", "empty", "FLOAT_DTYPES"]
+__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "sw_argmax", "zeros", "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -152,6 +152,32 @@ def _normalize_into(acc: Tensor, count: Tensor, out: Tensor) -> None:
     p.num_threads = _ext.num_threads()
     p.stream = _ext.stream_ptr(acc.device)
     mod.sw_normalize(p)
+
+
+@torch.library.custom_op("fastmed::sw_argmax", mutates_args=("out",))
+def sw_argmax(acc: Tensor, count: Tensor, out: Tensor) -> None:
+    """``out[b, 0] = argmax over c of acc[b, c] / count`` (the division rounded to acc's dtype; first
+    maximum wins, NaN counts as the largest, as ``torch.argmax``). CUDA: plain PyTorch."""
+    if acc.device.type != "cpu":
+        out.copy_((acc / count.to(acc.dtype)).argmax(1, keepdim=True))
+        return
+    mod = _ext.require(acc.device, "sw_argmax")
+    p = mod.SWArgmaxParams()
+    count = count.to(dtype=acc.dtype)
+    count = count.reshape(count.shape[-(acc.ndim - 2):]) if count.ndim > acc.ndim - 2 else count
+    (p.a_sb, p.a_sc), p.a_s, p.size = _vec3(acc, 2)
+    _, p.n_s, _ = _vec3(count, 0)
+    (p.d_sb, _), p.d_s, _ = _vec3(out, 2)
+    p.B, p.C = acc.shape[0], acc.shape[1]
+    p.acc, p.acc_dtype, p.count = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype], count.data_ptr()
+    p.dst, p.dst_esize = out.data_ptr(), out.element_size()
+    p.num_threads = _ext.num_threads()
+    mod.sw_argmax(p)
+
+
+@sw_argmax.register_fake
+def _(acc, count, out):
+    return None
 
 
 def sw_accumulate_reference(acc: Tensor, pred: Optional[Tensor], starts: Tensor, weight: Optional[Tensor]) -> None:
