@@ -4,9 +4,10 @@
 Same arguments, window placement, order and batching (a stateful predictor sees the same calls),
 outputs (tensor, tuple or dict; other resolutions than the input) and values as MONAI's. What
 changes is the stitching: each predicted batch is added into the output in one pass with the
-blending weight applied on the fly (``fastmed::sw_accumulate``; MONAI multiplies the batch by the
-weight map, then adds it, window by window), the normalising weight map is built once per tiling
-and cached, and the final division is one pass in place (``fastmed::sw_normalize_``).
+blending weight applied on the fly (``fastmed::sliding_window_accumulate``; MONAI multiplies the
+batch by the weight map, then adds it, window by window), the normalising weight map is built once
+per tiling and cached, and the final division is one pass in place
+(``fastmed::sliding_window_normalize_``).
 """
 from __future__ import annotations
 

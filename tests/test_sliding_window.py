@@ -263,9 +263,10 @@ def test_accumulate_op_matches_reference_and_opcheck():
     a3 = acc.clone()
     SW.sw_accumulate(a3, pred, starts, None, None, None, 0.0, w)
     assert torch.equal(a3, a2)
-    torch.library.opcheck(torch.ops.fastmed.sw_accumulate.default, (acc.clone(), pred, starts, *gs, wmin, None))
+    torch.library.opcheck(torch.ops.fastmed.sliding_window_accumulate.default,
+                          (acc.clone(), pred, starts, *gs, wmin, None))
     cnt = torch.rand(10, 12, 9) + 0.5
-    torch.library.opcheck(torch.ops.fastmed.sw_normalize.default, (acc, cnt, torch.float32))
+    torch.library.opcheck(torch.ops.fastmed.sliding_window_normalize.default, (acc, cnt, torch.float32))
     torch.testing.assert_close(SW.sw_normalize(acc, cnt, torch.float64), (acc / cnt).double())
 
 

@@ -1,4 +1,4 @@
-"""``fastmed::sw_accumulate`` / ``fastmed::sw_normalize``: sliding-window stitching.
+"""``fastmed::sliding_window_accumulate`` / ``fastmed::sliding_window_normalize``: sliding-window stitching.
 
 ``sw_accumulate(acc, pred, starts, g0, g1, g2, wmin, wmap)`` adds a batch of predicted windows into
 a full-volume accumulator in place, each multiplied by the blending weight computed on the fly:
@@ -59,7 +59,7 @@ def _vec3(t: Tensor, lead: int):
     return st[:lead], [0] * (3 - nsp) + st[lead:], [1] * (3 - nsp) + sz[lead:]
 
 
-@torch.library.custom_op("fastmed::sw_accumulate", mutates_args=("acc",))
+@torch.library.custom_op("fastmed::sliding_window_accumulate", mutates_args=("acc",))
 def sw_accumulate(
     acc: Tensor,
     pred: Optional[Tensor],
@@ -116,7 +116,7 @@ def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None):
     return None
 
 
-@torch.library.custom_op("fastmed::sw_normalize", mutates_args=())
+@torch.library.custom_op("fastmed::sliding_window_normalize", mutates_args=())
 def sw_normalize(acc: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
     out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
     _normalize_into(acc, count, out)
@@ -128,7 +128,7 @@ def _(acc, count, dtype):
     return acc.new_empty(acc.shape, dtype=dtype)
 
 
-@torch.library.custom_op("fastmed::sw_normalize_", mutates_args=("acc",))
+@torch.library.custom_op("fastmed::sliding_window_normalize_", mutates_args=("acc",))
 def sw_normalize_(acc: Tensor, count: Tensor) -> None:
     _normalize_into(acc, count, acc)
 
@@ -154,7 +154,7 @@ def _normalize_into(acc: Tensor, count: Tensor, out: Tensor) -> None:
     mod.sw_normalize(p)
 
 
-@torch.library.custom_op("fastmed::sw_argmax", mutates_args=("out",))
+@torch.library.custom_op("fastmed::sliding_window_argmax", mutates_args=("out",))
 def sw_argmax(acc: Tensor, count: Tensor, out: Tensor) -> None:
     """``out[b, 0] = argmax over c of acc[b, c] / count`` (the division rounded to acc's dtype; first
     maximum wins, NaN counts as the largest, as ``torch.argmax``). CUDA: plain PyTorch."""
