@@ -149,6 +149,62 @@ def _pad3(gs):
     return [torch.ones(1)] * (3 - len(gs)) + gs
 
 
+def _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode):
+    """The argument checks both entry points share; returns (spatial dims, overlap, mode, padding_mode)."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
+    nsp = inputs.ndim - 2
+    if nsp not in (2, 3):
+        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
+        raise ValueError(
+            f"roi_size: has {len(roi_size)} dimensions but inputs {tuple(inputs.shape)} has {nsp} spatial dimensions"
+        )
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
+    if inputs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
+    overlap = _tuple_rep(overlap, nsp, "overlap")
+    if any(not 0 <= o < 1 for o in overlap):
+        raise ValueError(f"overlap: must be >= 0 and < 1, got {overlap}")
+    mode = _mode_value(mode)
+    if mode not in _BLEND_MODES:
+        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
+    padding_mode = _mode_value(padding_mode)
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
+    return nsp, overlap, mode, padding_mode
+
+
+def _pad_to_roi(inputs, condition, roi_size, padding_mode, cval):
+    """MONAI's handling of an image smaller than the window: the roi's non-positive entries take the
+    image size, and the image is padded (centred) to at least the roi.
+    Returns (roi_size, padded image size, F.pad amounts, inputs, condition)."""
+    nsp = inputs.ndim - 2
+    image_size_ = tuple(inputs.shape[2:])
+    roi_size = _roi_fallback(roi_size, image_size_)
+    image_size = tuple(max(s, r) for s, r in zip(image_size_, roi_size))
+    pad_size = []
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(roi_size[k - 2] - inputs.shape[k], 0)
+        pad_size += [diff // 2, diff - diff // 2]
+    if any(pad_size):
+        if padding_mode in ("reflect", "circular"):
+            for d in range(nsp):
+                need = max(pad_size[2 * (nsp - 1 - d)], pad_size[2 * (nsp - 1 - d) + 1])
+                limit = image_size_[d] - (1 if padding_mode == "reflect" else 0)
+                if need > limit:
+                    raise ValueError(
+                        f"padding_mode: {padding_mode!r} can pad spatial dimension {d} (size {image_size_[d]}) by at "
+                        f"most {limit} on a side, but roi_size {roi_size} needs {need}; use 'constant' or 'replicate'"
+                    )
+        pad_kw = {"value": cval} if padding_mode == "constant" else {}
+        inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **pad_kw)
+        if condition is not None:
+            condition = F.pad(condition, pad=pad_size, mode=padding_mode, **pad_kw)
+    return roi_size, image_size, pad_size, inputs, condition
+
+
 def sliding_window_inference(
     inputs: Tensor,
     roi_size,
@@ -173,37 +229,13 @@ def sliding_window_inference(
     """Sliding-window inference, as ``monai.inferers.sliding_window_inference`` (MONAI 1.6), with
     every argument meaning the same. See the module docstring for what fastmed does differently.
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
-    nsp = inputs.ndim - 2
-    if nsp not in (1, 2, 3):
-        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
-    if nsp == 1:
-        raise ValueError("inputs: 1D sliding windows are not supported; use (B, C, H, W) with H = 1")
-    if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
-        raise ValueError(
-            f"roi_size: has {len(roi_size)} dimensions but inputs {tuple(inputs.shape)} has {nsp} spatial dimensions"
-        )
-    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
-    if inputs.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
+    nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     buffered = buffer_steps is not None and buffer_steps > 0
     if buffered:
         if buffer_dim < -nsp or buffer_dim > nsp:
             raise ValueError(f"buffer_dim: must be in [{-nsp}, {nsp}], got {buffer_dim}")
         if buffer_dim < 0:
             buffer_dim += nsp
-    overlap = _tuple_rep(overlap, nsp, "overlap")
-    for o in overlap:
-        if not 0 <= o < 1:
-            raise ValueError(f"overlap: must be >= 0 and < 1, got {overlap}")
-    mode = _mode_value(mode)
-    if mode not in _BLEND_MODES:
-        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
-    padding_mode = _mode_value(padding_mode)
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
 
     meta_src = inputs
     compute_dtype = inputs.dtype
@@ -217,26 +249,7 @@ def sliding_window_inference(
         if condition is not None and type(condition) is not Tensor:
             condition = condition.as_subclass(Tensor)
 
-    roi_size = _roi_fallback(roi_size, image_size_)
-    image_size = tuple(max(s, r) for s, r in zip(image_size_, roi_size))
-    pad_size = []
-    for k in range(inputs.ndim - 1, 1, -1):
-        diff = max(roi_size[k - 2] - inputs.shape[k], 0)
-        pad_size += [diff // 2, diff - diff // 2]
-    if any(pad_size):
-        if padding_mode in ("reflect", "circular"):
-            for d in range(nsp):
-                need = max(pad_size[2 * (nsp - 1 - d)], pad_size[2 * (nsp - 1 - d) + 1])
-                limit = image_size_[d] - (1 if padding_mode == "reflect" else 0)
-                if need > limit:
-                    raise ValueError(
-                        f"padding_mode: {padding_mode!r} can pad spatial dimension {d} (size {image_size_[d]}) by at "
-                        f"most {limit} on a side, but roi_size {roi_size} needs {need}; use 'constant' or 'replicate'"
-                    )
-        pad_kw = {"value": cval} if padding_mode == "constant" else {}
-        inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **pad_kw)
-        if condition is not None:
-            condition = F.pad(condition, pad=pad_size, mode=padding_mode, **pad_kw)
+    roi_size, image_size, pad_size, inputs, condition = _pad_to_roi(inputs, condition, roi_size, padding_mode, cval)
 
     interval = _scan_interval(image_size, roi_size, overlap)
     starts = _window_starts(image_size, roi_size, interval)
@@ -503,26 +516,7 @@ def sliding_window_labels(
     With ``slab_dim=0`` the windows are summed in MONAI's order and the labels equal
     ``argmax(sliding_window_inference(...), 1)`` exactly.
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
-    nsp = inputs.ndim - 2
-    if nsp not in (2, 3):
-        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
-    if inputs.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
-    if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
-        raise ValueError(f"roi_size: has {len(roi_size)} dimensions but inputs has {nsp} spatial dimensions")
-    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
-    overlap = _tuple_rep(overlap, nsp, "overlap")
-    if any(not 0 <= o < 1 for o in overlap):
-        raise ValueError(f"overlap: must be >= 0 and < 1, got {overlap}")
-    mode = _mode_value(mode)
-    if mode not in _BLEND_MODES:
-        raise ValueError(f"mode: expected one of {_BLEND_MODES}, got {mode!r}")
-    padding_mode = _mode_value(padding_mode)
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
+    nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     acc_dtype = accumulate_dtype or inputs.dtype
     if acc_dtype not in FLOAT_DTYPES:
         raise TypeError(f"accumulate_dtype: expected a floating-point dtype, got {acc_dtype}")
@@ -531,14 +525,7 @@ def sliding_window_labels(
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     batch_size, image_size_ = inputs.shape[0], tuple(inputs.shape[2:])
-    roi_size = _roi_fallback(roi_size, image_size_)
-    image_size = tuple(max(s, r) for s, r in zip(image_size_, roi_size))
-    pad_size = []
-    for k in range(inputs.ndim - 1, 1, -1):
-        diff = max(roi_size[k - 2] - inputs.shape[k], 0)
-        pad_size += [diff // 2, diff - diff // 2]
-    if any(pad_size):
-        inputs = F.pad(inputs, pad=pad_size, mode=padding_mode, **({"value": cval} if padding_mode == "constant" else {}))
+    roi_size, image_size, pad_size, inputs, _ = _pad_to_roi(inputs, None, roi_size, padding_mode, cval)
     if slab_dim is None:
         slab_dim = max(range(nsp), key=lambda d: (image_size[d], -d))
     if not -nsp <= slab_dim < nsp:
