@@ -126,6 +126,8 @@ class _Tiling:
     """Normalising weight maps by (image size, roi, interval, weight, device, dtype, scale)."""
 
     cache: dict = {}
+    max_entries = 4
+    max_bytes = 64 << 20
 
     @classmethod
     def count_map(cls, key, shape, starts, gs, wmin, wmap, device, dtype):
@@ -138,9 +140,12 @@ class _Tiling:
             sw_accumulate(count, None, st, None, None, None, 0.0, wmap)
         else:
             sw_accumulate(count, None, st, *_pad3(gs), wmin, None)
-        if len(cls.cache) > 8:
-            cls.cache.clear()
-        cls.cache[key] = count
+        # keep a few small maps (repeated inference on same-size volumes); a big one is cheap to
+        # rebuild next to the inference itself and not worth holding on to
+        if count.numel() * count.element_size() <= cls.max_bytes:
+            if len(cls.cache) >= cls.max_entries:
+                cls.cache.pop(next(iter(cls.cache)))
+            cls.cache[key] = count
         return count
 
 
