@@ -11,6 +11,7 @@ per tiling and cached, and the final division is one pass in place
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,10 @@ from torch import Tensor
 
 from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_normalize_, zeros
 
-__all__ = ["sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "importance_map_factors"]
+__all__ = [
+    "sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "importance_map_factors",
+    "nnunet_sliding_window_inference", "nnunet_steps", "nnunet_gaussian",
+]
 
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 _BLEND_MODES = ("constant", "gaussian")
@@ -623,3 +627,136 @@ def sliding_window_labels(
             sl.insert(0, slice(pad_size[sp * 2], pad_size[sp * 2] + image_size_[si]))
         labels = labels[(slice(None), slice(None), *sl)]
     return labels
+
+
+# ------------------------------------------------------------------------------------------------
+# nnU-Net mode
+
+
+def nnunet_steps(image_size: Sequence[int], tile_size: Sequence[int], tile_step_size: float) -> list:
+    """nnU-Net v2's tile starts per dimension: as few tiles as keep the step at most
+    ``tile_step_size * tile``, spread evenly from 0 to ``image - tile`` (rounded)."""
+    steps = []
+    for i, t in zip(image_size, tile_size):
+        n = int(math.ceil((i - t) / (t * tile_step_size))) + 1
+        actual = (i - t) / (n - 1) if n > 1 else 99999999999
+        steps.append([int(round(actual * k)) for k in range(n)])
+    return steps
+
+
+def nnunet_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10.0,
+                    dtype: torch.dtype = torch.float16) -> Tensor:
+    """nnU-Net v2's importance map: a unit impulse at the tile centre blurred by a Gaussian (sigma =
+    sigma_scale x tile, kernel cut at 4 sigma, as scipy.ndimage.gaussian_filter), scaled to a maximum
+    of ``value_scaling_factor``, cast to ``dtype``, zeros replaced by the smallest non-zero value."""
+    m = None
+    for d, t in enumerate(tile_size):
+        sigma = t * sigma_scale
+        r = int(4.0 * sigma + 0.5)
+        x = torch.arange(-r, r + 1, dtype=torch.float64)
+        phi = torch.exp(-0.5 * x * x / (sigma * sigma))
+        phi = phi / phi.sum()
+        g = torch.zeros(t, dtype=torch.float64)
+        c = t // 2
+        for k in range(t):
+            if abs(k - c) <= r:
+                g[k] = phi[k - c + r]
+        m = g if m is None else m.unsqueeze(-1) * g[(None,) * d]
+    m = m / (m.max() / value_scaling_factor)
+    m = m.to(dtype)
+    zero = m == 0
+    if zero.any():
+        m[zero] = m[~zero].min()
+    return m
+
+
+def nnunet_sliding_window_inference(
+    inputs: Tensor,
+    network: Callable[[Tensor], Tensor],
+    patch_size: Sequence[int],
+    tile_step_size: float = 0.5,
+    use_gaussian: bool = True,
+    mirror_axes: Optional[Sequence[int]] = None,
+    sw_batch_size: int = 1,
+    accumulate_dtype: torch.dtype = torch.float32,
+    device=None,
+    sw_device=None,
+) -> Tensor:
+    """nnU-Net v2's sliding-window prediction (``nnUNetPredictor.predict_sliding_window_return_logits``)
+    with fastmed's stitching: its tile placement (``tile_step_size``), its Gaussian (sigma 1/8, scaled
+    to 10, float16), zero padding of an image smaller than the patch, and mirroring test-time
+    augmentation over ``mirror_axes`` (spatial axes, e.g. ``(0, 1, 2)``): every non-empty subset of
+    the axes is predicted on the flipped input, and the flipped prediction is added into the output
+    read backwards, never copied. ``inputs`` is (B, C, *spatial); returns (B, K, *spatial) logits in
+    ``accumulate_dtype`` (nnU-Net accumulates in float16; float32 here by default).
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
+    nsp = inputs.ndim - 2
+    if nsp not in (2, 3):
+        raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != nsp or min(patch) < 1:
+        raise ValueError(f"patch_size: expected {nsp} positive sizes, got {patch_size}")
+    if not 0 < tile_step_size <= 1:
+        raise ValueError(f"tile_step_size: must be in (0, 1], got {tile_step_size}")
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
+    axes = tuple(sorted(set(mirror_axes or ())))
+    if any(a < 0 or a >= nsp for a in axes):
+        raise ValueError(f"mirror_axes: spatial axes must be in [0, {nsp}), got {mirror_axes}")
+    if accumulate_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"accumulate_dtype: expected a floating-point dtype, got {accumulate_dtype}")
+    if type(inputs) is not Tensor:
+        inputs = inputs.as_subclass(Tensor)
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    image_size_ = tuple(inputs.shape[2:])
+    pad = []
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(patch[k - 2] - inputs.shape[k], 0)
+        pad += [diff // 2, diff - diff // 2]
+    if any(pad):
+        inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
+    image_size = tuple(inputs.shape[2:])
+    steps = nnunet_steps(image_size, patch, tile_step_size)
+    grids = torch.meshgrid(*[torch.tensor(s, dtype=torch.int64) for s in steps], indexing="ij")
+    starts = torch.stack([g.reshape(-1) for g in grids], 1).tolist()
+    combos = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+    if use_gaussian:
+        wmap = nnunet_gaussian(patch).to(torch.float32)
+    else:
+        wmap = torch.ones(patch, dtype=torch.float32)
+    # each of the len(combos) predictions carries 1/len(combos) of the window's weight
+    wpred = (wmap / len(combos)).to(device)
+    fresh = _fresh_boxes(starts, patch)
+    out = count = None
+    for b in range(inputs.shape[0]):
+        for j in range(0, len(starts), sw_batch_size):
+            ids = list(range(j, min(j + sw_batch_size, len(starts))))
+            win = torch.cat([inputs[(slice(b, b + 1), slice(None)) + tuple(slice(s, s + p) for s, p in
+                                                                         zip(starts[i], patch))] for i in ids])
+            win = win.to(sw_device)
+            st = torch.tensor([[b] + starts[i] for i in ids], dtype=torch.int64)
+            for n, combo in enumerate(combos):
+                dims = [2 + a for a in combo]
+                pred = network(torch.flip(win, dims) if dims else win)
+                if not isinstance(pred, Tensor) or pred.ndim != nsp + 2 or pred.shape[0] != len(ids) or \
+                        tuple(pred.shape[2:]) != patch:
+                    raise ValueError(f"network: expected a tensor ({len(ids)}, K, *{patch}), got "
+                                     f"{tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__}")
+                if out is None:
+                    out = empty((inputs.shape[0], pred.shape[1]) + image_size, accumulate_dtype, device)
+                flip = sum(1 << a for a in combo)
+                fr = torch.tensor([fresh[i] for i in ids]) if n == 0 else None
+                sw_accumulate(out, pred.to(device), st, None, None, None, 0.0, wpred, fr, flip)
+    count = _Tiling.count_map(("nnunet", image_size, patch, tuple(map(tuple, starts)), use_gaussian, str(device),
+                               accumulate_dtype), image_size, starts, None, 0.0, wmap, device, accumulate_dtype)
+    sw_normalize_(out, count)
+    if any(pad):
+        sl = []
+        for sp in range(nsp):
+            si = nsp - sp - 1
+            sl.insert(0, slice(pad[sp * 2], pad[sp * 2] + image_size_[si]))
+        out = out[(slice(None), slice(None), *sl)]
+    return out

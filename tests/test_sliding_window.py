@@ -339,3 +339,122 @@ def test_label_map_mode_bad_inputs():
         FI.sliding_window_labels(x, (8, 8, 8), 2, lambda w: w[:1])
     with pytest.raises(ValueError, match="slab_dim"):
         FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# nnU-Net mode: against a transcription of nnU-Net v2's predict_sliding_window_return_logits
+
+
+def _nnunet_reference(data, network, patch, step, use_gaussian, mirror_axes):
+    """nnU-Net v2's algorithm, written out with PyTorch in float32 (data: C, *spatial)."""
+    import itertools as it
+
+    from scipy.ndimage import gaussian_filter
+
+    nsp = len(patch)
+    diff = [max(p - s, 0) for p, s in zip(patch, data.shape[1:])]
+    padded = torch.nn.functional.pad(data, [v for d in reversed(diff) for v in (d // 2, d - d // 2)])
+    size = padded.shape[1:]
+    steps = []
+    for i, t in zip(size, patch):
+        n = int(np.ceil((i - t) / (t * step))) + 1
+        a = (i - t) / (n - 1) if n > 1 else 99999999999
+        steps.append([int(np.round(a * k)) for k in range(n)])
+    if use_gaussian:
+        tmp = np.zeros(patch)
+        tmp[tuple(p // 2 for p in patch)] = 1
+        g = torch.from_numpy(gaussian_filter(tmp, [p / 8 for p in patch], 0, mode="constant", cval=0))
+        g /= g.max() / 10
+        g = g.half()
+        g[g == 0] = g[g != 0].min()
+        g = g.float()
+    else:
+        g = torch.ones(patch)
+    logits, n_pred = None, torch.zeros(size)
+    for st in it.product(*steps):
+        sl = tuple(slice(s, s + p) for s, p in zip(st, patch))
+        x = padded[(slice(None),) + sl][None]
+        pred = network(x)
+        if mirror_axes:
+            axes = [a + 2 for a in mirror_axes]
+            combos = [c for i in range(len(axes)) for c in it.combinations(axes, i + 1)]
+            for c in combos:
+                pred = pred + torch.flip(network(torch.flip(x, c)), c)
+            pred = pred / (len(combos) + 1)
+        pred = pred[0] * g
+        if logits is None:
+            logits = torch.zeros((pred.shape[0],) + tuple(size))
+        logits[(slice(None),) + sl] += pred
+        n_pred[sl] += g
+    logits /= n_pred
+    crop = tuple(slice(d // 2, d // 2 + s) for d, s in zip(diff, data.shape[1:]))
+    return logits[(slice(None),) + crop]
+
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("scipy")
+
+
+def asym_net(x):  # not flip-invariant, so a wrong flip would show
+    ramp = torch.arange(x.shape[-1], dtype=x.dtype)
+    return torch.cat([x * 2 + ramp, x.sin() - ramp * 0.1, (x * ramp).cos()], 1)
+
+
+@pytest.mark.parametrize(
+    "shape, patch, step, gauss, axes",
+    [
+        ((1, 1, 37, 45, 29), (16, 20, 12), 0.5, True, None),
+        ((2, 2, 30, 26, 22), (12, 12, 12), 0.5, True, (0, 1, 2)),
+        ((1, 1, 20, 33, 17), (16, 16, 16), 0.75, False, (2,)),
+        ((1, 1, 10, 40, 12), (16, 16, 16), 0.5, True, (1, 2)),
+        ((1, 1, 40, 33), (16, 16), 0.5, True, (0, 1)),
+    ],
+)
+def test_nnunet_mode_matches_nnunet_algorithm(shape, patch, step, gauss, axes):
+    torch.manual_seed(14)
+    x = torch.randn(shape)
+    got = FI.nnunet_sliding_window_inference(x, asym_net, patch, step, gauss, axes, sw_batch_size=3)
+    for b in range(shape[0]):
+        ref = _nnunet_reference(x[b], asym_net, patch, step, gauss, axes)
+        torch.testing.assert_close(got[b], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_nnunet_tta_equals_explicit_flips():
+    torch.manual_seed(15)
+    x = torch.randn(1, 1, 30, 28, 26)
+    import itertools as it
+
+    def explicit(w):
+        combos = [()] + [c for i in range(3) for c in it.combinations((2, 3, 4), i + 1)]
+        return sum(torch.flip(asym_net(torch.flip(w, c)), c) if c else asym_net(w) for c in combos) / len(combos)
+
+    a = FI.nnunet_sliding_window_inference(x, asym_net, (16, 16, 16), 0.5, True, (0, 1, 2), sw_batch_size=2)
+    b = FI.nnunet_sliding_window_inference(x, explicit, (16, 16, 16), 0.5, True, None, sw_batch_size=2)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_nnunet_gaussian_and_steps_match_nnunet():
+    from scipy.ndimage import gaussian_filter
+
+    for t in [(20, 24, 16), (96, 96, 96), (128, 128), (7, 9, 11)]:
+        tmp = np.zeros(t)
+        tmp[tuple(i // 2 for i in t)] = 1
+        g = torch.from_numpy(gaussian_filter(tmp, [i / 8 for i in t], 0, mode="constant", cval=0))
+        g /= g.max() / 10
+        g = g.half()
+        g[g == 0] = g[g != 0].min()
+        assert torch.equal(FI.nnunet_gaussian(t), g)
+    assert FI.nnunet_steps((192, 192, 160), (96, 96, 96), 0.5) == [[0, 48, 96], [0, 48, 96], [0, 32, 64]]
+    assert FI.nnunet_steps((96, 100), (96, 96), 0.5) == [[0], [0, 4]]
+
+
+def test_nnunet_mode_bad_inputs():
+    x = torch.randn(1, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match="tile_step_size"):
+        FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), 0.0)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), 0.5, True, (3,))
+    with pytest.raises(ValueError, match="patch_size"):
+        FI.nnunet_sliding_window_inference(x, asym_net, (8, 8), 0.5)
+    with pytest.raises(ValueError, match="network"):
+        FI.nnunet_sliding_window_inference(x, lambda w: w[:, :, :4], (8, 8, 8), 0.5)

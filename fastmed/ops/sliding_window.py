@@ -11,7 +11,8 @@ a full-volume accumulator in place, each multiplied by the blending weight compu
 ``pred`` is ``(N, C, *window)``; ``starts`` is ``(N, 1 + ndim)`` int64: batch index, then the window's
 offset in the accumulator. Optional ``fresh`` ``(N, 2 * ndim)``: per window, the window-local box
 ``[lo, hi)`` per dim of voxels no earlier window touched; there the value is written, not added, so
-the accumulator needs no zero fill. ``pred=None`` adds the weight alone (the normalising map; ``acc`` then has
+the accumulator needs no zero fill. ``flip`` (a bit per spatial dim) adds ``torch.flip(pred, dims)``
+without making the flipped copy. ``pred=None`` adds the weight alone (the normalising map; ``acc`` then has
 one channel). Windows are added in order, each product and sum rounded to the accumulator's dtype,
 so the result equals PyTorch's ``out[idx] += pred * w`` window after window, bit for bit.
 
@@ -70,6 +71,7 @@ def sw_accumulate(
     wmin: float,
     wmap: Optional[Tensor],
     fresh: Optional[Tensor] = None,
+    flip: int = 0,
 ) -> None:
     mod = _ext.require(acc.device, "sw_accumulate")
     p = mod.SWAccParams()
@@ -83,8 +85,15 @@ def sw_accumulate(
     p.starts, p.N = starts.data_ptr(), starts.shape[0]
     keep = [starts]
     if pred is not None:
-        (p.p_sn, p.p_sc), p.p_s, p.win = _vec3(pred, 2)
-        p.pred, p.pred_dtype, p.C = pred.data_ptr(), _ext.DTYPE_CODES[pred.dtype], pred.shape[1]
+        (p.p_sn, p.p_sc), ps, p.win = _vec3(pred, 2)
+        ptr = pred.data_ptr()
+        for d in range(nsp):  # flip bit d: read spatial dim d backwards (no flipped copy)
+            if flip >> d & 1:
+                k = 3 - nsp + d
+                ptr += (p.win[k] - 1) * ps[k] * pred.element_size()
+                ps[k] = -ps[k]
+        p.p_s = ps
+        p.pred, p.pred_dtype, p.C = ptr, _ext.DTYPE_CODES[pred.dtype], pred.shape[1]
     else:
         p.C = 1
         p.win = ([1] * (3 - nsp) + list(wmap.shape[-nsp:])) if wmap is not None else [
@@ -112,7 +121,7 @@ def sw_accumulate(
 
 
 @sw_accumulate.register_fake
-def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None):
+def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None, flip=0):
     return None
 
 
