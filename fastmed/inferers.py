@@ -24,7 +24,8 @@ from torch import Tensor
 from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_normalize_, zeros
 
 __all__ = [
-    "sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "importance_map_factors",
+    "sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "SlidingWindowInfererAdapt",
+    "importance_map_factors",
     "nnunet_sliding_window_inference", "nnunet_steps", "nnunet_gaussian",
 ]
 
@@ -760,3 +761,35 @@ def nnunet_sliding_window_inference(
             sl.insert(0, slice(pad[sp * 2], pad[sp * 2] + image_size_[si]))
         out = out[(slice(None), slice(None), *sl)]
     return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
+
+
+class SlidingWindowInfererAdapt(SlidingWindowInferer):
+    """``monai.inferers.SlidingWindowInfererAdapt``: stitch on the GPU when the input is there, and on
+    CUDA out-of-memory warn and stitch on the CPU instead (the network stays on the GPU; the output
+    then comes back on the CPU). The image size that failed is remembered (``cpu_thresh``), so the
+    next image as large goes to the CPU directly. With ``device`` given, no adaptation is tried.
+    fastmed adds each window into the CPU output directly, so no buffered stage is needed between.
+    """
+
+    def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
+        if self.device is not None or "device" in kwargs:
+            return super().__call__(inputs, network, *args, **kwargs)
+        numel = inputs.shape[2:].numel()
+        on_gpu = inputs.device.type != "cpu" and not (self.cpu_thresh is not None and numel > self.cpu_thresh)
+        if on_gpu:
+            try:
+                return super().__call__(inputs, network, *args, device=inputs.device, **kwargs)
+            except RuntimeError as e:
+                if not _is_oom(e):
+                    raise
+                warnings.warn(f"fastmed: out of GPU memory stitching {tuple(inputs.shape)} on {inputs.device}; "
+                              "stitching on the CPU instead")
+                self.cpu_thresh = numel - 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return super().__call__(inputs, network, *args, device=torch.device("cpu"), **kwargs)

@@ -458,3 +458,17 @@ def test_nnunet_mode_bad_inputs():
         FI.nnunet_sliding_window_inference(x, asym_net, (8, 8), 0.5)
     with pytest.raises(ValueError, match="network"):
         FI.nnunet_sliding_window_inference(x, lambda w: w[:, :, :4], (8, 8, 8), 0.5)
+
+
+def test_adapt_inferer_on_cpu_is_the_plain_inferer():
+    x = torch.randn(1, 1, 20, 22, 24)
+    a = FI.SlidingWindowInfererAdapt((8, 8, 8), 3, 0.5, "gaussian")(x, pred3)
+    b = FI.sliding_window_inference(x, (8, 8, 8), 3, pred3, 0.5, "gaussian")
+    assert torch.equal(a, b)
+    m = monai.inferers.SlidingWindowInfererAdapt((8, 8, 8), 3, 0.5, "gaussian")(x, pred3)
+    assert torch.equal(a, m)
+
+
+def test_oom_is_recognised():
+    assert FI._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not FI._is_oom(RuntimeError("shape mismatch"))

@@ -49,3 +49,21 @@ def test_sw_device_cuda_device_cpu():
     a = FI.sliding_window_inference(x, (16, 16, 16), 2, pred3, 0.25, "gaussian")
     b = FI.sliding_window_inference(x, (16, 16, 16), 2, pred3, 0.25, "gaussian", sw_device="cuda", device="cpu")
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_adapt_falls_back_to_cpu_stitching_on_oom(monkeypatch):
+    x = torch.randn(1, 1, 30, 30, 30, device="cuda")
+    real_empty = FI.empty
+
+    def oom_on_gpu(shape, dtype, device):
+        if torch.device(device).type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_empty(shape, dtype, device)
+
+    monkeypatch.setattr(FI, "empty", oom_on_gpu)
+    inf = FI.SlidingWindowInfererAdapt((16, 16, 16), 2, 0.25, "gaussian")
+    with pytest.warns(UserWarning, match="stitching on the CPU"):
+        out = inf(x, pred3)
+    assert out.device.type == "cpu" and inf.cpu_thresh == 30 * 30 * 30 - 1
+    ref = FI.sliding_window_inference(x.cpu(), (16, 16, 16), 2, pred3, 0.25, "gaussian")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
