@@ -215,6 +215,47 @@ def _pad_to_roi(inputs, condition, roi_size, padding_mode, cval):
     return roi_size, image_size, pad_size, inputs, condition
 
 
+def _gather(t: Tensor, coords) -> Tensor:
+    return torch.cat([t[tuple(c)] for c in coords]) if len(coords) > 1 else t[tuple(coords[0])]
+
+
+def _window_batches(inputs, condition, batches, coords_of, sw_device):
+    """Yields (coords, windows on sw_device, condition windows) batch by batch. With the volume on the
+    CPU and the network on a GPU, the next batch is gathered into pinned memory and copied on a side
+    stream while the current one is predicted."""
+    overlap = inputs.device.type == "cpu" and sw_device.type == "cuda" and torch.cuda.is_available()
+    if not overlap:
+        for idxs in batches:
+            coords = coords_of(idxs)
+            cond = _gather(condition, coords).to(sw_device) if condition is not None else None
+            yield coords, _gather(inputs, coords).to(sw_device), cond
+        return
+    stream = torch.cuda.Stream(device=sw_device)
+
+    def stage(idxs):
+        coords = coords_of(idxs)
+        hosts = [_gather(inputs, coords).pin_memory()]
+        if condition is not None:
+            hosts.append(_gather(condition, coords).pin_memory())
+        with torch.cuda.stream(stream):
+            devs = [h.to(sw_device, non_blocking=True) for h in hosts]
+        done = torch.cuda.Event()
+        done.record(stream)
+        return coords, hosts, devs, done
+
+    nxt = stage(batches[0]) if batches else None
+    for k in range(len(batches)):
+        coords, hosts, devs, done = nxt
+        if k + 1 < len(batches):
+            nxt = stage(batches[k + 1])  # its copy runs while this batch is predicted
+        cur = torch.cuda.current_stream(sw_device)
+        cur.wait_event(done)
+        for d in devs:
+            d.record_stream(cur)
+        yield coords, devs[0], (devs[1] if len(devs) > 1 else None)
+        del hosts
+
+
 def sliding_window_inference(
     inputs: Tensor,
     roi_size,
@@ -295,20 +336,17 @@ def sliding_window_inference(
             it = tqdm(batches)
         except ImportError:
             warnings.warn("progress=True needs tqdm, which is not installed")
-    for idxs in it:
-        coords = [
+    def coords_of(idxs):
+        return [
             [slice(i // num_win, i // num_win + 1), slice(None)]
             + [slice(s, s + p) for s, p in zip(starts[i % num_win], patch)]
             for i in idxs
         ]
-        if len(coords) > 1:
-            win = torch.cat([inputs[tuple(c)] for c in coords]).to(sw_device)
-            if condition is not None:
-                kwargs["condition"] = torch.cat([condition[tuple(c)] for c in coords]).to(sw_device)
-        else:
-            win = inputs[tuple(coords[0])].to(sw_device)
-            if condition is not None:
-                kwargs["condition"] = condition[tuple(coords[0])].to(sw_device)
+
+    loader = _window_batches(inputs, condition, batches, coords_of, sw_device)
+    for idxs, (coords, win, cond) in zip(it, loader):
+        if cond is not None:
+            kwargs["condition"] = cond
         out = predictor(win, coords, *args, **kwargs) if with_coord else predictor(win, *args, **kwargs)
         keys, seg = _flatten(out)
         if process_fn:

@@ -67,3 +67,26 @@ def test_adapt_falls_back_to_cpu_stitching_on_oom(monkeypatch):
     assert out.device.type == "cpu" and inf.cpu_thresh == 30 * 30 * 30 - 1
     ref = FI.sliding_window_inference(x.cpu(), (16, 16, 16), 2, pred3, 0.25, "gaussian")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_volume_gpu_network_overlapped_copies_with_condition():
+    """Volume on the CPU, network on the GPU: batches are staged in pinned memory and copied on a
+    side stream; the result and the calls must not change."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, 33, 30, 27)
+    cond = torch.randn(2, 1, 33, 30, 27)
+    seen = []
+
+    def p(w, condition=None):
+        assert w.device == condition.device
+        seen.append(float(w.sum().cpu()))
+        return pred3(w) + condition
+
+    a = FI.sliding_window_inference(x, (16, 16, 16), 3, p, 0.5, "gaussian", condition=cond)
+    calls_cpu = list(seen)
+    seen.clear()
+    b = FI.sliding_window_inference(x, (16, 16, 16), 3, p, 0.5, "gaussian", sw_device="cuda", device="cpu",
+                                    condition=cond)
+    assert len(seen) == len(calls_cpu)
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor(calls_cpu), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
