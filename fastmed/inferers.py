@@ -215,6 +215,19 @@ def _pad_to_roi(inputs, condition, roi_size, padding_mode, cval):
     return roi_size, image_size, pad_size, inputs, condition
 
 
+def _crop_padding(t: Tensor, pad_size, image_size_, roi_size=None) -> Tensor:
+    """Undo _pad_to_roi on a result (F.pad order: last dimension first). With ``roi_size``, the crop
+    is scaled by the result's size over the roi, as MONAI does for outputs at other resolutions."""
+    nsp = len(image_size_)
+    zoom = [a / r for a, r in zip(t.shape[2:], roi_size)] if roi_size is not None else [1.0] * nsp
+    sl = [slice(None)] * nsp
+    for sp in range(nsp):
+        si = nsp - sp - 1
+        lo = pad_size[sp * 2]
+        sl[si] = slice(int(round(lo * zoom[si])), int(round((lo + image_size_[si]) * zoom[si])))
+    return t[(slice(None), slice(None), *sl)]
+
+
 def _gather(t: Tensor, coords) -> Tensor:
     return torch.cat([t[tuple(c)] for c in coords]) if len(coords) > 1 else t[tuple(coords[0])]
 
@@ -404,14 +417,7 @@ def sliding_window_inference(
     for ss in range(len(outputs)):
         sw_normalize_(outputs[ss], counts[ss])
     if any(pad_size):
-        for ss, o in enumerate(outputs):
-            zoom = [a / r for a, r in zip(o.shape[2:], roi_size)]
-            sl = []
-            for sp in range(nsp):
-                si = nsp - sp - 1
-                sl.insert(0, slice(int(round(pad_size[sp * 2] * zoom[si])),
-                                   int(round((pad_size[sp * 2] + image_size_[si]) * zoom[si]))))
-            outputs[ss] = o[(slice(None), slice(None), *sl)]
+        outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
     result = _pack(outputs, keys)
     if type(meta_src) is not Tensor:
         result = _to_meta(result, meta_src)
@@ -659,13 +665,7 @@ def sliding_window_labels(
                     sw_accumulate(acc, pred.narrow(ax, soff, n), st_t, g0, g1, g2, wm, wmp)
                     sw_accumulate(count, None, st_t, g0, g1, g2, wm, wmp)  # the weight sum
         finalize(b, base, image_size[slab_dim])
-    if any(pad_size):
-        sl = []
-        for sp in range(nsp):
-            si = nsp - sp - 1
-            sl.insert(0, slice(pad_size[sp * 2], pad_size[sp * 2] + image_size_[si]))
-        labels = labels[(slice(None), slice(None), *sl)]
-    return labels
+    return _crop_padding(labels, pad_size, image_size_) if any(pad_size) else labels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -751,13 +751,7 @@ def nnunet_sliding_window_inference(
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     image_size_ = tuple(inputs.shape[2:])
-    pad = []
-    for k in range(inputs.ndim - 1, 1, -1):
-        diff = max(patch[k - 2] - inputs.shape[k], 0)
-        pad += [diff // 2, diff - diff // 2]
-    if any(pad):
-        inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
-    image_size = tuple(inputs.shape[2:])
+    _, image_size, pad, inputs, _ = _pad_to_roi(inputs, None, patch, "constant", 0.0)  # nnU-Net: zeros
     steps = nnunet_steps(image_size, patch, tile_step_size)
     grids = torch.meshgrid(*[torch.tensor(s, dtype=torch.int64) for s in steps], indexing="ij")
     starts = torch.stack([g.reshape(-1) for g in grids], 1).tolist()
@@ -792,13 +786,7 @@ def nnunet_sliding_window_inference(
     count = _Tiling.count_map(("nnunet", image_size, patch, tuple(map(tuple, starts)), use_gaussian, str(device),
                                accumulate_dtype), image_size, starts, None, 0.0, wmap, device, accumulate_dtype)
     sw_normalize_(out, count)
-    if any(pad):
-        sl = []
-        for sp in range(nsp):
-            si = nsp - sp - 1
-            sl.insert(0, slice(pad[sp * 2], pad[sp * 2] + image_size_[si]))
-        out = out[(slice(None), slice(None), *sl)]
-    return out
+    return _crop_padding(out, pad, image_size_) if any(pad) else out
 
 
 def _is_oom(e: BaseException) -> bool:

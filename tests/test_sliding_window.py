@@ -345,13 +345,24 @@ def test_label_map_mode_bad_inputs():
 # nnU-Net mode: against a transcription of nnU-Net v2's predict_sliding_window_return_logits
 
 
+def _scipy_nnunet_gaussian(patch):
+    """nnU-Net v2's compute_gaussian (sigma 1/8, scaled to 10, float16, no zeros), with scipy."""
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(patch)
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = torch.from_numpy(gaussian_filter(tmp, [p / 8 for p in patch], 0, mode="constant", cval=0))
+    g /= g.max() / 10
+    g = g.half()
+    g[g == 0] = g[g != 0].min()
+    return g
+
+
 def _nnunet_reference(data, network, patch, step, use_gaussian, mirror_axes):
     """nnU-Net v2's algorithm, written out with PyTorch in float32 (data: C, *spatial)."""
     import itertools as it
 
-    from scipy.ndimage import gaussian_filter
 
-    nsp = len(patch)
     diff = [max(p - s, 0) for p, s in zip(patch, data.shape[1:])]
     padded = torch.nn.functional.pad(data, [v for d in reversed(diff) for v in (d // 2, d - d // 2)])
     size = padded.shape[1:]
@@ -361,13 +372,7 @@ def _nnunet_reference(data, network, patch, step, use_gaussian, mirror_axes):
         a = (i - t) / (n - 1) if n > 1 else 99999999999
         steps.append([int(np.round(a * k)) for k in range(n)])
     if use_gaussian:
-        tmp = np.zeros(patch)
-        tmp[tuple(p // 2 for p in patch)] = 1
-        g = torch.from_numpy(gaussian_filter(tmp, [p / 8 for p in patch], 0, mode="constant", cval=0))
-        g /= g.max() / 10
-        g = g.half()
-        g[g == 0] = g[g != 0].min()
-        g = g.float()
+        g = _scipy_nnunet_gaussian(patch).float()
     else:
         g = torch.ones(patch)
     logits, n_pred = None, torch.zeros(size)
@@ -434,16 +439,8 @@ def test_nnunet_tta_equals_explicit_flips():
 
 
 def test_nnunet_gaussian_and_steps_match_nnunet():
-    from scipy.ndimage import gaussian_filter
-
     for t in [(20, 24, 16), (96, 96, 96), (128, 128), (7, 9, 11)]:
-        tmp = np.zeros(t)
-        tmp[tuple(i // 2 for i in t)] = 1
-        g = torch.from_numpy(gaussian_filter(tmp, [i / 8 for i in t], 0, mode="constant", cval=0))
-        g /= g.max() / 10
-        g = g.half()
-        g[g == 0] = g[g != 0].min()
-        assert torch.equal(FI.nnunet_gaussian(t), g)
+        assert torch.equal(FI.nnunet_gaussian(t), _scipy_nnunet_gaussian(t))
     assert FI.nnunet_steps((192, 192, 160), (96, 96, 96), 0.5) == [[0, 48, 96], [0, 48, 96], [0, 32, 64]]
     assert FI.nnunet_steps((96, 100), (96, 96), 0.5) == [[0], [0, 4]]
 
