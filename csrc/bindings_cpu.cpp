@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include "common/params_binding.h"
 #include "common/sw_params_binding.h"
+#include "common/resample_params_binding.h"
+#include "resample/resample.h"
 #include "dice_ce/dice_ce.h"
 #include "sliding_window/sliding_window.h"
 
@@ -28,6 +30,23 @@ PYBIND11_MODULE(_C, m) {
       s = dice_ce_bwd_cpu(p);
     }
     check_status(s, "dice_ce_bwd");
+  });
+  bind_resample_params(m);
+  m.def("resample", [](const ResampleParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = resample_cpu(p);
+    }
+    check_status(s, "resample");
+  });
+  m.def("spline_prefilter", [](const SplineFilterParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = spline_prefilter_cpu(p);
+    }
+    check_status(s, "spline_prefilter");
   });
   bind_sw_params(m);
   m.def("sw_accumulate", [](const SWAccParams& p) {

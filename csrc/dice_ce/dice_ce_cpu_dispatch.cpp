@@ -1,8 +1,9 @@
-// Picks the best instruction-set build of the CPU kernels at run time.
+// Picks the best instruction-set build of the CPU kernels (dice_ce, resample) at run time.
 #include <cstdlib>
 #include <cstring>
 
 #include "dice_ce.h"
+#include "../resample/resample.h"
 #include "../common/common.h"
 
 namespace fastmed {
@@ -10,6 +11,8 @@ namespace fastmed {
   namespace isa_##name {                           \
   int dice_ce_fwd(const DiceCEParams& p);          \
   int dice_ce_bwd(const DiceCEParams& p);          \
+  int resample(const ResampleParams& p);           \
+  int spline_prefilter(const SplineFilterParams& p); \
   }
 FM_DECLARE_ISA(base)
 #if defined(FASTMED_HAVE_AVX2)
@@ -81,6 +84,30 @@ int dice_ce_bwd_cpu(const DiceCEParams& p) {
     case kAvx2: return isa_avx2::dice_ce_bwd(p);
 #endif
     default: return isa_base::dice_ce_bwd(p);
+  }
+}
+
+int resample_cpu(const ResampleParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::resample(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::resample(p);
+#endif
+    default: return isa_base::resample(p);
+  }
+}
+
+int spline_prefilter_cpu(const SplineFilterParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::spline_prefilter(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::spline_prefilter(p);
+#endif
+    default: return isa_base::spline_prefilter(p);
   }
 }
 }  // namespace fastmed
