@@ -166,7 +166,7 @@ def _check(src: Tensor, theta: Tensor, out_size, nsp_allowed=(2, 3)) -> int:
             theta.ndim == 3 and theta.shape[0] not in (1, src.shape[0])):
         raise ValueError(f"theta must be ({nsp}, {nsp + 1}) or (B, {nsp}, {nsp + 1}), got "
                          f"{tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__}")
-    if not torch.isfinite(theta).all():
+    if not torch.compiler.is_compiling() and not torch.isfinite(theta).all():  # (data-dependent)
         raise ValueError("theta must be finite")
     if len(out_size) != nsp or any(int(s) < 0 for s in out_size):
         raise ValueError(f"out_size must be {nsp} non-negative sizes, got {tuple(out_size)}")
