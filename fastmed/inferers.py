@@ -293,6 +293,16 @@ def sliding_window_inference(
     """Sliding-window inference, as ``monai.inferers.sliding_window_inference`` (MONAI 1.6), with
     every argument meaning the same. See the module docstring for what fastmed does differently.
     """
+    return _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, cval,
+                           sw_device, device, progress, roi_weight_map, process_fn, buffer_steps, buffer_dim,
+                           with_coord, False, args, kwargs)
+
+
+def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, cval,
+                    sw_device, device, progress, roi_weight_map, process_fn, buffer_steps, buffer_dim, with_coord,
+                    softmax: bool, args, kwargs):
+    """sliding_window_inference's body; ``softmax`` fuses a softmax over channels into the final
+    normalisation (SlidingWindowInferer(softmax=True))."""
     nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     buffered = buffer_steps is not None and buffer_steps > 0
     if buffered:
@@ -415,7 +425,7 @@ def sliding_window_inference(
                 sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None, fr)
 
     for ss in range(len(outputs)):
-        sw_normalize_(outputs[ss], counts[ss])
+        sw_normalize_(outputs[ss], counts[ss], softmax)
     if any(pad_size):
         outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
     result = _pack(outputs, keys)
@@ -498,7 +508,11 @@ class SlidingWindowInferer:
     def __init__(self, roi_size, sw_batch_size: int = 1, overlap=0.25, mode="constant", sigma_scale=0.125,
                  padding_mode="constant", cval: float = 0.0, sw_device=None, device=None, progress: bool = False,
                  cache_roi_weight_map: bool = False, cpu_thresh: Optional[int] = None,
-                 buffer_steps: Optional[int] = None, buffer_dim: int = -1, with_coord: bool = False) -> None:
+                 buffer_steps: Optional[int] = None, buffer_dim: int = -1, with_coord: bool = False,
+                 softmax: bool = False) -> None:
+        """MONAI's arguments, plus ``softmax`` (fastmed): return the softmax over channels of the
+        stitched result, computed inside the final normalisation (no extra pass, no extra tensor)."""
+        self.softmax = bool(softmax)
         self.roi_size = roi_size
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
@@ -531,10 +545,10 @@ class SlidingWindowInferer:
         buffer_dim = kwargs.pop("buffer_dim", self.buffer_dim)
         if device is None and self.cpu_thresh is not None and inputs.shape[2:].numel() > self.cpu_thresh:
             device = "cpu"
-        return sliding_window_inference(
+        return _sliding_window(
             inputs, self.roi_size, self.sw_batch_size, network, self.overlap, self.mode, self.sigma_scale,
             self.padding_mode, self.cval, self.sw_device, device, self.progress, self.roi_weight_map, None,
-            buffer_steps, buffer_dim, self.with_coord, *args, **kwargs)
+            buffer_steps, buffer_dim, self.with_coord, self.softmax, args, kwargs)
 
 
 def sliding_window_labels(
@@ -720,6 +734,7 @@ def nnunet_sliding_window_inference(
     accumulate_dtype: torch.dtype = torch.float32,
     device=None,
     sw_device=None,
+    softmax: bool = False,
 ) -> Tensor:
     """nnU-Net v2's sliding-window prediction (``nnUNetPredictor.predict_sliding_window_return_logits``)
     with fastmed's stitching: its tile placement (``tile_step_size``), its Gaussian (sigma 1/8, scaled
@@ -727,7 +742,8 @@ def nnunet_sliding_window_inference(
     augmentation over ``mirror_axes`` (spatial axes, e.g. ``(0, 1, 2)``): every non-empty subset of
     the axes is predicted on the flipped input, and the flipped prediction is added into the output
     read backwards, never copied. ``inputs`` is (B, C, *spatial); returns (B, K, *spatial) logits in
-    ``accumulate_dtype`` (nnU-Net accumulates in float16; float32 here by default).
+    ``accumulate_dtype`` (nnU-Net accumulates in float16; float32 here by default); with ``softmax``
+    the probabilities instead, computed inside the final normalisation.
     """
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
@@ -785,7 +801,7 @@ def nnunet_sliding_window_inference(
                 sw_accumulate(out, pred.to(device), st, None, None, None, 0.0, wpred, fr, flip)
     count = _Tiling.count_map(("nnunet", image_size, patch, tuple(map(tuple, starts)), use_gaussian, str(device),
                                accumulate_dtype), image_size, starts, None, 0.0, wmap, device, accumulate_dtype)
-    sw_normalize_(out, count)
+    sw_normalize_(out, count, softmax)
     return _crop_padding(out, pad, image_size_) if any(pad) else out
 
 

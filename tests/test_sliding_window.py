@@ -469,3 +469,35 @@ def test_adapt_inferer_on_cpu_is_the_plain_inferer():
 def test_oom_is_recognised():
     assert FI._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not FI._is_oom(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("acc_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                 (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_normalize_fused_softmax(acc_dtype, out_dtype):
+    from fastmed.ops.sliding_window import sw_normalize, sw_normalize_, sw_normalize_reference
+
+    acc = (torch.randn(2, 5, 7, 9, 6) * 4).to(acc_dtype)
+    count = (torch.rand(7, 9, 6) + 0.5).to(acc_dtype)
+    ref = sw_normalize_reference(acc, count, softmax=True)
+    got = sw_normalize(acc, count, out_dtype, True)
+    tol = 1e-3 if torch.float16 in (acc_dtype, out_dtype) or torch.bfloat16 in (acc_dtype, out_dtype) else 1e-6
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * (10 if out_dtype == torch.bfloat16 else 1))
+    inplace = acc.clone()
+    sw_normalize_(inplace, count, True)
+    torch.testing.assert_close(inplace.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(inplace.double().sum(1), torch.ones(2, 7, 9, 6, dtype=torch.float64), rtol=0, atol=tol)
+
+
+def test_inferer_softmax_equals_softmax_of_result():
+    x = torch.randn(1, 2, 40, 37, 29)
+    w = torch.randn(4, 2)
+
+    def net(t):
+        return torch.einsum("kc,bc...->bk...", w, t)
+
+    plain = FI.SlidingWindowInferer((16, 16, 16), 3, 0.5, mode="gaussian")(x, net)
+    prob = FI.SlidingWindowInferer((16, 16, 16), 3, 0.5, mode="gaussian", softmax=True)(x, net)
+    torch.testing.assert_close(prob, torch.softmax(plain, 1), rtol=1e-5, atol=1e-6)
+    nn_plain = FI.nnunet_sliding_window_inference(x, net, (16, 16, 16), mirror_axes=(0, 2))
+    nn_prob = FI.nnunet_sliding_window_inference(x, net, (16, 16, 16), mirror_axes=(0, 2), softmax=True)
+    torch.testing.assert_close(nn_prob, torch.softmax(nn_plain, 1), rtol=1e-5, atol=1e-6)

@@ -90,3 +90,14 @@ def test_cpu_volume_gpu_network_overlapped_copies_with_condition():
     assert len(seen) == len(calls_cpu)
     torch.testing.assert_close(torch.tensor(seen), torch.tensor(calls_cpu), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16])
+def test_cuda_fused_softmax_equals_cpu(acc_dtype):
+    from fastmed.ops.sliding_window import sw_normalize, sw_normalize_reference
+
+    acc = (torch.randn(2, 7, 9, 10, 11) * 4).to(acc_dtype)
+    count = (torch.rand(9, 10, 11) + 0.5).to(acc_dtype)
+    gpu = sw_normalize(acc.cuda(), count.cuda(), torch.float32, True).cpu()
+    tol = 1e-3 if acc_dtype == torch.float16 else 1e-6
+    torch.testing.assert_close(gpu.double(), sw_normalize_reference(acc, count, True), rtol=tol, atol=tol)

@@ -43,7 +43,7 @@ inline void bind_sw_params(py::module_& m) {
   n.def_readwrite("acc_dtype", &SWNormParams::acc_dtype).def_readwrite("a_sb", &SWNormParams::a_sb);
   n.def_readwrite("a_sc", &SWNormParams::a_sc).def_readwrite("dst_dtype", &SWNormParams::dst_dtype);
   n.def_readwrite("d_sb", &SWNormParams::d_sb).def_readwrite("d_sc", &SWNormParams::d_sc);
-  n.def_readwrite("num_threads", &SWNormParams::num_threads);
+  n.def_readwrite("num_threads", &SWNormParams::num_threads).def_readwrite("softmax", &SWNormParams::softmax);
   FM_SW_VEC3(n, SWNormParams, size); FM_SW_VEC3(n, SWNormParams, a_s);
   FM_SW_VEC3(n, SWNormParams, n_s); FM_SW_VEC3(n, SWNormParams, d_s);
   FM_SW_PTR(n, SWNormParams, acc, const void*); FM_SW_PTR(n, SWNormParams, count, const void*);

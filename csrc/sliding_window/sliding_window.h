@@ -30,8 +30,11 @@ struct SWAccParams {
 };
 
 // dst[b, c, s] = acc[b, c, s] / count[s]   (count broadcast over b and c, in the accumulator dtype)
+// softmax != 0: dst[b, :, s] = softmax over c of those quotients (computed in float / double, one
+// pass over the accumulator; dst may be acc)
 struct SWNormParams {
   int64_t B, C, size[3];
+  int softmax;
   const void* acc; int acc_dtype; int64_t a_sb, a_sc, a_s[3];
   const void* count; int64_t n_s[3];  // same dtype as acc
   void* dst; int dst_dtype; int64_t d_sb, d_sc, d_s[3];

@@ -2,6 +2,7 @@
 // Compiled with -ffp-contract=off: p * w and the addition are rounded separately, as PyTorch's
 // `buffer *= w; out[idx] += buffer` rounds them, so results match MONAI's bit for bit.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 #include <type_traits>
@@ -194,8 +195,56 @@ void normalize(const SWNormParams& p) {
   }
 }
 
+// softmax over channels of acc / count: all C channels of a row are read into a float buffer
+// first, so dst may be acc itself
+template <typename A, typename D>
+void normalize_softmax(const SWNormParams& p) {
+  using V = typename Val<A>::type;
+  const int64_t rows = p.B * p.size[0] * p.size[1];
+  const int64_t nk = p.size[2];
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+  {
+    std::vector<V> buf((size_t)(p.C * nk)), mx((size_t)nk), sum((size_t)nk);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t t = r;
+      const int64_t j = t % p.size[1]; t /= p.size[1];
+      const int64_t i = t % p.size[0];
+      const int64_t b = t / p.size[0];
+      const A* n = (const A*)p.count + i * p.n_s[0] + j * p.n_s[1];
+      for (int64_t c = 0; c < p.C; ++c) {
+        const A* a = (const A*)p.acc + b * p.a_sb + c * p.a_sc + i * p.a_s[0] + j * p.a_s[1];
+        V* v = buf.data() + c * nk;
+        for (int64_t k = 0; k < nk; ++k) {
+          v[k] = rnd<A>(ld<A>(a + k * p.a_s[2]) / ld<A>(n + k * p.n_s[2]));
+          mx[k] = c == 0 ? v[k] : std::max(mx[k], v[k]);
+        }
+      }
+      std::fill(sum.begin(), sum.end(), (V)0);
+      for (int64_t c = 0; c < p.C; ++c) {
+        V* v = buf.data() + c * nk;
+        for (int64_t k = 0; k < nk; ++k) { v[k] = std::exp(v[k] - mx[k]); sum[k] += v[k]; }
+      }
+      for (int64_t c = 0; c < p.C; ++c) {
+        const V* v = buf.data() + c * nk;
+        D* d = (D*)p.dst + b * p.d_sb + c * p.d_sc + i * p.d_s[0] + j * p.d_s[1];
+        for (int64_t k = 0; k < nk; ++k) st<D>(d + k * p.d_s[2], (typename Val<D>::type)(v[k] / sum[k]));
+      }
+    }
+  }
+}
+
 template <typename A>
 int normalize_dst(const SWNormParams& p) {
+  if (p.softmax) {
+    switch (p.dst_dtype) {
+      case kF32: normalize_softmax<A, float>(p); return kOk;
+      case kF64: normalize_softmax<A, double>(p); return kOk;
+      case kF16: normalize_softmax<A, half_t>(p); return kOk;
+      case kBF16: normalize_softmax<A, bf16_t>(p); return kOk;
+      default: return kBadDtype;
+    }
+  }
   switch (p.dst_dtype) {
     case kF32: normalize<A, float>(p); return kOk;
     case kF64: normalize<A, double>(p); return kOk;

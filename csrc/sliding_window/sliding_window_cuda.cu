@@ -84,6 +84,32 @@ __global__ void normalize_kernel(SWNormParams p) {
   }
 }
 
+// softmax over channels of acc / count, one thread per (b, voxel); dst may be acc (each thread
+// reads its voxel's channels before writing them). exp(x - max) / sum, three passes over C.
+template <typename A, typename D>
+__global__ void normalize_softmax_kernel(SWNormParams p) {
+  using V = typename Val<A>::type;
+  const int64_t total = p.B * p.size[0] * p.size[1] * p.size[2];
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t t = e;
+    const int64_t k = t % p.size[2]; t /= p.size[2];
+    const int64_t j = t % p.size[1]; t /= p.size[1];
+    const int64_t i = t % p.size[0];
+    const int64_t b = t / p.size[0];
+    const A* a = (const A*)p.acc + b * p.a_sb + i * p.a_s[0] + j * p.a_s[1] + k * p.a_s[2];
+    const V cnt = ld<A>((const A*)p.count + i * p.n_s[0] + j * p.n_s[1] + k * p.n_s[2]);
+    V mx = rnd<A>(ld<A>(a) / cnt);
+    for (int64_t c = 1; c < p.C; ++c) mx = fmax(mx, rnd<A>(ld<A>(a + c * p.a_sc) / cnt));
+    V sum = 0;
+    for (int64_t c = 0; c < p.C; ++c) sum += exp(rnd<A>(ld<A>(a + c * p.a_sc) / cnt) - mx);
+    D* d = (D*)p.dst + b * p.d_sb + i * p.d_s[0] + j * p.d_s[1] + k * p.d_s[2];
+    for (int64_t c = 0; c < p.C; ++c) {
+      const V v = exp(rnd<A>(ld<A>(a + c * p.a_sc) / cnt) - mx) / sum;
+      st<D>(d + c * p.d_sc, (typename Val<D>::type)v);
+    }
+  }
+}
+
 int grid_for(int64_t total) {
   const int64_t blocks = (total + 255) / 256;
   return (int)(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
@@ -127,6 +153,10 @@ template <typename A, typename D>
 int normalize_all(const SWNormParams& p) {
   const int64_t total = p.B * p.C * p.size[0] * p.size[1] * p.size[2];
   if (total == 0) return kOk;
+  if (p.softmax) {
+    normalize_softmax_kernel<A, D><<<grid_for(total / p.C), 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+    return status();
+  }
   normalize_kernel<A, D><<<grid_for(total), 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
   return status();
 }

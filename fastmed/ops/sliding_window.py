@@ -16,8 +16,8 @@ without making the flipped copy. ``pred=None`` adds the weight alone (the normal
 one channel). Windows are added in order, each product and sum rounded to the accumulator's dtype,
 so the result equals PyTorch's ``out[idx] += pred * w`` window after window, bit for bit.
 
-``sw_normalize(acc, count, dtype)`` returns ``acc / count`` (count broadcast over batch and
-channels) in ``dtype``; with ``dtype=None`` it divides ``acc`` in place and returns it.
+``sw_normalize(acc, count, dtype, softmax)`` returns ``acc / count`` (count broadcast over batch and
+channels) in ``dtype``, or its softmax over channels; ``sw_normalize_`` does it in place.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["sw_accumulate", "sw_normalize", "sw_accumulate_reference", "sw_argmax", "zeros", "empty", "FLOAT_DTYPES"]
+__all__ = ["sw_accumulate", "sw_normalize", "sw_normalize_", "sw_normalize_reference", "sw_accumulate_reference", "sw_argmax", "zeros", "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -126,28 +126,34 @@ def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None, flip=0):
 
 
 @torch.library.custom_op("fastmed::sliding_window_normalize", mutates_args=())
-def sw_normalize(acc: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
+def sw_normalize(acc: Tensor, count: Tensor, dtype: torch.dtype, softmax: bool = False) -> Tensor:
     out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
-    _normalize_into(acc, count, out)
+    _normalize_into(acc, count, out, softmax)
     return out
 
 
 @sw_normalize.register_fake
-def _(acc, count, dtype):
+def _(acc, count, dtype, softmax=False):
     return acc.new_empty(acc.shape, dtype=dtype)
 
 
 @torch.library.custom_op("fastmed::sliding_window_normalize_", mutates_args=("acc",))
-def sw_normalize_(acc: Tensor, count: Tensor) -> None:
-    _normalize_into(acc, count, acc)
+def sw_normalize_(acc: Tensor, count: Tensor, softmax: bool = False) -> None:
+    _normalize_into(acc, count, acc, softmax)
 
 
 @sw_normalize_.register_fake
-def _(acc, count):
+def _(acc, count, softmax=False):
     return None
 
 
-def _normalize_into(acc: Tensor, count: Tensor, out: Tensor) -> None:
+def sw_normalize_reference(acc: Tensor, count: Tensor, softmax: bool = False) -> Tensor:
+    """float64: ``acc / count``, then the softmax over channels when asked."""
+    out = acc.double() / count.double()
+    return torch.softmax(out, 1) if softmax else out
+
+
+def _normalize_into(acc: Tensor, count: Tensor, out: Tensor, softmax: bool = False) -> None:
     mod = _ext.require(acc.device, "sw_normalize")
     p = mod.SWNormParams()
     count = count.to(device=acc.device, dtype=acc.dtype)
@@ -156,6 +162,7 @@ def _normalize_into(acc: Tensor, count: Tensor, out: Tensor) -> None:
     _, p.n_s, _ = _vec3(count, 0)
     (p.d_sb, p.d_sc), p.d_s, _ = _vec3(out, 2)
     p.B, p.C = acc.shape[0], acc.shape[1]
+    p.softmax = int(bool(softmax))
     p.acc, p.acc_dtype = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype]
     p.count, p.dst, p.dst_dtype = count.data_ptr(), out.data_ptr(), _ext.DTYPE_CODES[out.dtype]
     p.num_threads = _ext.num_threads()
