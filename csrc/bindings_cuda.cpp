@@ -9,8 +9,10 @@
 
 #include "common/params_binding.h"
 #include "common/sw_params_binding.h"
+#include "common/resample_params_binding.h"
 #include "sliding_window/sliding_window.h"
 #include "dice_ce/dice_ce.h"
+#include "resample/resample.h"
 
 #ifndef FASTMED_CUDA_VERSION
 #define FASTMED_CUDA_VERSION "unknown"
@@ -63,6 +65,8 @@ void bind_params_shared(py::module_& m) {
     reuse_type<SWArgmaxParams>(m, "SWArgmaxParams");
   }
   else bind_sw_params(m);
+  if (reuse_type<ResampleParams>(m, "ResampleParams")) reuse_type<SplineFilterParams>(m, "SplineFilterParams");
+  else bind_resample_params(m);
 }
 
 }  // namespace
@@ -102,6 +106,22 @@ PYBIND11_MODULE(_C_cuda, m) {
       s = sw_normalize_cuda(p);
     }
     check_cuda_status(s, "sw_normalize");
+  });
+  m.def("resample", [](const ResampleParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = resample_cuda(p);
+    }
+    check_cuda_status(s, "resample");
+  });
+  m.def("spline_prefilter", [](const SplineFilterParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = spline_prefilter_cuda(p);
+    }
+    check_cuda_status(s, "spline_prefilter");
   });
   m.def("build_info", []() {
     py::dict d;

@@ -374,8 +374,16 @@ void rows(const ResampleParams& p) {
         if (p.out_mode == kOutArgmax) {
           if (ch == 0) {
             for (int64_t x = 0; x < nx; ++x) { best[x] = v[x]; lab[x] = 0; }
-          } else {
-            for (int64_t x = 0; x < nx; ++x) argmax_update(v[x], ch, best[x], lab[x]);
+          } else {  // first maximum wins, NaN counts as the largest (as torch.argmax)
+            T* bp = best.data();
+            int64_t* lp = lab.data();
+#pragma omp simd
+            for (int64_t x = 0; x < nx; ++x) {
+              const T cur = bp[x], val = v[x];
+              const bool take = val > cur || (val != val && cur == cur);
+              bp[x] = take ? val : cur;
+              lp[x] = take ? ch : lp[x];
+            }
           }
         }
       }

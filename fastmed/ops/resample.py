@@ -19,7 +19,8 @@ B-spline (``src`` must then hold B-spline coefficients: :func:`spline_prefilter`
 (``(B, 1, *out_size)`` integer labels: the argmax over channels of the interpolated values, in one
 pass), ``"labels"`` (``src`` an integer label map with ``C == 1``: each label of ``labels`` is
 interpolated as an indicator and the last one reaching 0.5 wins, else ``cval``; nnU-Net's
-``resize_segmentation`` without a one-hot tensor).
+``resize_segmentation`` without a one-hot tensor; always computed in float64, so ties at exactly 0.5
+fall as in float64).
 
 ``resample_reference`` is the same computation in plain PyTorch float64 (the tests' oracle).
 """
@@ -214,8 +215,11 @@ def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, paddi
     theta = theta.detach()
     if prefilter and out != "labels" and 3 in orders:
         src, theta = _spline_coefficients(src, theta, orders, pad, float(cval), compute_dtype)
+    # label sums are often exactly 0.5 (upsampling by 2, cubic taps at integer coordinates): float64
+    # decides those ties as the reference (and nnU-Net's float64 masks) do
+    f64 = compute_dtype == torch.float64 or out == "labels"
     return _resample_op(src, theta, [int(s) for s in out_size], orders, pad, float(cval),
-                        bool(nearest_half_up), out_dtype, compute_dtype == torch.float64, OUT_MODES[out], lab)
+                        bool(nearest_half_up), out_dtype, f64, OUT_MODES[out], lab)
 
 
 _SPLINE_PAD = 12  # scipy's extension before prefiltering with border / zeros padding
