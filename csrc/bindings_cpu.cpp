@@ -49,6 +49,14 @@ PYBIND11_MODULE(_C, m) {
     check_status(s, "spline_prefilter");
   });
   bind_sw_params(m);
+  m.def("sw_gather", [](const SWGatherParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_gather_cpu(p);
+    }
+    check_status(s, "sw_gather");
+  });
   m.def("sw_accumulate", [](const SWAccParams& p) {
     int s;
     {

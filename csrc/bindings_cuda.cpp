@@ -63,6 +63,7 @@ void bind_params_shared(py::module_& m) {
   if (reuse_type<SWAccParams>(m, "SWAccParams")) {
     reuse_type<SWNormParams>(m, "SWNormParams");
     reuse_type<SWArgmaxParams>(m, "SWArgmaxParams");
+    reuse_type<SWGatherParams>(m, "SWGatherParams");
   }
   else bind_sw_params(m);
   if (reuse_type<ResampleParams>(m, "ResampleParams")) reuse_type<SplineFilterParams>(m, "SplineFilterParams");
@@ -90,6 +91,14 @@ PYBIND11_MODULE(_C_cuda, m) {
       s = dice_ce_bwd_cuda(p);
     }
     check_cuda_status(s, "dice_ce_bwd");
+  });
+  m.def("sw_gather", [](const SWGatherParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_gather_cuda(p);
+    }
+    check_cuda_status(s, "sw_gather");
   });
   m.def("sw_accumulate", [](const SWAccParams& p) {
     int s;

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_normalize_, zeros
+from . import _ext
+from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_gather, sw_normalize_, zeros
+
+_GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
+                  torch.int32, torch.int64, torch.bool)
 
 __all__ = [
     "sliding_window_inference", "sliding_window_labels", "SlidingWindowInferer", "SlidingWindowInfererAdapt",
@@ -228,8 +232,24 @@ def _crop_padding(t: Tensor, pad_size, image_size_, roi_size=None) -> Tensor:
     return t[(slice(None), slice(None), *sl)]
 
 
-def _gather(t: Tensor, coords) -> Tensor:
-    return torch.cat([t[tuple(c)] for c in coords]) if len(coords) > 1 else t[tuple(coords[0])]
+def _gather(t: Tensor, coords, pin_memory: bool = False) -> Tensor:
+    """The windows ``t[c]`` for c in coords, concatenated (MONAI's torch.cat of slices), gathered by
+    one kernel call when they are plain equal-size windows of one batch item each."""
+    if t.dtype in _GATHER_DTYPES and t.device.type in ("cpu", "cuda") and not t.requires_grad:
+        starts, size = [], None
+        for c in coords:
+            b, ch, *sp = c
+            sz = [s.stop - s.start for s in sp]
+            if b.stop - b.start != 1 or ch != slice(None) or any(s.step not in (None, 1) for s in sp) or (
+                    size is not None and sz != size):
+                break
+            size = sz
+            starts.append([b.start] + [s.start for s in sp])
+        else:
+            if _ext.cpu is not None and (t.device.type == "cpu" or _ext.cuda is not None):
+                return sw_gather(t, torch.tensor(starts, dtype=torch.int64), size, pin_memory)
+    out = torch.cat([t[tuple(c)] for c in coords]) if len(coords) > 1 else t[tuple(coords[0])]
+    return out.pin_memory() if pin_memory else out
 
 
 def _window_batches(inputs, condition, batches, coords_of, sw_device):
@@ -247,9 +267,9 @@ def _window_batches(inputs, condition, batches, coords_of, sw_device):
 
     def stage(idxs):
         coords = coords_of(idxs)
-        hosts = [_gather(inputs, coords).pin_memory()]
+        hosts = [_gather(inputs, coords, pin_memory=True)]
         if condition is not None:
-            hosts.append(_gather(condition, coords).pin_memory())
+            hosts.append(_gather(condition, coords, pin_memory=True))
         with torch.cuda.stream(stream):
             devs = [h.to(sw_device, non_blocking=True) for h in hosts]
         done = torch.cuda.Event()
@@ -650,7 +670,7 @@ def sliding_window_labels(
                 batch = ids[j:j + sw_batch_size]
                 sl = [[slice(b, b + 1), slice(None)] + [slice(st, st + p) for st, p in zip(starts[i], patch)]
                       for i in batch]
-                win = torch.cat([inputs[tuple(c)] for c in sl]).to(sw_device)
+                win = _gather(inputs, sl).to(sw_device)
                 pred = predictor(win, *args, **kwargs)
                 if not isinstance(pred, Tensor):
                     raise TypeError(f"predictor: must return one tensor (n, C, *roi), got {type(pred).__name__}")
@@ -783,8 +803,8 @@ def nnunet_sliding_window_inference(
     for b in range(inputs.shape[0]):
         for j in range(0, len(starts), sw_batch_size):
             ids = list(range(j, min(j + sw_batch_size, len(starts))))
-            win = torch.cat([inputs[(slice(b, b + 1), slice(None)) + tuple(slice(s, s + p) for s, p in
-                                                                         zip(starts[i], patch))] for i in ids])
+            win = _gather(inputs, [(slice(b, b + 1), slice(None)) + tuple(slice(s, s + p) for s, p in
+                                                                          zip(starts[i], patch)) for i in ids])
             win = win.to(sw_device)
             st = torch.tensor([[b] + starts[i] for i in ids], dtype=torch.int64)
             for n, combo in enumerate(combos):

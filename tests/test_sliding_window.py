@@ -501,3 +501,25 @@ def test_inferer_softmax_equals_softmax_of_result():
     nn_plain = FI.nnunet_sliding_window_inference(x, net, (16, 16, 16), mirror_axes=(0, 2))
     nn_prob = FI.nnunet_sliding_window_inference(x, net, (16, 16, 16), mirror_axes=(0, 2), softmax=True)
     torch.testing.assert_close(nn_prob, torch.softmax(nn_plain, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.uint8, torch.int16, torch.bool])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_gather_equals_cat_of_slices(dtype, layout):
+    vol = (torch.randn(2, 3, 20, 17, 15) * 10).to(dtype)
+    if layout == "channels_last":
+        vol = vol.to(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        vol = (torch.randn(2, 3, 20, 17, 30) * 10).to(dtype)[..., ::2]
+    starts = torch.tensor([[0, 0, 0, 0], [1, 4, 9, 7], [0, 12, 1, 8], [1, 0, 0, 0]])
+    got = SW.sw_gather(vol, starts, [8, 8, 7])
+    want = torch.cat([vol[b:b + 1, :, z:z + 8, y:y + 8, x:x + 7] for b, z, y, x in starts.tolist()])
+    assert got.is_contiguous() and torch.equal(got, want)
+    st2 = torch.tensor([[1, 3, 2], [0, 0, 9]])
+    got2 = SW.sw_gather(vol[:, :, 5], st2, [6, 5])
+    assert torch.equal(got2, torch.cat([vol[b:b + 1, :, 5, y:y + 6, x:x + 5] for b, y, x in st2.tolist()]))
+
+
+def test_gather_opcheck():
+    vol = torch.randn(1, 2, 9, 8, 7)
+    torch.library.opcheck(SW.sw_gather, (vol, torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]]), [4, 4, 4]))

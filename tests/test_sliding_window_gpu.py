@@ -101,3 +101,14 @@ def test_cuda_fused_softmax_equals_cpu(acc_dtype):
     gpu = sw_normalize(acc.cuda(), count.cuda(), torch.float32, True).cpu()
     tol = 1e-3 if acc_dtype == torch.float16 else 1e-6
     torch.testing.assert_close(gpu.double(), sw_normalize_reference(acc, count, True), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8, torch.float64])
+def test_cuda_gather_equals_cat(dtype):
+    from fastmed.ops.sliding_window import sw_gather
+
+    vol = (torch.randn(2, 3, 20, 17, 15) * 10).to(dtype).cuda()
+    starts = torch.tensor([[0, 0, 0, 0], [1, 4, 9, 7], [0, 12, 1, 8]])
+    got = sw_gather(vol, starts, [8, 8, 7])
+    want = torch.cat([vol[b:b + 1, :, z:z + 8, y:y + 8, x:x + 7] for b, z, y, x in starts.tolist()])
+    assert torch.equal(got, want)

@@ -20,6 +20,15 @@ namespace py = pybind11;
       [](T& p, std::array<int64_t, 3> v) { for (int i = 0; i < 3; ++i) p.name[i] = v[i]; })
 
 inline void bind_sw_params(py::module_& m) {
+  py::class_<SWGatherParams> w(m, "SWGatherParams");
+  w.def(py::init([]() { SWGatherParams p{}; return p; }));
+  w.def_readwrite("N", &SWGatherParams::N).def_readwrite("C", &SWGatherParams::C);
+  w.def_readwrite("esize", &SWGatherParams::esize).def_readwrite("s_sb", &SWGatherParams::s_sb);
+  w.def_readwrite("s_sc", &SWGatherParams::s_sc).def_readwrite("num_threads", &SWGatherParams::num_threads);
+  FM_SW_VEC3(w, SWGatherParams, s_s); FM_SW_VEC3(w, SWGatherParams, win);
+  FM_SW_PTR(w, SWGatherParams, src, const void*); FM_SW_PTR(w, SWGatherParams, dst, void*);
+  FM_SW_PTR(w, SWGatherParams, starts, const int64_t*); FM_SW_PTR(w, SWGatherParams, stream, void*);
+
   py::class_<SWAccParams> a(m, "SWAccParams");
   a.def(py::init([]() { SWAccParams p{}; return p; }));
   a.def_readwrite("N", &SWAccParams::N).def_readwrite("C", &SWAccParams::C);

@@ -53,6 +53,20 @@ struct SWArgmaxParams {
   void* stream;
 };
 
+// dst[n, c, i, j, k] = src[starts[4n], c, starts[4n+1] + i, starts[4n+2] + j, starts[4n+3] + k]:
+// a batch of windows gathered from the (padded) volume in one pass; elements of esize bytes are
+// copied bit for bit. Every window lies inside src (checked in Python); dst is contiguous.
+struct SWGatherParams {
+  int64_t N, C;
+  const void* src; int esize; int64_t s_sb, s_sc, s_s[3];
+  void* dst; int64_t win[3];
+  const int64_t* starts;
+  int num_threads;
+  void* stream;
+};
+
+int sw_gather_cpu(const SWGatherParams& p);
+int sw_gather_cuda(const SWGatherParams& p);
 int sw_accumulate_cpu(const SWAccParams& p);
 int sw_argmax_cpu(const SWArgmaxParams& p);
 int sw_normalize_cpu(const SWNormParams& p);

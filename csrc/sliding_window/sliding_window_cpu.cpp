@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #include <type_traits>
 
@@ -330,6 +331,30 @@ int sw_argmax_cpu(const SWArgmaxParams& p) {
     case kBF16: argmax_labels<bf16_t>(p); return kOk;
     default: return kBadDtype;
   }
+}
+
+int sw_gather_cpu(const SWGatherParams& p) {
+  if (p.N < 0 || p.C < 1 || (p.esize != 1 && p.esize != 2 && p.esize != 4 && p.esize != 8)) return kBadArgument;
+  const int64_t rows = p.N * p.C * p.win[0] * p.win[1];
+  const int64_t nk = p.win[2];
+  const int64_t es = p.esize;
+#pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t t = r;
+    const int64_t j = t % p.win[1]; t /= p.win[1];
+    const int64_t i = t % p.win[0]; t /= p.win[0];
+    const int64_t c = t % p.C, n = t / p.C;
+    const int64_t* s = p.starts + 4 * n;
+    const char* src = (const char*)p.src +
+                      (s[0] * p.s_sb + c * p.s_sc + (s[1] + i) * p.s_s[0] + (s[2] + j) * p.s_s[1] + s[3] * p.s_s[2]) * es;
+    char* dst = (char*)p.dst + r * nk * es;
+    if (p.s_s[2] == 1) {
+      std::memcpy(dst, src, (size_t)(nk * es));
+    } else {
+      for (int64_t k = 0; k < nk; ++k) std::memcpy(dst + k * es, src + k * p.s_s[2] * es, (size_t)es);
+    }
+  }
+  return kOk;
 }
 
 int sw_accumulate_cpu(const SWAccParams& p) {

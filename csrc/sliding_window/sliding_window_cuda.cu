@@ -110,6 +110,22 @@ __global__ void normalize_softmax_kernel(SWNormParams p) {
   }
 }
 
+template <typename E>
+__global__ void gather_kernel(SWGatherParams p) {
+  const int64_t total = p.N * p.C * p.win[0] * p.win[1] * p.win[2];
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t t = e;
+    const int64_t k = t % p.win[2]; t /= p.win[2];
+    const int64_t j = t % p.win[1]; t /= p.win[1];
+    const int64_t i = t % p.win[0]; t /= p.win[0];
+    const int64_t c = t % p.C, n = t / p.C;
+    const int64_t* s = p.starts + 4 * n;
+    const E* src = (const E*)p.src + s[0] * p.s_sb + c * p.s_sc + (s[1] + i) * p.s_s[0] + (s[2] + j) * p.s_s[1] +
+                   (s[3] + k) * p.s_s[2];
+    ((E*)p.dst)[e] = *src;
+  }
+}
+
 int grid_for(int64_t total) {
   const int64_t blocks = (total + 255) / 256;
   return (int)(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
@@ -173,6 +189,21 @@ int normalize_dst(const SWNormParams& p) {
 }
 
 }  // namespace
+
+int sw_gather_cuda(const SWGatherParams& p) {
+  if (p.N < 0 || p.C < 1) return kBadArgument;
+  const int64_t total = p.N * p.C * p.win[0] * p.win[1] * p.win[2];
+  if (total == 0) return kOk;
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  switch (p.esize) {
+    case 1: gather_kernel<uint8_t><<<grid_for(total), 256, 0, stream>>>(p); break;
+    case 2: gather_kernel<uint16_t><<<grid_for(total), 256, 0, stream>>>(p); break;
+    case 4: gather_kernel<uint32_t><<<grid_for(total), 256, 0, stream>>>(p); break;
+    case 8: gather_kernel<uint64_t><<<grid_for(total), 256, 0, stream>>>(p); break;
+    default: return kBadArgument;
+  }
+  return status();
+}
 
 int sw_accumulate_cuda(const SWAccParams& p) {
   if (p.N < 0 || p.C < 1 || p.win[0] < 0 || p.win[1] < 0 || p.win[2] < 0) return kBadArgument;

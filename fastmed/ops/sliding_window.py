@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["sw_accumulate", "sw_normalize", "sw_normalize_", "sw_normalize_reference", "sw_accumulate_reference", "sw_argmax", "zeros", "empty", "FLOAT_DTYPES"]
+__all__ = ["sw_gather", "sw_accumulate", "sw_normalize", "sw_normalize_", "sw_normalize_reference", "sw_accumulate_reference", "sw_argmax", "zeros", "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -58,6 +58,38 @@ def _vec3(t: Tensor, lead: int):
     nsp = t.ndim - lead
     st, sz = list(t.stride()), list(t.shape)
     return st[:lead], [0] * (3 - nsp) + st[lead:], [1] * (3 - nsp) + sz[lead:]
+
+
+@torch.library.custom_op("fastmed::sliding_window_gather", mutates_args=())
+def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = False) -> Tensor:
+    """``out[n] = src[starts[n, 0], :, starts[n, 1]:+roi[0], ...]``: a batch of equal-size windows
+    gathered in one pass (any dtype, any strides; every window inside ``src``), into pinned memory
+    on request (to be copied to a GPU without staging)."""
+    nsp = src.ndim - 2
+    out = torch.empty((starts.shape[0], src.shape[1], *roi), dtype=src.dtype, device=src.device,
+                      pin_memory=pin_memory and src.device.type == "cpu")
+    if out.numel() == 0:
+        return out
+    mod = _ext.require(src.device, "sw_gather")
+    p = mod.SWGatherParams()
+    (p.s_sb, p.s_sc), p.s_s, _ = _vec3(src, 2)
+    p.src, p.esize, p.dst = src.data_ptr(), src.element_size(), out.data_ptr()
+    p.N, p.C = starts.shape[0], src.shape[1]
+    p.win = [1] * (3 - nsp) + [int(r) for r in roi]
+    st = starts.to(device=src.device, dtype=torch.int64)
+    if nsp == 2:
+        st = torch.cat([st[:, :1], torch.zeros_like(st[:, :1]), st[:, 1:]], 1)
+    st = st.contiguous()
+    p.starts = st.data_ptr()
+    p.num_threads = _ext.num_threads()
+    p.stream = _ext.stream_ptr(src.device)
+    mod.sw_gather(p)
+    return out
+
+
+@sw_gather.register_fake
+def _(src, starts, roi, pin_memory=False):
+    return src.new_empty((starts.shape[0], src.shape[1], *roi))
 
 
 @torch.library.custom_op("fastmed::sliding_window_accumulate", mutates_args=("acc",))
