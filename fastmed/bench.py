@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -259,7 +260,9 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
                 r.peak_extra_mb = _peak_extra_mb(idx, impl, quick, device, case)
             r.extra["grad_mb"] = case.make_inputs("cpu")[0].numel() * 4 / 2**20
             results.append(r)
-    inference, label_memory = [], None
+    inference, label_memory, resample = [], None, []
+    if not ops or "resample" in ops:
+        resample = run_resample(quick, device, bw, reps=3 if quick else 5, log=log)
     if not ops or "sliding_window" in ops:
         inference = run_sliding_window(quick, device, bw, reps=3 if quick else 5, log=log)
         if not quick and device == "cpu":
@@ -270,6 +273,7 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
         "copy_bandwidth_gbps": bw,
         "inference": inference,
         "label_map_memory": label_memory,
+        "resample": resample,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "quick": quick,
@@ -354,6 +358,103 @@ def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=p
             r["overhead_ratio_vs_monai"] = rows["monai"]["overhead_ms"] / r["overhead_ms"]
         out.append(r)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# resampling: a CT to 1.5 mm (MONAI Spacing), and logits back to the original geometry as labels
+
+
+def _ct_case(quick: bool):
+    """512x512x200 at (0.8, 0.8, 2.5) mm (the issue's case; the same in --quick)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 512, 512, 200), generator=g) * 300
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0], dtype=torch.float64))
+    return x, affine
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+        del out
+    return statistics.median(ts)
+
+
+def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) -> list:
+    from . import transforms as ft
+
+    rows = []
+    x, affine = _ct_case(quick)
+    x = x.to(device)
+    nbytes_in = x.numel() * x.element_size()
+    fm = ft.Spacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear", dtype=torch.float32)
+    out = fm(x, affine=affine, return_affine=True)[0]
+    out_shape = tuple(out.shape)
+    min_bytes = nbytes_in + out.numel() * 4
+    del out
+    impls = {"fastmed": lambda: fm(x, affine=affine)}
+    try:
+        from monai.data import MetaTensor
+        from monai.transforms import Spacing as MSpacing
+
+        mx = MetaTensor(x, affine=affine)
+        ms = MSpacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear", dtype=torch.float32)
+        impls["monai"] = lambda: ms(mx)
+    except ImportError as exc:
+        log(f"  monai: skipped ({exc})")
+    times = {name: _median_time(fn, reps if name == "fastmed" else max(1, reps - 1)) for name, fn in impls.items()}
+    case = "512x512x200 (0.8, 0.8, 2.5) mm -> 1.5 mm, trilinear, float32 -> " + "x".join(map(str, out_shape[1:]))
+    for name, t in times.items():
+        r = {"op": "resample", "case": case, "impl": name, "ms": t * 1e3, "gbps": min_bytes / t / 1e9,
+             "pct_copy_bw": 100.0 * min_bytes / t / 1e9 / bw}
+        if "monai" in times:
+            r["ratio_vs_monai"] = times["monai"] / t
+        rows.append(r)
+
+    # logits (14 classes at 1.5 mm) back to the original grid as labels, against resample-then-argmax
+    C = 14
+    small = (256, 256, 100) if quick else (512, 512, 200)
+    orig_aff = torch.diag(torch.tensor([0.8 * 512 / small[0], 0.8 * 512 / small[1], 2.5 * 200 / small[2], 1.0],
+                                       dtype=torch.float64))
+    lo_shape = [int(round(n * float(orig_aff[i, i]) / 1.5)) for i, n in enumerate(small)]
+    lo_aff = torch.diag(torch.tensor([1.5, 1.5, 1.5, 1.0], dtype=torch.float64))
+    logits = torch.randn((C, *lo_shape), generator=torch.Generator().manual_seed(1)).to(device)
+    impls = {"fastmed": lambda: ft.resample_argmax(logits, small, lo_aff, orig_aff)}
+    try:
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        ml = MetaTensor(logits, affine=lo_aff)
+        sr = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+        impls["monai"] = lambda: sr(ml, dst_affine=orig_aff, spatial_size=small).argmax(0, keepdim=True)
+    except ImportError:
+        pass
+    times = {name: _median_time(fn, reps if name == "fastmed" else 1) for name, fn in impls.items()}
+    lab_bytes = logits.numel() * 4 + math.prod(small)
+    case = f"{C} logits {'x'.join(map(str, lo_shape))} at 1.5 mm -> labels {'x'.join(map(str, small))}"
+    for name, t in times.items():
+        r = {"op": "logits_to_labels", "case": case, "impl": name, "ms": t * 1e3, "gbps": lab_bytes / t / 1e9,
+             "pct_copy_bw": 100.0 * lab_bytes / t / 1e9 / bw}
+        if "monai" in times:
+            r["ratio_vs_monai"] = times["monai"] / t
+        rows.append(r)
+    return rows
+
+
+def format_resample_table(report: dict) -> str:
+    rows = report.get("resample") or []
+    if not rows:
+        return ""
+    head = ["op", "case", "impl", "ms", "x vs MONAI", "GB/s (min traffic)", "% copy BW"]
+    lines = [head] + [[r["op"], r["case"], r["impl"], f"{r['ms']:.0f}", f"{r.get('ratio_vs_monai', float('nan')):.1f}",
+                       f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}"] for r in rows]
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    text = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def _label_memory_child(args):

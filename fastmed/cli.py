@@ -38,10 +38,10 @@ def main(argv=None) -> int:
         return 2
     report = bench.run(quick=args.quick, device=args.device, reps=args.reps, ops=args.ops, memory=not args.no_memory)
     print(bench.format_table(report))
-    inf = bench.format_inference_table(report)
-    if inf:
-        print()
-        print(inf)
+    for table in (bench.format_inference_table(report), bench.format_resample_table(report)):
+        if table:
+            print()
+            print(table)
     lm = report.get("label_map_memory")
     if lm:
         print(f"\n{lm['op']}: {lm['case']}: peak extra memory {lm['peak_extra_mb']:.0f} MB "

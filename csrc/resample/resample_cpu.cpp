@@ -10,6 +10,7 @@
 // Both compute the same sums; they differ only in the order of float additions.
 // Compiled once per instruction set (FM_ISA, as dice_ce_cpu.cpp); the dispatcher picks one.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -18,6 +19,9 @@
 
 #include "../common/common.h"
 #include "resample.h"
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef FM_ISA
 #define FM_ISA base
@@ -252,14 +256,72 @@ inline bool row_separable(const ResampleParams& p) {
     const double* th = p.theta + b * p.theta_sb;
     if (th[2] != 0.0 || th[6] != 0.0 || th[8] != 0.0 || th[9] != 0.0) return false;
   }
-  return p.out_mode != kOutLabels;
+  return p.out_mode != kOutLabels && p.in_size[2] < ((int64_t)1 << 31);
 }
 
-// v[x] = sum_k w_k[x] * bl[i_k[x]] + cconst (the weights of a voxel sum to 1)
+// Vector width of this build for the x interpolation (floats per register).
+#if defined(__AVX512F__)
+constexpr int kVW = 16;
+#elif defined(__AVX2__)
+constexpr int kVW = 8;
+#else
+constexpr int kVW = 1;
+#endif
+
+// v[x] = sum_k w_k[x] * bl[i_k[x]] + cconst (the weights of a voxel sum to 1). Block b of kVW
+// voxels whose taps all fall in bl[XB[b], XB[b] + kVW) (XB[b] >= 0: upsampling and mild
+// downsampling) reads that span with one load and picks the taps with register permutes (relative
+// indices XR); other blocks gather. bl has kVW floats of slack past its end.
 template <typename T, int K>
-inline void x_interp(const T* bl, const int64_t* XI, const T* XW, int64_t nx, T cconst, T* v) {
+inline void x_interp(const T* bl, const int32_t* XI, const int32_t* XB, const int32_t* XR, const T* XW, int64_t nx,
+                     T cconst, T* v) {
+  int64_t x0 = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(__AVX512F__)
+    const __m512 cc = _mm512_set1_ps(cconst);
+    for (; x0 + 16 <= nx; x0 += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      const int32_t base = XB[x0 / 16];
+      if (base >= 0) {
+        const __m512 span = _mm512_loadu_ps(bl + base);
+        for (int k = 0; k < K; ++k) {
+          const __m512i id = _mm512_loadu_si512((const void*)(XR + k * nx + x0));
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(XW + k * nx + x0), _mm512_permutexvar_ps(id, span), acc);
+        }
+      } else {
+        for (int k = 0; k < K; ++k) {
+          const __m512i id = _mm512_loadu_si512((const void*)(XI + k * nx + x0));
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(XW + k * nx + x0), _mm512_i32gather_ps(id, bl, 4), acc);
+        }
+      }
+      _mm512_storeu_ps(v + x0, _mm512_add_ps(acc, cc));
+    }
+#else
+    const __m256 cc = _mm256_set1_ps(cconst);
+    for (; x0 + 8 <= nx; x0 += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      const int32_t base = XB[x0 / 8];
+      if (base >= 0) {
+        const __m256 span = _mm256_loadu_ps(bl + base);
+        for (int k = 0; k < K; ++k) {
+          const __m256i id = _mm256_loadu_si256((const __m256i*)(XR + k * nx + x0));
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(XW + k * nx + x0), _mm256_permutevar8x32_ps(span, id), acc);
+        }
+      } else {
+        for (int k = 0; k < K; ++k) {
+          const __m256i id = _mm256_loadu_si256((const __m256i*)(XI + k * nx + x0));
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(XW + k * nx + x0), _mm256_i32gather_ps(bl, id, 4), acc);
+        }
+      }
+      _mm256_storeu_ps(v + x0, _mm256_add_ps(acc, cc));
+    }
+#endif
+  }
+#endif
+  (void)XB; (void)XR;
 #pragma omp simd
-  for (int64_t x = 0; x < nx; ++x) {
+  for (int64_t x = x0; x < nx; ++x) {
     T s = 0;
     for (int k = 0; k < K; ++k) s += XW[k * nx + x] * bl[XI[k * nx + x]];
     v[x] = s + cconst;
@@ -270,14 +332,16 @@ template <typename S, typename T>
 void rows(const ResampleParams& p) {
   const int64_t nz = p.out_size[0], ny = p.out_size[1], nx = p.out_size[2];
   const int64_t inx = p.in_size[2];
-  const int64_t nrows = p.B * nz * ny;
-  const int oc = p.out_mode == kOutValues ? (int)p.C : 1;
   const int64_t nb = p.theta_sb ? p.B : 1;
+  // work: tiles of kTile consecutive output rows of one (b, z)
+  constexpr int64_t kTile = 8;
+  const int64_t ytiles = (ny + kTile - 1) / kTile;
+  const int64_t ntasks = p.B * nz * ytiles;
   const T cval = (T)p.cval;
   const bool cmirror = p.padding == kPadConstantMirror;
   // x taps per batch entry: tap k of voxel x at [k * nx + x]
   const int kx = p.order[2] == 0 ? 1 : p.order[2] == 1 ? 2 : 4;
-  std::vector<int64_t> xi((size_t)(nb * kx * nx));
+  std::vector<int32_t> xi((size_t)(nb * kx * nx));  // 32-bit: the row path needs in_size[2] < 2^31
   std::vector<T> xw((size_t)(nb * kx * nx));
   std::vector<uint8_t> xout((size_t)(nb * nx));
   std::vector<int64_t> xlo((size_t)nb, inx), xhi((size_t)nb, -1);
@@ -292,111 +356,137 @@ void rows(const ResampleParams& p) {
       xout[b * nx + x] = cmirror && outside(c, inx);
       if (xout[b * nx + x]) xvalid[b] = 0;
       for (int k = 0; k < kx; ++k) {
-        xi[(b * kx + k) * nx + x] = ti[k];
+        xi[(b * kx + k) * nx + x] = (int32_t)ti[k];
         xw[(b * kx + k) * nx + x] = tw[k];
         if (ti[k] < 0) xvalid[b] = 0;
         if (ti[k] >= 0) { xlo[b] = std::min(xlo[b], ti[k]); xhi[b] = std::max(xhi[b], ti[k]); }
       }
     }
   }
+  // per block of kVW voxels: the start of the input span holding all its taps (or -1)
+  const int64_t nblk = nx / kVW;
+  std::vector<int32_t> xb((size_t)(nb * nblk + 1), -1), xr((size_t)(nb * kx * nx), 0);
+  for (int64_t b = 0; b < nb && kVW > 1; ++b) {
+    if (!xvalid[b]) continue;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      int32_t lo = INT32_MAX, hi = INT32_MIN;
+      for (int k = 0; k < kx; ++k)
+        for (int64_t x = blk * kVW; x < (blk + 1) * kVW; ++x) {
+          lo = std::min(lo, xi[(b * kx + k) * nx + x]);
+          hi = std::max(hi, xi[(b * kx + k) * nx + x]);
+        }
+      if (hi - lo >= kVW) continue;
+      xb[b * nblk + blk] = lo;
+      for (int k = 0; k < kx; ++k)
+        for (int64_t x = blk * kVW; x < (blk + 1) * kVW; ++x)
+          xr[(b * kx + k) * nx + x] = xi[(b * kx + k) * nx + x] - lo;
+    }
+  }
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
   {
-    std::vector<T> blend((size_t)(p.C * inx));
-    std::vector<T> vals((size_t)(oc * nx));
-    std::vector<int64_t> lab((size_t)nx);
-    std::vector<T> best((size_t)nx);
+    std::vector<T> blend((size_t)(inx + kVW));  // one channel's blended row; kVW of slack for span loads
+    std::vector<T> vals((size_t)(kTile * nx));
+    std::vector<int64_t> lab((size_t)(kTile * nx));
+    std::vector<T> best((size_t)(kTile * nx));
+    char* db = (char*)p.dst;
+    const int64_t es = p.dst_dtype == kF64 || p.dst_dtype == kI64 ? 8 : p.dst_dtype == kI32 || p.dst_dtype == kF32 ? 4
+                       : p.dst_dtype == kU8 || p.dst_dtype == kI8 ? 1 : 2;
+    // values of dst's own type with unit stride are written in place (no row buffer, no second pass)
+    const bool direct = p.out_mode == kOutValues && p.d_s[2] == 1 &&
+                        ((std::is_same<T, float>::value && p.dst_dtype == kF32) ||
+                         (std::is_same<T, double>::value && p.dst_dtype == kF64));
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < nrows; ++r) {
-      const int64_t y = r % ny, z = (r / ny) % nz, b = r / (ny * nz);
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const int64_t yt = task % ytiles, z = (task / ytiles) % nz, b = task / (ytiles * nz);
+      const int64_t y0 = yt * kTile, y1 = std::min(ny, y0 + kTile);
       const int64_t bt = p.theta_sb ? b : 0;
       const double* th = p.theta + b * p.theta_sb;
-      const T cz = (T)(th[0] * (double)z + th[1] * (double)y + th[3]);
-      const T cy = (T)(th[4] * (double)z + th[5] * (double)y + th[7]);
-      const int64_t* XI = xi.data() + bt * kx * nx;
+      const int32_t* XI = xi.data() + bt * kx * nx;
+      const int32_t* XR = xr.data() + bt * kx * nx;
+      const int32_t* XB = xb.data() + bt * nblk;
       const T* XW = xw.data() + bt * kx * nx;
       const uint8_t* XO = xout.data() + bt * nx;
       const int64_t lo = xlo[bt], hi = xhi[bt];
-      int64_t zi[4], yi[4];
-      T zw[4], yw[4];
-      const int tz = taps<T>(cz, p.order[0], p.in_size[0], p.padding, p.nearest_half_up, zi, zw);
-      const int ty = taps<T>(cy, p.order[1], p.in_size[1], p.padding, p.nearest_half_up, yi, yw);
-      const bool row_out = cmirror && (outside(cz, p.in_size[0]) || outside(cy, p.in_size[1]));
-      // blend[c, x'] = sum over valid rows of w_r * src[b, c, z_r, y_r, x'] + cval * (weight of invalid rows)
-      T cconst = 0;
-      bool first = true;
-      if (!row_out && hi >= lo) {
-        for (int i = 0; i < tz; ++i)
-          for (int j = 0; j < ty; ++j) {
-            const T w = zw[i] * yw[j];
-            if (zi[i] < 0 || yi[j] < 0) { cconst += w * cval; continue; }
-            const S* srow = (const S*)p.src + b * p.s_sb + zi[i] * p.s_s[0] + yi[j] * p.s_s[1];
-            for (int64_t ch = 0; ch < p.C; ++ch) {
-              const S* q = srow + ch * p.s_sc;
-              T* o = blend.data() + ch * inx;
-              if (p.s_s[2] == 1) {
-                if (first) {
+      // channels outermost: each channel streams through its own rows of the tile (many channels
+      // interleaved row by row would be more streams than the prefetchers follow)
+      for (int64_t ch = 0; ch < p.C; ++ch) {
+        for (int64_t y = y0; y < y1; ++y) {
+          const T cz = (T)(th[0] * (double)z + th[1] * (double)y + th[3]);
+          const T cy = (T)(th[4] * (double)z + th[5] * (double)y + th[7]);
+          int64_t zi[4], yi[4];
+          T zw[4], yw[4];
+          const int tz = taps<T>(cz, p.order[0], p.in_size[0], p.padding, p.nearest_half_up, zi, zw);
+          const int ty = taps<T>(cy, p.order[1], p.in_size[1], p.padding, p.nearest_half_up, yi, yw);
+          const bool row_out = cmirror && (outside(cz, p.in_size[0]) || outside(cy, p.in_size[1]));
+          // blend[x'] = sum over valid rows of w_r * src[b, ch, z_r, y_r, x'] (+ cval * weight of invalid rows)
+          T cconst = 0;
+          T* o = blend.data();
+          if (!row_out && hi >= lo) {
+            bool first = true;
+            for (int i = 0; i < tz; ++i)
+              for (int j = 0; j < ty; ++j) {
+                const T w = zw[i] * yw[j];
+                if (zi[i] < 0 || yi[j] < 0) { cconst += w * cval; continue; }
+                const S* q = (const S*)p.src + b * p.s_sb + ch * p.s_sc + zi[i] * p.s_s[0] + yi[j] * p.s_s[1];
+                if (p.s_s[2] == 1) {
+                  if (first) {
 #pragma omp simd
-                  for (int64_t k = lo; k <= hi; ++k) o[k] = w * load<S, T>(q + k);
+                    for (int64_t k = lo; k <= hi; ++k) o[k] = w * load<S, T>(q + k);
+                  } else {
+#pragma omp simd
+                    for (int64_t k = lo; k <= hi; ++k) o[k] += w * load<S, T>(q + k);
+                  }
                 } else {
-#pragma omp simd
-                  for (int64_t k = lo; k <= hi; ++k) o[k] += w * load<S, T>(q + k);
+                  for (int64_t k = lo; k <= hi; ++k) o[k] = (first ? 0 : o[k]) + w * load<S, T>(q + k * p.s_s[2]);
                 }
-              } else {
-                for (int64_t k = lo; k <= hi; ++k) o[k] = (first ? 0 : o[k]) + w * load<S, T>(q + k * p.s_s[2]);
+                first = false;
+              }
+            if (first) std::fill(o + lo, o + hi + 1, (T)0);  // every row outside: cconst holds the value
+          }
+          const int64_t off = b * p.d_sb + z * p.d_s[0] + y * p.d_s[1];
+          const int64_t ry = y - y0;
+          T* v = direct ? (T*)(db + (off + ch * p.d_sc) * es) : vals.data() + ry * nx;
+          if (row_out) {
+            for (int64_t x = 0; x < nx; ++x) v[x] = cval;
+          } else if (xvalid[bt]) {  // every x tap inside
+            switch (kx) {
+              case 1: x_interp<T, 1>(o, XI, XB, XR, XW, nx, cconst, v); break;
+              case 2: x_interp<T, 2>(o, XI, XB, XR, XW, nx, cconst, v); break;
+              default: x_interp<T, 4>(o, XI, XB, XR, XW, nx, cconst, v); break;
+            }
+          } else {
+            for (int64_t x = 0; x < nx; ++x) {
+              T acc = 0;
+              for (int k = 0; k < kx; ++k) {
+                const int64_t ii = XI[k * nx + x];
+                acc += XW[k * nx + x] * (ii >= 0 ? o[ii] + cconst : cval);
+              }
+              v[x] = XO[x] ? cval : acc;
+            }
+          }
+          if (p.out_mode == kOutArgmax) {
+            T* bp = best.data() + ry * nx;
+            int64_t* lp = lab.data() + ry * nx;
+            if (ch == 0) {
+              for (int64_t x = 0; x < nx; ++x) { bp[x] = v[x]; lp[x] = 0; }
+            } else {  // first maximum wins, NaN counts as the largest (as torch.argmax)
+#pragma omp simd
+              for (int64_t x = 0; x < nx; ++x) {
+                const T cur = bp[x], val = v[x];
+                const bool take = val > cur || (val != val && cur == cur);
+                bp[x] = take ? val : cur;
+                lp[x] = take ? ch : lp[x];
               }
             }
-            first = false;
-          }
-        if (first)  // every row was outside: the blend is zero, cconst holds the value
-          for (int64_t ch = 0; ch < p.C; ++ch) std::fill(blend.data() + ch * inx + lo, blend.data() + ch * inx + hi + 1, (T)0);
-      }
-      for (int64_t ch = 0; ch < p.C; ++ch) {
-        const T* bl = blend.data() + ch * inx;
-        T* v = p.out_mode == kOutValues ? vals.data() + ch * nx : vals.data();
-        if (row_out) {
-          for (int64_t x = 0; x < nx; ++x) v[x] = cval;
-        } else if (xvalid[bt]) {  // every x tap inside: a fixed number of gathers from the row
-          switch (kx) {
-            case 1: x_interp<T, 1>(bl, XI, XW, nx, cconst, v); break;
-            case 2: x_interp<T, 2>(bl, XI, XW, nx, cconst, v); break;
-            default: x_interp<T, 4>(bl, XI, XW, nx, cconst, v); break;
-          }
-        } else {
-          for (int64_t x = 0; x < nx; ++x) {
-            T s = 0;
-            for (int k = 0; k < kx; ++k) {
-              const int64_t ii = XI[k * nx + x];
-              s += XW[k * nx + x] * (ii >= 0 ? bl[ii] + cconst : cval);
-            }
-            v[x] = XO[x] ? cval : s;
-          }
-        }
-        if (p.out_mode == kOutArgmax) {
-          if (ch == 0) {
-            for (int64_t x = 0; x < nx; ++x) { best[x] = v[x]; lab[x] = 0; }
-          } else {  // first maximum wins, NaN counts as the largest (as torch.argmax)
-            T* bp = best.data();
-            int64_t* lp = lab.data();
-#pragma omp simd
-            for (int64_t x = 0; x < nx; ++x) {
-              const T cur = bp[x], val = v[x];
-              const bool take = val > cur || (val != val && cur == cur);
-              bp[x] = take ? val : cur;
-              lp[x] = take ? ch : lp[x];
-            }
+          } else if (!direct) {
+            store_row<T>(db + (off + ch * p.d_sc) * es, p.dst_dtype, p.d_s[2], v, nx);
           }
         }
       }
-      char* db = (char*)p.dst;
-      const int64_t es = p.dst_dtype == kF64 || p.dst_dtype == kI64 ? 8 : p.dst_dtype == kI32 || p.dst_dtype == kF32 ? 4
-                         : p.dst_dtype == kU8 || p.dst_dtype == kI8 ? 1 : 2;
-      const int64_t off = b * p.d_sb + z * p.d_s[0] + y * p.d_s[1];
-      if (p.out_mode == kOutValues) {
-        for (int64_t ch = 0; ch < p.C; ++ch)
-          store_row<T>(db + (off + ch * p.d_sc) * es, p.dst_dtype, p.d_s[2], vals.data() + ch * nx, nx);
-      } else {
-        store_labels(db + off * es, p.dst_dtype, p.d_s[2], lab.data(), nx);
-      }
+      if (p.out_mode == kOutArgmax)
+        for (int64_t y = y0; y < y1; ++y)
+          store_labels(db + (b * p.d_sb + z * p.d_s[0] + y * p.d_s[1]) * es, p.dst_dtype, p.d_s[2],
+                       lab.data() + (y - y0) * nx, nx);
     }
   }
 }
