@@ -259,3 +259,19 @@ def test_torch_compile():
         return R.resample(x * 2, th, (3, 4, 5), order=1) + 1
 
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.6, 1.0, 1.3, 1.55, 1.9, 2.5])
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_row_path_long_rows_every_span_kind(scale, order):
+    """Rows long enough for the vector blocks: spans within one register (upsampling), two registers
+    (downsampling up to ~1.9x) and gathers (beyond), against the float64 reference."""
+    x = torch.randn(2, 3, 5, 6, 101, dtype=torch.float64)
+    nx = int(100 / scale)
+    th = torch.tensor([[0.8, 0.0, 0.0, 0.3], [0.0, 1.1, 0.0, -0.2], [0.0, 0.0, scale, 0.37]], dtype=torch.float64)
+    ref = R.resample_reference(x, th, (4, 5, nx), order=order, padding="border")
+    got = R.resample(x.float(), th, (4, 5, nx), order=order, padding="border", prefilter=False)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+    lab = R.resample(x.float(), th, (4, 5, nx), order=order, padding="border", out="argmax", prefilter=False)
+    vals = R.resample(x.float(), th, (4, 5, nx), order=order, padding="border", prefilter=False)
+    assert torch.equal(lab.long(), vals.argmax(1, keepdim=True))

@@ -259,7 +259,9 @@ inline bool row_separable(const ResampleParams& p) {
   return p.out_mode != kOutLabels && p.in_size[2] < ((int64_t)1 << 31);
 }
 
-// Vector width of this build for the x interpolation (floats per register).
+// Vector width of this build for the x interpolation (floats per register). XB entries >= kWide
+// mark AVX-512 blocks whose span needs two registers (the start is XB - kWide).
+constexpr int32_t kWide = 1 << 30;
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
 #elif defined(__AVX2__)
@@ -267,6 +269,7 @@ constexpr int kVW = 8;
 #else
 constexpr int kVW = 1;
 #endif
+constexpr int kSpanMax = kVW == 16 ? 32 : kVW;  // AVX-512 permutes across two registers
 
 // v[x] = sum_k w_k[x] * bl[i_k[x]] + cconst (the weights of a voxel sum to 1). Block b of kVW
 // voxels whose taps all fall in bl[XB[b], XB[b] + kVW) (XB[b] >= 0: upsampling and mild
@@ -283,11 +286,17 @@ inline void x_interp(const T* bl, const int32_t* XI, const int32_t* XB, const in
     for (; x0 + 16 <= nx; x0 += 16) {
       __m512 acc = _mm512_setzero_ps();
       const int32_t base = XB[x0 / 16];
-      if (base >= 0) {
+      if (base >= 0 && base < kWide) {
         const __m512 span = _mm512_loadu_ps(bl + base);
         for (int k = 0; k < K; ++k) {
           const __m512i id = _mm512_loadu_si512((const void*)(XR + k * nx + x0));
           acc = _mm512_fmadd_ps(_mm512_loadu_ps(XW + k * nx + x0), _mm512_permutexvar_ps(id, span), acc);
+        }
+      } else if (base >= kWide) {  // taps span 16..31 floats (downsampling up to ~1.9x): two registers
+        const __m512 lo16 = _mm512_loadu_ps(bl + base - kWide), hi16 = _mm512_loadu_ps(bl + base - kWide + 16);
+        for (int k = 0; k < K; ++k) {
+          const __m512i id = _mm512_loadu_si512((const void*)(XR + k * nx + x0));
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(XW + k * nx + x0), _mm512_permutex2var_ps(lo16, id, hi16), acc);
         }
       } else {
         for (int k = 0; k < K; ++k) {
@@ -375,8 +384,8 @@ void rows(const ResampleParams& p) {
           lo = std::min(lo, xi[(b * kx + k) * nx + x]);
           hi = std::max(hi, xi[(b * kx + k) * nx + x]);
         }
-      if (hi - lo >= kVW) continue;
-      xb[b * nblk + blk] = lo;
+      if (hi - lo >= kSpanMax) continue;
+      xb[b * nblk + blk] = hi - lo < kVW ? lo : lo + kWide;
       for (int k = 0; k < kx; ++k)
         for (int64_t x = blk * kVW; x < (blk + 1) * kVW; ++x)
           xr[(b * kx + k) * nx + x] = xi[(b * kx + k) * nx + x] - lo;
@@ -384,7 +393,7 @@ void rows(const ResampleParams& p) {
   }
 #pragma omp parallel num_threads(std::max(1, p.num_threads))
   {
-    std::vector<T> blend((size_t)(inx + kVW));  // one channel's blended row; kVW of slack for span loads
+    std::vector<T> blend((size_t)(inx + kSpanMax));  // one channel's blended row; slack for span loads
     std::vector<T> vals((size_t)(kTile * nx));
     std::vector<int64_t> lab((size_t)(kTile * nx));
     std::vector<T> best((size_t)(kTile * nx));
