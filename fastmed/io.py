@@ -64,7 +64,6 @@ import dataclasses
 import errno
 import os
 import stat
-import tempfile
 import threading
 import warnings
 from typing import Any, NamedTuple, Optional, Tuple, Union
@@ -303,6 +302,20 @@ def _to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def _create_temp(directory: str, prefix: str, suffix: str) -> str:
+    """A new empty file with a unique name, created with mode 0o666 so that the process umask applies
+    (no chmod afterwards, no umask juggling)."""
+    for _ in range(100):
+        name = os.path.join(directory, prefix + os.urandom(6).hex() + suffix)
+        try:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(errno.EEXIST, f"path: no free temporary name in {directory!r}", directory)
+
+
 def _image_from_nibabel(img: Any, path: Optional[str], *, as_tensor: bool, dtype: Any, name: str) -> NiftiImage:
     header = img.header.copy()
     ondisk = _native(header.get_data_dtype())
@@ -315,8 +328,9 @@ def _image_from_nibabel(img: Any, path: Optional[str], *, as_tensor: bool, dtype
         header.set_slope_inter(float(slope), float(inter))
     try:
         arr = np.asanyarray(img.dataobj)
-    except MemoryError:
-        raise
+    except MemoryError as exc:  # a corrupt header can claim an enormous shape
+        raise MemoryError(f"{name}: {path or 'the image'} claims shape {tuple(img.shape)} of {ondisk}, more than "
+                          f"can be allocated (corrupt header?)") from exc
     except Exception as exc:  # truncated or corrupt data block (EOFError, zlib.error, OSError, ValueError...)
         raise ValueError(f"{name}: cannot read the image data of {path or 'the image'} "
                          f"(truncated or corrupt file?): {type(exc).__name__}: {exc}") from exc
@@ -715,12 +729,8 @@ def save_nifti(data: Any, affine: Any, path: Union[str, os.PathLike], *, header:
         raise ValueError(f"data: cannot be written as NIfTI with on-disk type {out_dtype}: {exc}") from exc
 
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base[: -len(ext)]}.", suffix=".tmp" + ext.lower())
-    os.close(fd)
+    tmp = _create_temp(directory, f".{base[: -len(ext)]}.", ".tmp" + ext.lower())
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.to_filename(tmp)

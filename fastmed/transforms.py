@@ -401,6 +401,13 @@ def _use_kernel(device: torch.device) -> bool:
 def _sample(src: Tensor, theta: Tensor, out_size, orders, padding, cval, half_up, out_dtype, compute_dtype,
             out="values", labels=None) -> Tensor:
     """One op call on prepared input (B-spline coefficients for order-3 dims)."""
+    if (_FORCE_BACKEND is None and src.device.type != "cpu" and not _kernel_available(src.device)
+            and _kernel_available(torch.device("cpu"))):
+        warnings.warn(f"fastmed was built without the resample kernel for {src.device.type}; resampling on the "
+                      "CPU kernel and copying back (rebuild fastmed with CUDA to resample on the GPU)",
+                      RuntimeWarning, stacklevel=3)
+        return _R.resample(src.cpu(), theta.cpu(), out_size, orders, padding, cval, half_up, out_dtype,
+                           compute_dtype, out, labels, prefilter=False).to(src.device)
     if _use_kernel(src.device):
         return _R.resample(src, theta, out_size, orders, padding, cval, half_up, out_dtype, compute_dtype, out,
                            labels, prefilter=False)
@@ -463,17 +470,8 @@ def _run(img: Tensor, theta: np.ndarray, out_shape, plan: _Plan, compute_dtype: 
             res = _R.resample(src, theta_t, size, plan.orders, plan.padding, plan.cval, plan.half_up, od,
                               compute_dtype, out, labels, prefilter=True)
             return res if batched else res[0]
-        x = src.to(compute_dtype)
-        if plan.prepad:
-            pads = []
-            for d in reversed(range(nsp)):
-                pads += [_SCIPY_PREPAD, _SCIPY_PREPAD] if d in cubic else [0, 0]
-            x = torch.nn.functional.pad(x, pads, mode=plan.prepad,
-                                        **({"value": plan.cval} if plan.prepad == "constant" else {}))
-            for d in cubic:
-                th[d, -1] += _SCIPY_PREPAD
-        src = _R.spline_prefilter_reference(x, cubic, plan.boundary).to(compute_dtype)
-        theta_t = torch.from_numpy(th)
+        src, theta_t = _R._spline_coefficients(src.to(compute_dtype), theta_t, plan.orders,
+                                               _R.PADDINGS[plan.padding], plan.cval, compute_dtype, reference=True)
     res = _sample(src, theta_t, size, plan.orders, plan.padding, plan.cval, plan.half_up, od, compute_dtype, out,
                   labels)
     return res if batched else res[0]
@@ -844,6 +842,8 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, order: int = 
     src = _src_for_op(x, compute).unsqueeze(0)
     if not prefilter and any(o == 3 for o in plan.orders):
         plan.orders = list(plan.orders)
+        _check_memory(memory_limit, _nbytes((1, *out_shape), od), 0,
+                      f"affine_transform of {tuple(x.shape)} to {tuple(out_shape)}")
         src = src.to(compute)
         res = _sample(src.unsqueeze(0), torch.from_numpy(th), out_shape, plan.orders, plan.padding, plan.cval,
                       plan.half_up, od, compute)[0, 0]

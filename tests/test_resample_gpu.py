@@ -55,10 +55,23 @@ def test_cuda_argmax_and_labels(order):
     gpu = R.resample(logits.cuda(), th, (9, 10, 11), order=order, padding="border", out="argmax",
                      compute_dtype=torch.float64).cpu()
     assert torch.equal(gpu, cpu)
+    if order == 3:  # labels mode is orders 0 and 1
+        return
     seg = torch.randint(0, 5, (1, 1, 15, 16, 17), dtype=torch.int16)
-    cpu = R.resample(seg, th, (9, 10, 11), order=order, padding="border", out="labels")
-    gpu = R.resample(seg.cuda(), th, (9, 10, 11), order=order, padding="border", out="labels").cpu()
-    assert (gpu != cpu).double().mean() < 1e-3  # ties at exactly 0.5 may fall either way in float32
+    for pad, cval in (("border", 0), ("zeros", 7)):
+        cpu = R.resample(seg, th, (9, 10, 11), order=order, padding=pad, cval=cval, out="labels")
+        gpu = R.resample(seg.cuda(), th, (9, 10, 11), order=order, padding=pad, cval=cval, out="labels").cpu()
+        assert torch.equal(gpu, cpu)  # float64 sums on both devices
+
+
+def test_cuda_batched_theta_channels_last_size_one_and_empty():
+    x = torch.randn(3, 2, 9, 1, 11, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    th = torch.stack([_theta("oblique", s) for s in range(3)])
+    for order in (0, 1, 3):
+        kw = dict(order=order, padding="zeros", compute_dtype=torch.float64)
+        torch.testing.assert_close(R.resample(x.cuda(), th, (5, 4, 6), **kw).cpu(), R.resample(x, th, (5, 4, 6), **kw),
+                                   rtol=0, atol=1e-10)
+    assert R.resample(x.cuda(), th, (0, 4, 6)).shape == (3, 2, 0, 4, 6)
 
 
 @pytest.mark.parametrize("boundary", ["mirror", "reflect"])

@@ -73,20 +73,23 @@ inline T bspline3(T t) {
   return 0;
 }
 
-// Taps of coordinate c along a dim of size n: up to 4 (index or -1 = cval, weight).
+// Taps of coordinate c along a dim of size n: up to 4 (index or -1 = cval, weight). The coordinate
+// stays in double (as on CUDA and in the reference): which voxels are picked never depends on the
+// compute precision; only the fraction t is rounded to T.
 template <typename T>
-inline int taps(T c, int order, int64_t n, int pad, bool half_up, int64_t* idx, T* w) {
-  c = c < (T)-1e15 ? (T)-1e15 : c > (T)1e15 ? (T)1e15 : c;  // far outside either way; keeps int64 exact
+inline int taps(double c, int order, int64_t n, int pad, bool half_up, int64_t* idx, T* w) {
+  c = c < -1e15 ? -1e15 : c > 1e15 ? 1e15 : c;  // far outside either way; keeps int64 exact (NaN: below)
+  if (c != c) c = -1e15;
   const int epad = pad == kPadConstantMirror ? kPadMirror : pad;
   if (order == 0) {
-    const T r = half_up ? std::floor(c + (T)0.5) : std::nearbyint(c);
+    const double r = half_up ? std::floor(c + 0.5) : std::nearbyint(c);
     idx[0] = extend((int64_t)r, n, epad);
     w[0] = 1;
     return 1;
   }
-  const T f = std::floor(c);
+  const double f = std::floor(c);
   const int64_t i0 = (int64_t)f;
-  const T t = c - f;
+  const T t = (T)(c - f);
   if (order == 1) {
     idx[0] = extend(i0, n, epad); w[0] = 1 - t;
     idx[1] = extend(i0 + 1, n, epad); w[1] = t;
@@ -101,8 +104,7 @@ inline int taps(T c, int order, int64_t n, int pad, bool half_up, int64_t* idx, 
   return 4;
 }
 
-template <typename T>
-inline bool outside(T c, int64_t n) { return !(c >= 0 && c <= (T)(n - 1)); }
+inline bool outside(double c, int64_t n) { return !(c >= 0 && c <= (double)(n - 1)); }
 
 // ---- stores -----------------------------------------------------------------------------------
 
@@ -171,9 +173,9 @@ void general(const ResampleParams& p) {
       const double* th = p.theta + b * p.theta_sb;
       const S* sb = (const S*)p.src + b * p.s_sb;
       for (int64_t x = 0; x < nx; ++x) {
-        T c[3];
+        double c[3];
         for (int d = 0; d < 3; ++d)
-          c[d] = (T)(th[4 * d] * (double)z + th[4 * d + 1] * (double)y + th[4 * d + 2] * (double)x + th[4 * d + 3]);
+          c[d] = th[4 * d] * (double)z + th[4 * d + 1] * (double)y + th[4 * d + 2] * (double)x + th[4 * d + 3];
         bool out_pt = false;
         if (p.padding == kPadConstantMirror)
           for (int d = 0; d < 3; ++d) out_pt |= outside(c[d], p.in_size[d]);
@@ -256,7 +258,8 @@ inline bool row_separable(const ResampleParams& p) {
     const double* th = p.theta + b * p.theta_sb;
     if (th[2] != 0.0 || th[6] != 0.0 || th[8] != 0.0 || th[9] != 0.0) return false;
   }
-  return p.out_mode != kOutLabels && p.in_size[2] < ((int64_t)1 << 31);
+  // 32-bit x taps, block starts tagged with kWide = 2^30: rows shorter than 2^30 - 64
+  return p.out_mode != kOutLabels && p.in_size[2] < ((int64_t)1 << 30) - 64;
 }
 
 // Vector width of this build for the x interpolation (floats per register). XB entries >= kWide
@@ -358,7 +361,7 @@ void rows(const ResampleParams& p) {
   for (int64_t b = 0; b < nb; ++b) {
     const double* th = p.theta + b * p.theta_sb;
     for (int64_t x = 0; x < nx; ++x) {
-      const T c = (T)(th[10] * (double)x + th[11]);
+      const double c = th[10] * (double)x + th[11];
       int64_t ti[4];
       T tw[4];
       taps<T>(c, p.order[2], inx, p.padding, p.nearest_half_up, ti, tw);
@@ -420,8 +423,8 @@ void rows(const ResampleParams& p) {
       // interleaved row by row would be more streams than the prefetchers follow)
       for (int64_t ch = 0; ch < p.C; ++ch) {
         for (int64_t y = y0; y < y1; ++y) {
-          const T cz = (T)(th[0] * (double)z + th[1] * (double)y + th[3]);
-          const T cy = (T)(th[4] * (double)z + th[5] * (double)y + th[7]);
+          const double cz = th[0] * (double)z + th[1] * (double)y + th[3];
+          const double cy = th[4] * (double)z + th[5] * (double)y + th[7];
           int64_t zi[4], yi[4];
           T zw[4], yw[4];
           const int tz = taps<T>(cz, p.order[0], p.in_size[0], p.padding, p.nearest_half_up, zi, zw);

@@ -18,9 +18,9 @@ B-spline (``src`` must then hold B-spline coefficients: :func:`spline_prefilter`
 ``out`` selects what is written: ``"values"`` (``(B, C, *out_size)`` in ``out_dtype``), ``"argmax"``
 (``(B, 1, *out_size)`` integer labels: the argmax over channels of the interpolated values, in one
 pass), ``"labels"`` (``src`` an integer label map with ``C == 1``: each label of ``labels`` is
-interpolated as an indicator and the last one reaching 0.5 wins, else ``cval``; nnU-Net's
-``resize_segmentation`` without a one-hot tensor; always computed in float64, so ties at exactly 0.5
-fall as in float64).
+interpolated as an indicator and the last one reaching 0.5 wins, else ``cval``, an integer
+background label; nnU-Net's ``resize_segmentation`` for orders 0 and 1 without a one-hot tensor;
+always computed in float64, so ties at exactly 0.5 fall as in float64).
 
 ``resample_reference`` is the same computation in plain PyTorch float64 (the tests' oracle).
 """
@@ -77,7 +77,6 @@ def _resample_op(
     out_mode: int,
     labels: Optional[Tensor],
 ) -> Tensor:
-    nsp = src.ndim - 2
     B, C = src.shape[0], src.shape[1]
     oc = C if out_mode == 0 else 1
     out = torch.empty((B, oc, *out_size), dtype=out_dtype, device=src.device)
@@ -86,6 +85,21 @@ def _resample_op(
     if src.device.type == "cpu" and _ext.cpu is not None:
         _ext.cpu.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     mod = _ext.require(src.device, "resample")
+    with _device_guard(src.device):
+        _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels)
+    return out
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensor's own GPU (its current stream), whatever the current device is."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels):
+    nsp = src.ndim - 2
+    B, C = src.shape[0], src.shape[1]
     p = mod.ResampleParams()
     p.B, p.C = B, C
     (p.s_sb, p.s_sc), p.s_s, p.in_size = _vec3(src, 2)
@@ -106,7 +120,6 @@ def _resample_op(
     p.stream = _ext.stream_ptr(src.device)
     mod.resample(p)
     del keep
-    return out
 
 
 @_resample_op.register_fake
@@ -123,6 +136,12 @@ def _prefilter_op(x: Tensor, dims: Sequence[int], boundary: int) -> Tensor:
     mod = _ext.require(x.device, "spline_prefilter")
     nsp = x.ndim - 2
     flat = out.view(-1, *out.shape[2:])
+    with _device_guard(x.device):
+        _launch_prefilter(mod, flat, dims, boundary, nsp, x.device)
+    return out
+
+
+def _launch_prefilter(mod, flat, dims, boundary, nsp, device):
     for d in dims:
         p = mod.SplineFilterParams()
         p.data, p.dtype = flat.data_ptr(), _ext.DTYPE_CODES[flat.dtype]
@@ -130,9 +149,8 @@ def _prefilter_op(x: Tensor, dims: Sequence[int], boundary: int) -> Tensor:
         _, p.s, p.size = _vec3(flat, 1)
         p.dim, p.boundary = 3 - nsp + int(d), int(boundary)
         p.num_threads = _ext.num_threads()
-        p.stream = _ext.stream_ptr(x.device)
+        p.stream = _ext.stream_ptr(device)
         mod.spline_prefilter(p)
-    return out
 
 
 @_prefilter_op.register_fake
@@ -169,7 +187,7 @@ def _check(src: Tensor, theta: Tensor, out_size, nsp_allowed=(2, 3)) -> int:
                          f"{tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__}")
     if not torch.compiler.is_compiling() and not torch.isfinite(theta).all():  # (data-dependent)
         raise ValueError("theta must be finite")
-    if len(out_size) != nsp or any(int(s) < 0 for s in out_size):
+    if len(out_size) != nsp or any(int(s) != s or int(s) < 0 for s in out_size):
         raise ValueError(f"out_size must be {nsp} non-negative sizes, got {tuple(out_size)}")
     if min(src.shape[2:], default=1) < 1:
         raise ValueError(f"src must not be empty along a spatial dim, got shape {tuple(src.shape)}")
@@ -183,11 +201,15 @@ def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, paddi
     ``src``'s floating dtype (float32 for integer input) for values, uint8/int16 (by label range) for
     argmax and ``src``'s dtype for labels. ``compute_dtype`` float32 or float64. With ``prefilter``
     (as scipy's), dims of order 3 are sampled from B-spline coefficients computed here the way
-    ``scipy.ndimage.map_coordinates`` computes them (border and zeros padding first extend the
-    input by 12 voxels, as scipy does); ``prefilter=False`` takes ``src`` as coefficients."""
+    ``scipy.ndimage.map_coordinates`` computes them (border and zeros padding first extend every
+    cubic dim by 12 voxels, as scipy does); ``prefilter=False`` takes ``src`` as coefficients."""
     nsp = _check(src, theta, out_size)
     orders = _orders(order, nsp)
     pad = _padding_code(padding)
+    if src.shape[1] < 1:
+        raise ValueError(f"src must have at least one channel, got shape {tuple(src.shape)}")
+    if out_dtype is not None and out_dtype not in _ext.DTYPE_CODES:
+        raise TypeError(f"out_dtype {out_dtype} is not supported (one of {sorted(map(str, _ext.DTYPE_CODES))})")
     if out not in OUT_MODES:
         raise ValueError(f"out must be one of {sorted(OUT_MODES)}, got {out!r}")
     if compute_dtype not in (torch.float32, torch.float64):
@@ -208,10 +230,23 @@ def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, paddi
     else:
         if src.is_floating_point() or src.shape[1] != 1:
             raise ValueError("out='labels' needs an integer label map src with one channel")
+        if 3 in orders:
+            raise NotImplementedError("out='labels' with order 3: the indicators would need a prefilter each; "
+                                      "interpolate each label's indicator with out='values' instead")
         if labels is None:
             labels = torch.unique(src).tolist()
         lab = torch.as_tensor(list(labels), dtype=torch.int64)
         out_dtype = out_dtype or src.dtype
+        if out_dtype not in LABEL_DTYPES:
+            raise TypeError(f"out_dtype must be an integer dtype for out='labels', got {out_dtype}")
+        info = torch.iinfo(out_dtype)
+        if lab.numel() == 0:
+            raise ValueError("labels must not be empty")
+        if int(lab.min()) < info.min or int(lab.max()) > info.max:
+            raise ValueError(f"labels must fit out_dtype {out_dtype}, got {lab.tolist()}")
+        if float(cval) != int(cval) or not info.min <= int(cval) <= info.max:
+            raise ValueError(f"cval is the background label for out='labels': an integer that fits {out_dtype}, "
+                             f"got {cval}")
     theta = theta.detach()
     if prefilter and out != "labels" and 3 in orders:
         src, theta = _spline_coefficients(src, theta, orders, pad, float(cval), compute_dtype)
@@ -225,10 +260,14 @@ def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, paddi
 _SPLINE_PAD = 12  # scipy's extension before prefiltering with border / zeros padding
 
 
-def _spline_coefficients(src: Tensor, theta: Tensor, orders, pad: int, cval: float, compute_dtype):
-    """(coefficients, theta) for the order-3 dims, as scipy.ndimage prepares them."""
+def _spline_coefficients(src: Tensor, theta: Tensor, orders, pad: int, cval: float, compute_dtype,
+                         reference: bool = False):
+    """(coefficients, theta) for the order-3 dims, as scipy.ndimage prepares them (``reference``: with
+    the float64 prefilter, for builds without the kernel)."""
     nsp = src.ndim - 2
-    dims = [d for d in range(nsp) if orders[d] == 3 and src.shape[2 + d] > 1]
+    # scipy extends every cubic dim (a size-1 one too) before prefiltering for border / zeros
+    extend = pad in (PADDINGS["zeros"], PADDINGS["border"])
+    dims = [d for d in range(nsp) if orders[d] == 3 and (extend or src.shape[2 + d] > 1)]
     if not dims:
         return src, theta
     x = src.to(torch.float64 if compute_dtype == torch.float64 or src.dtype == torch.float64 else torch.float32)
@@ -243,8 +282,11 @@ def _spline_coefficients(src: Tensor, theta: Tensor, orders, pad: int, cval: flo
         theta = theta.to(torch.float64).clone()
         for d in dims:
             theta[..., d, -1] += _SPLINE_PAD
-    coef = spline_prefilter(x, dims, "reflect" if pad == PADDINGS["reflect"] else "mirror")
-    return coef, theta
+    boundary = "reflect" if pad == PADDINGS["reflect"] else "mirror"
+    if reference:
+        fdims = [d for d in dims if x.shape[2 + d] > 1]
+        return spline_prefilter_reference(x, fdims, boundary).to(x.dtype), theta
+    return spline_prefilter(x, dims, boundary), theta
 
 
 def spline_prefilter(x: Tensor, dims: Optional[Sequence[int]] = None, boundary: str = "mirror") -> Tensor:
