@@ -451,10 +451,7 @@ def format_resample_table(report: dict) -> str:
     head = ["op", "case", "impl", "ms", "x vs MONAI", "GB/s (min traffic)", "% copy BW"]
     lines = [head] + [[r["op"], r["case"], r["impl"], f"{r['ms']:.0f}", f"{r.get('ratio_vs_monai', float('nan')):.1f}",
                        f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}"] for r in rows]
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    text = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
-    text.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(text)
+    return _text_table(lines)
 
 
 def _label_memory_child(args):
@@ -506,6 +503,14 @@ def label_map_memory(shape=(1, 1, 512, 512, 800), C=117, roi=(96, 96, 96), overl
     return r
 
 
+def _text_table(rows: list) -> str:
+    """Rows of cells (the first is the header) as an aligned text table."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_inference_table(report: dict) -> str:
     rows = report.get("inference") or []
     if not rows:
@@ -517,10 +522,7 @@ def format_inference_table(report: dict) -> str:
         lines.append([r["op"], r["case"], r["impl"], f"{r['total_ms']:.0f}", f"{r['predictor_ms']:.0f}",
                       f"{r['overhead_ms']:.0f}", f"{r.get('overhead_ratio_vs_monai', float('nan')):.1f}",
                       f"{r['min_traffic_ms']:.0f}", f"{r['overhead_vs_min']:.1f}"])
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    text = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
-    text.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(text)
+    return _text_table(lines)
 
 
 def _versions() -> dict:
@@ -548,10 +550,7 @@ def format_table(report: dict) -> str:
         rows.append([r["op"], r["case"], r["impl"], f(r["fwd_ms"], ".1f"), f(r["bwd_ms"], ".1f"), f(r["fwd_bwd_ms"], ".1f"),
                      f(r["ratio_vs_baseline"], ".1f"), f(r["gbps"], ".1f"), f(r["pct_copy_bw"], ".0f"),
                      f(r["peak_extra_mb"], ".0f")])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _text_table(rows)
 
 
 def save(report: dict, path: str) -> str:
