@@ -5,6 +5,8 @@
 #include "common/sw_params_binding.h"
 #include "common/resample_params_binding.h"
 #include "resample/resample.h"
+#include "common/norm_act_params_binding.h"
+#include "norm_act/norm_act.h"
 #include "dice_ce/dice_ce.h"
 #include "sliding_window/sliding_window.h"
 
@@ -30,6 +32,23 @@ PYBIND11_MODULE(_C, m) {
       s = dice_ce_bwd_cpu(p);
     }
     check_status(s, "dice_ce_bwd");
+  });
+  bind_norm_act_params(m);
+  m.def("norm_act_fwd", [](const NormActParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = norm_act_fwd_cpu(p);
+    }
+    check_status(s, "norm_act_fwd");
+  });
+  m.def("norm_act_bwd", [](const NormActParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = norm_act_bwd_cpu(p);
+    }
+    check_status(s, "norm_act_bwd");
   });
   bind_resample_params(m);
   m.def("resample", [](const ResampleParams& p) {

@@ -1,0 +1,30 @@
+// Instance normalisation fused with its activation (nnU-Net's InstanceNorm + LeakyReLU), forward and
+// backward, on N*C planes of S contiguous elements (NC + flattened spatial dims).
+//   forward:  mean, rstd = 1 / sqrt(var + eps) per plane (biased variance, in double)
+//             y = act((x - mean) * rstd * w[c] + b[c])          act: 0 none, 1 ReLU, 2 LeakyReLU(slope)
+//   backward: dz = dy * (z > 0 ? 1 : act slope) (z recomputed, never stored)
+//             dw_part[n, c] = sum dz * xhat, db_part[n, c] = sum dz (summed over n in Python, in order)
+//             dx = rstd * (w dz - mean(w dz) - xhat * mean(w dz * xhat))
+// x, y, dy, dx share the element type (float32 or float64); w, b (optional) are float32/float64 of
+// the same type. Statistics and plane sums are accumulated in double.
+#pragma once
+#include <cstdint>
+
+namespace fastmed {
+
+struct NormActParams {
+  int64_t N, C, S;
+  int dtype;
+  const void* x; void* y;
+  const void* weight; const void* bias;
+  double eps, slope; int act;
+  double* mean; double* rstd;
+  const void* dy; void* dx; double* dweight; double* dbias;
+  int num_threads;
+  void* stream;
+};
+
+int norm_act_fwd_cpu(const NormActParams& p);
+int norm_act_bwd_cpu(const NormActParams& p);
+
+}  // namespace fastmed

@@ -1,0 +1,180 @@
+"""``fastmed::norm_act_fwd`` / ``fastmed::norm_act_bwd``: instance normalisation fused with its
+activation (nnU-Net's ``InstanceNorm3d(affine=True) -> LeakyReLU(0.01)``), forward and backward.
+
+``norm_act(x, weight, bias, eps, act, slope)`` on ``x`` (N, C, *spatial): per (n, c) plane the mean
+and biased variance (in float64), ``y = act((x - mean) / sqrt(var + eps) * weight[c] + bias[c])``
+with ``act`` "none", "relu" or "leaky_relu" (negative slope ``slope``), in one read-twice, write-once
+pass; the backward recomputes the pre-activation instead of storing it and returns dx, dweight,
+dbias (per-plane partial sums added over n in a fixed order: deterministic). CPU kernel in C++;
+CUDA (for now) and other devices run ``norm_act_reference`` in plain PyTorch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+__all__ = ["norm_act", "norm_act_reference", "ACTS"]
+
+ACTS = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+
+def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float, act: int):
+    mod = _ext.require(x.device, "norm_act")
+    p = mod.NormActParams()
+    p.N, p.C = x.shape[0], x.shape[1]
+    p.S = x[0, 0].numel()
+    p.dtype = _ext.DTYPE_CODES[x.dtype]
+    p.x = x.data_ptr()
+    p.weight = weight.data_ptr() if weight is not None else 0
+    p.bias = bias.data_ptr() if bias is not None else 0
+    p.eps, p.slope, p.act = float(eps), float(slope), int(act)
+    p.num_threads = _ext.num_threads()
+    return mod, p
+
+
+def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(dtype=x.dtype).contiguous()
+
+
+@torch.library.custom_op("fastmed::norm_act_fwd", mutates_args=())
+def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
+                 act: int) -> tuple[Tensor, Tensor, Tensor]:
+    planes = x.shape[0] * x.shape[1]
+    mean = torch.empty(planes, dtype=torch.float64, device=x.device)
+    rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
+    if x.device.type != "cpu":
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
+        return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel():
+        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
+        mod, p = _params(x, w, b, eps, slope, act)
+        p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
+        mod.norm_act_fwd(p)
+    return y, mean, rstd
+
+
+@norm_act_fwd.register_fake
+def _(x, weight, bias, eps, slope, act):
+    planes = x.shape[0] * x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(planes, dtype=torch.float64),
+            x.new_empty(planes, dtype=torch.float64))
+
+
+@torch.library.custom_op("fastmed::norm_act_bwd", mutates_args=())
+def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                 slope: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
+    N, C = x.shape[0], x.shape[1]
+    if x.device.type != "cpu":
+        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
+    dy = dy.contiguous()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw = torch.empty(N * C, dtype=torch.float64)
+    db = torch.empty(N * C, dtype=torch.float64)
+    if x.numel():
+        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
+        mod, p = _params(x, w, b, 0.0, slope, act)
+        p.dy, p.dx, p.mean, p.rstd = dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr()
+        p.dweight, p.dbias = dw.data_ptr(), db.data_ptr()
+        mod.norm_act_bwd(p)
+    return dx, dw.view(N, C).sum(0).to(x.dtype), db.view(N, C).sum(0).to(x.dtype)
+
+
+@norm_act_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, slope, act):
+    C = x.shape[1]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(C), x.new_empty(C)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, slope, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.slope, ctx.act = slope, act
+    ctx.has_w, ctx.has_b = weight is not None, bias is not None
+
+
+def _backward(ctx, dy, dmean, drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act)
+    return (dx, dw.to(weight.dtype) if ctx.has_w and ctx.needs_input_grad[1] else None,
+            db.to(bias.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None, None, None, None)
+
+
+norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _act_code(act) -> int:
+    if isinstance(act, int) and act in ACTS.values():
+        return act
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    return ACTS[act]
+
+
+def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+             act="leaky_relu", slope: float = 0.01) -> Tensor:
+    """Instance norm (+ optional per-channel affine) fused with an activation; see the module docstring."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 3:
+        raise ValueError(f"x must be (N, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
+    if x.numel() and x[0, 0].numel() == 1:
+        raise ValueError(f"x: instance norm needs more than 1 spatial element (as torch's), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64 (got {x.dtype})")
+    C = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (C,)):
+            raise ValueError(f"{name} must be a tensor of shape ({C},), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    code = _act_code(act)
+    return norm_act_fwd(x.contiguous(), weight, bias, float(eps), float(slope), code)[0]
+
+
+def _reference_fwd(x, weight, bias, eps, slope, act):
+    dims = tuple(range(2, x.ndim))
+    x64 = x.double()
+    mean = x64.mean(dims, keepdim=True)
+    var = x64.var(dims, unbiased=False, keepdim=True)
+    rstd = 1.0 / torch.sqrt(var + eps)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    z = (x64 - mean) * rstd
+    if weight is not None:
+        z = z * weight.double().view(shape)
+    if bias is not None:
+        z = z + bias.double().view(shape)
+    y = z if act == 0 else torch.relu(z) if act == 1 else torch.nn.functional.leaky_relu(z, slope)
+    return y.to(x.dtype), mean, rstd
+
+
+def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act):
+    """The backward formula of norm_act_bwd in float64 plain PyTorch (non-CPU devices)."""
+    N, C = x.shape[0], x.shape[1]
+    dims = tuple(range(2, x.ndim))
+    shape = (N, C) + (1,) * (x.ndim - 2)
+    cshape = (1, C) + (1,) * (x.ndim - 2)
+    xhat = (x.double() - mean.view(shape)) * rstd.view(shape)
+    w = weight.double().view(cshape) if weight is not None else torch.ones(cshape, dtype=torch.float64, device=x.device)
+    z = xhat * w + (bias.double().view(cshape) if bias is not None else 0.0)
+    g = dy.double()
+    if act == 1:
+        g = torch.where(z > 0, g, torch.zeros_like(g))
+    elif act == 2:
+        g = torch.where(z > 0, g, g * slope)
+    sdz, sdzx = g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)
+    S = x[0, 0].numel()
+    dx = rstd.view(shape) * w * (g - sdz / S - xhat * sdzx / S)
+    return dx.to(x.dtype), sdzx.sum(0).flatten().to(x.dtype), sdz.sum(0).flatten().to(x.dtype)
+
+
+def norm_act_reference(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                       act="leaky_relu", slope: float = 0.01) -> Tensor:
+    """float64 plain PyTorch: ``act(instance_norm(x) * weight + bias)`` (differentiable)."""
+    return _reference_fwd(x, weight, bias, eps, slope, _act_code(act))[0].double()

@@ -1,0 +1,82 @@
+"""fastmed::norm_act_fwd / norm_act_bwd (instance norm + activation) against PyTorch's eager layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmed.ops import norm_act as NA
+
+
+def eager(x, w, b, eps, act, slope):
+    z = F.instance_norm(x, weight=w, bias=b, eps=eps)
+    return z if act == "none" else F.relu(z) if act == "relu" else F.leaky_relu(z, slope)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9, 5), (1, 4, 37, 45), (3, 1, 2, 3, 4), (1, 2, 1, 1, 2)])
+@pytest.mark.parametrize("act", ["leaky_relu", "relu", "none"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_and_gradients_equal_eager(shape, act, affine, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    w = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype) if affine else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    ins = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    ref_ins = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    y = NA.norm_act(ins[0], ins[1], ins[2], 1e-5, act, 0.01)
+    ref = eager(ref_ins[0], ref_ins[1], ref_ins[2], 1e-5, act, 0.01)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, ref, **tol)
+    y.backward(dy)
+    ref.backward(dy)
+    for a, r in zip(ins, ref_ins):
+        if a is not None:
+            torch.testing.assert_close(a.grad, r.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: NA.norm_act(x, w, b, 1e-5, "leaky_relu", 0.2), (x, w, b))
+
+
+def test_channels_last_and_strided_input():
+    x = torch.randn(2, 4, 6, 7, 8)
+    want = NA.norm_act(x)
+    torch.testing.assert_close(NA.norm_act(x.to(memory_format=torch.channels_last_3d)), want, rtol=0, atol=0)
+    big = torch.randn(2, 4, 6, 7, 16)
+    torch.testing.assert_close(NA.norm_act(big[..., ::2]), NA.norm_act(big[..., ::2].contiguous()), rtol=0, atol=0)
+
+
+def test_deterministic_and_float64_reference():
+    x = torch.randn(2, 3, 17, 9, 11)
+    a, b = NA.norm_act(x), NA.norm_act(x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a.double(), NA.norm_act_reference(x.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="weight"):
+        NA.norm_act(x, torch.ones(2))
+    with pytest.raises(ValueError, match="act"):
+        NA.norm_act(x, act="gelu")
+    with pytest.raises(TypeError, match="x"):
+        NA.norm_act(x.half())
+    with pytest.raises(ValueError, match="x"):
+        NA.norm_act(torch.randn(3))
+    with pytest.raises(ValueError, match="spatial element"):
+        NA.norm_act(torch.randn(1, 2, 1, 1, 1))
+    with pytest.raises(ValueError, match="eps"):
+        NA.norm_act(x, eps=0.0)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(NA.norm_act_fwd, (x, w, b, 1e-5, 0.01, 2))
+    f = torch.compile(lambda x: NA.norm_act(x * 2, w, b) + 1, backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(x), NA.norm_act(x * 2, w, b) + 1)
