@@ -60,6 +60,14 @@ def _vec3(t: Tensor, lead: int):
     return st[:lead], [0] * (3 - nsp) + st[lead:], [1] * (3 - nsp) + sz[lead:]
 
 
+def _starts4(starts: Tensor, device) -> Tensor:
+    """(N, 4) contiguous int64 on `device`: batch index, then z, y, x offsets (2D: z = 0)."""
+    st = starts.to(device=device, dtype=torch.int64)
+    if st.shape[1] < 4:
+        st = torch.cat([st[:, :1], st.new_zeros((st.shape[0], 4 - st.shape[1])), st[:, 1:]], 1)
+    return st.contiguous()
+
+
 @torch.library.custom_op("fastmed::sliding_window_gather", mutates_args=())
 def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = False) -> Tensor:
     """``out[n] = src[starts[n, 0], :, starts[n, 1]:+roi[0], ...]``: a batch of equal-size windows
@@ -76,10 +84,7 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     p.src, p.esize, p.dst = src.data_ptr(), src.element_size(), out.data_ptr()
     p.N, p.C = starts.shape[0], src.shape[1]
     p.win = [1] * (3 - nsp) + [int(r) for r in roi]
-    st = starts.to(device=src.device, dtype=torch.int64)
-    if nsp == 2:
-        st = torch.cat([st[:, :1], torch.zeros_like(st[:, :1]), st[:, 1:]], 1)
-    st = st.contiguous()
+    st = _starts4(starts, src.device)
     p.starts = st.data_ptr()
     p.num_threads = _ext.num_threads()
     p.stream = _ext.stream_ptr(src.device)
@@ -110,10 +115,7 @@ def sw_accumulate(
     nsp = acc.ndim - 2
     (p.a_sb, p.a_sc), p.a_s, p.a_size = _vec3(acc, 2)
     p.acc, p.acc_dtype = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype]
-    starts = starts.to(device=acc.device, dtype=torch.int64)
-    if starts.shape[1] < 4:  # 2D: a depth offset of 0
-        starts = torch.cat([starts[:, :1], starts.new_zeros((starts.shape[0], 4 - starts.shape[1])), starts[:, 1:]], 1)
-    starts = starts.contiguous()
+    starts = _starts4(starts, acc.device)
     p.starts, p.N = starts.data_ptr(), starts.shape[0]
     keep = [starts]
     if pred is not None:
