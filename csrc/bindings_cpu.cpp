@@ -84,6 +84,14 @@ PYBIND11_MODULE(_C, m) {
     }
     check_status(s, "sw_accumulate");
   });
+  m.def("sw_stitch", [](const SWAccParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = sw_stitch_cpu(p);
+    }
+    check_status(s, "sw_stitch");
+  });
   m.def("sw_normalize", [](const SWNormParams& p) {
     int s;
     {

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext
-from .ops.sliding_window import FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_gather, sw_normalize_, zeros
+from .ops.sliding_window import (FLOAT_DTYPES, empty, sw_accumulate, sw_argmax, sw_gather, sw_normalize_, sw_stitch,
+                                 zeros)
 
 _GATHER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
                   torch.int32, torch.int64, torch.bool)
@@ -143,7 +144,7 @@ class _Tiling:
         hit = cls.cache.get(key)
         if hit is not None:
             return hit
-        count = torch.zeros([1, 1] + list(shape), dtype=dtype, device=device)
+        count = zeros([1, 1] + list(shape), dtype, device)
         st = torch.tensor([[0] + list(s) for s in starts], dtype=torch.int64)
         if wmap is not None:
             sw_accumulate(count, None, st, None, None, None, 0.0, wmap)
@@ -371,6 +372,14 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     own_map = gs is not None
 
     outputs, counts, zscales, keys = [], [], [], None
+    # CPU, plain tiling: each batch is added in one pass (sw_stitch) and every voxel is normalised
+    # as it is written for the last time, so no separate normalisation pass
+    grid = [sorted({s[d] for s in starts}) for d in range(nsp)]
+    grid_flat, grid_n = [v for g in grid for v in g], [len(g) for g in grid]
+    stitch_ok = (not buffered and not process_fn and device.type == "cpu" and sw_device.type == "cpu"
+                 and compute_dtype in (torch.float32, torch.float64) and _ext.cpu is not None
+                 and hasattr(_ext.cpu, "sw_stitch"))
+    stitched = []  # per output: normalised by sw_stitch
     it = batches
     if progress:
         try:
@@ -424,6 +433,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 zscales.append(z)
                 counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
                                          mode, sigma_scale, shape[2:], device, compute_dtype))
+                stitched.append(stitch_ok and z is None and not softmax and w_t.shape[0] == 1 and w_t.shape[1] == 1)
             elif list(p.shape[1:2]) != list(outputs[ss].shape[1:2]) or zscales[ss] != z:
                 raise ValueError(
                     f"predictor: output {ss} changed shape between windows ({tuple(p.shape)}); "
@@ -437,7 +447,14 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             p = p.to(device)
             if p.dtype not in FLOAT_DTYPES:
                 p = p.to(compute_dtype)
-            if not custom_w:
+            if stitched[ss]:
+                wi = torch.tensor([i % num_win for i in idxs], dtype=torch.int64)
+                g = _pad3(gs) if not custom_w else [None] * 3
+                wm = None if not custom_w else w_t[0, 0].to(device)
+                for k in range(0, len(idxs), 64):  # the kernel takes 64 windows at a time
+                    sw_stitch(outputs[ss], p[k:k + 64], st[k:k + 64], wi[k:k + 64], grid_flat, grid_n, *g,
+                              wmin if not custom_w else 0.0, wm, counts[ss])
+            elif not custom_w:
                 sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None, fr)
             elif w_t.shape[0] == 1 and w_t.shape[1] == 1:
                 sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device), fr)
@@ -445,7 +462,8 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None, fr)
 
     for ss in range(len(outputs)):
-        sw_normalize_(outputs[ss], counts[ss], softmax)
+        if not stitched[ss]:
+            sw_normalize_(outputs[ss], counts[ss], softmax)
     if any(pad_size):
         outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
     result = _pack(outputs, keys)

@@ -1,4 +1,5 @@
-"""Every instruction-set build of the CPU kernels gives the same results (FASTMED_CPU_ISA picks a
+"""Every instruction-set build of the CPU kernels gives the same results, and sliding-window stitching
+the same bits (FASTMED_CPU_ISA picks a
 lower build than the machine's best; each runs in its own process because the choice is made once)."""
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ for name, t in (("rs_rows", th), ("rs_general", obl)):
     for order in (0, 1, 3):
         out[f"{name}{order}"] = (R.resample(src, t, (11, 13, 19), order=order, padding="reflect").double(),
                                  R.resample(src, t, (11, 13, 19), order=order, padding="border", out="argmax").double())
+from fastmed import inferers as FI
+vol = torch.randn(2, 2, 37, 45, 29)
+def net(w):
+    return torch.cat([w.sin(), w.cos() * 2, w * w], 1)
+for name, bs in (("sw_b2", 2), ("sw_b5", 5)):  # the stitching kernels: bit-exact in every build
+    out[name] = (FI.sliding_window_inference(vol, (16, 20, 12), bs, net, 0.5, "gaussian").double(),
+                 FI.sliding_window_inference(vol.double(), (16, 20, 12), bs, net, 0.25, "constant"))
 torch.save(out, sys.argv[1])
 """
 
@@ -65,6 +73,9 @@ def test_all_cpu_builds_agree(tmp_path):
             l0, g0 = best[name]
             l1, g1 = got[name]
             tol = 2e-3 if name == "half" else 1e-5
+            if name.startswith("sw_"):  # sliding window: float32 and float64, bit for bit
+                assert torch.equal(l1, l0) and torch.equal(g1, g0), f"{isa} {name}"
+                continue
             if name.startswith("rs_"):  # resampled values (and labels: exactly)
                 torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-3, msg=f"{isa} {name}")
                 frac = (g1 != g0).double().mean().item()

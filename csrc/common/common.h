@@ -22,7 +22,7 @@ namespace fastmed {
 inline void prefer_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && !defined(__CUDACC__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = (uintptr_t)1 << 21;
-  if (bytes < 4 * huge) return;
+  if (bytes < 2 * huge) return;
   uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
   uintptr_t e = ((uintptr_t)p + bytes) & ~(huge - 1);
   if (e > a) (void)madvise((void*)a, e - a, MADV_HUGEPAGE);

@@ -45,6 +45,9 @@ inline void bind_sw_params(py::module_& m) {
   FM_SW_PTR(a, SWAccParams, g0, const float*); FM_SW_PTR(a, SWAccParams, g1, const float*);
   FM_SW_PTR(a, SWAccParams, g2, const float*); FM_SW_PTR(a, SWAccParams, wmap, const float*);
   FM_SW_PTR(a, SWAccParams, stream, void*);
+  FM_SW_PTR(a, SWAccParams, widx, const int64_t*); FM_SW_PTR(a, SWAccParams, grid, const int64_t*);
+  FM_SW_PTR(a, SWAccParams, count, const void*);
+  FM_SW_VEC3(a, SWAccParams, grid_n); FM_SW_VEC3(a, SWAccParams, n_s);
 
   py::class_<SWNormParams> n(m, "SWNormParams");
   n.def(py::init([]() { SWNormParams p{}; return p; }));

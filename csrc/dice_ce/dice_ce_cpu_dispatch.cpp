@@ -1,9 +1,11 @@
-// Picks the best instruction-set build of the CPU kernels (dice_ce, resample) at run time.
+// Picks the best instruction-set build of the CPU kernels (dice_ce, resample, sliding window) at
+// run time.
 #include <cstdlib>
 #include <cstring>
 
 #include "dice_ce.h"
 #include "../resample/resample.h"
+#include "../sliding_window/sliding_window.h"
 #include "../common/common.h"
 
 namespace fastmed {
@@ -13,6 +15,11 @@ namespace fastmed {
   int dice_ce_bwd(const DiceCEParams& p);          \
   int resample(const ResampleParams& p);           \
   int spline_prefilter(const SplineFilterParams& p); \
+  int sw_gather(const SWGatherParams& p);          \
+  int sw_accumulate(const SWAccParams& p);         \
+  int sw_stitch(const SWAccParams& p);             \
+  int sw_normalize(const SWNormParams& p);         \
+  int sw_argmax(const SWArgmaxParams& p);          \
   }
 FM_DECLARE_ISA(base)
 #if defined(FASTMED_HAVE_AVX2)
@@ -108,6 +115,65 @@ int spline_prefilter_cpu(const SplineFilterParams& p) {
     case kAvx2: return isa_avx2::spline_prefilter(p);
 #endif
     default: return isa_base::spline_prefilter(p);
+  }
+}
+int sw_gather_cpu(const SWGatherParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::sw_gather(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::sw_gather(p);
+#endif
+    default: return isa_base::sw_gather(p);
+  }
+}
+
+int sw_accumulate_cpu(const SWAccParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::sw_accumulate(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::sw_accumulate(p);
+#endif
+    default: return isa_base::sw_accumulate(p);
+  }
+}
+
+int sw_stitch_cpu(const SWAccParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::sw_stitch(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::sw_stitch(p);
+#endif
+    default: return isa_base::sw_stitch(p);
+  }
+}
+
+int sw_normalize_cpu(const SWNormParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::sw_normalize(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::sw_normalize(p);
+#endif
+    default: return isa_base::sw_normalize(p);
+  }
+}
+
+int sw_argmax_cpu(const SWArgmaxParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::sw_argmax(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::sw_argmax(p);
+#endif
+    default: return isa_base::sw_argmax(p);
   }
 }
 }  // namespace fastmed

@@ -25,6 +25,13 @@ struct SWAccParams {
   // voxels no earlier window touched; there the sum is written instead of added (so the
   // accumulator needs no zero fill and those voxels are not read)
   const int64_t* fresh;
+  // sw_stitch only (the fused batch pass, CPU): the windows lie on a grid (per dim the sorted starts
+  // grid[0 .. grid_n[0]), then grid_n[1] along y, then grid_n[2] along x) and are taken in C order
+  // of it; widx[n] is window n's place in that order within its image, and the batch holds
+  // consecutive places. Optional count (acc dtype, spatial strides n_s): where no later window
+  // touches a voxel, the sum is divided by count there (MONAI's final normalisation, same rounding).
+  const int64_t* widx; const int64_t* grid; int64_t grid_n[3];
+  const void* count; int64_t n_s[3];
   int num_threads;
   void* stream;
 };
@@ -68,6 +75,10 @@ struct SWGatherParams {
 int sw_gather_cpu(const SWGatherParams& p);
 int sw_gather_cuda(const SWGatherParams& p);
 int sw_accumulate_cpu(const SWAccParams& p);
+// the batch in one pass: per voxel, the windows of the batch containing it are added in order to
+// the accumulator (read once unless no earlier window touched it, written once), then divided by
+// count where no later window touches it. Same numbers as sw_accumulate + sw_normalize.
+int sw_stitch_cpu(const SWAccParams& p);
 int sw_argmax_cpu(const SWArgmaxParams& p);
 int sw_normalize_cpu(const SWNormParams& p);
 int sw_accumulate_cuda(const SWAccParams& p);

@@ -1,6 +1,7 @@
 // Sliding-window stitching on the CPU (OpenMP over rows of a window, windows in order).
 // Compiled with -ffp-contract=off: p * w and the addition are rounded separately, as PyTorch's
 // `buffer *= w; out[idx] += buffer` rounds them, so results match MONAI's bit for bit.
+// Compiled once per instruction set (FM_ISA, as dice_ce_cpu.cpp); the dispatcher picks one.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,7 +12,14 @@
 #include "../common/common.h"
 #include "sliding_window.h"
 
+#ifndef FM_ISA
+#define FM_ISA base
+#endif
+#define FM_CAT2(a, b) a##b
+#define FM_CAT(a, b) FM_CAT2(a, b)
+
 namespace fastmed {
+namespace FM_CAT(isa_, FM_ISA) {
 namespace {
 
 struct half_t { uint16_t v; };
@@ -321,9 +329,210 @@ void argmax_labels(const SWArgmaxParams& p) {
   }
 }
 
+// ---- the fused batch pass (sw_stitch) ----------------------------------------------------------
+// Along each dim the batch's extent splits into intervals on which the set of batch windows
+// containing a voxel, and the first and last grid window containing it, are constant. Per row of
+// the accumulator and per x interval, the contributions of the covering windows are summed in
+// window order in a small buffer (in the accumulator's rounding), and the row is written once.
+struct SWInterval {
+  int64_t a, b;     // [a, b) in accumulator coordinates
+  uint64_t mask;    // bit m: batch window n0 + m contains it
+  int64_t gfirst, glast;  // first / last grid index (along this dim) of a window containing it
+};
+
+inline void stitch_intervals(const SWAccParams& p, int d, int64_t n0, int64_t n1, std::vector<SWInterval>& out) {
+  const int64_t w = p.win[d];
+  const int64_t* g = p.grid + (d == 0 ? 0 : d == 1 ? p.grid_n[0] : p.grid_n[0] + p.grid_n[1]);
+  const int64_t gn = p.grid_n[d];
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t s = p.starts[4 * n + 1 + d];
+    lo = std::min(lo, s);
+    hi = std::max(hi, s + w);
+  }
+  std::vector<int64_t> br{lo, hi};
+  for (int64_t j = 0; j < gn; ++j)
+    for (int64_t v : {g[j], g[j] + w})
+      if (v > lo && v < hi) br.push_back(v);
+  std::sort(br.begin(), br.end());
+  br.erase(std::unique(br.begin(), br.end()), br.end());
+  out.clear();
+  for (size_t t = 0; t + 1 < br.size(); ++t) {
+    const int64_t a = br[t];
+    SWInterval iv{a, br[t + 1], 0, -1, -1};
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t s = p.starts[4 * n + 1 + d];
+      if (s <= a && a < s + w) iv.mask |= uint64_t(1) << (n - n0);
+    }
+    for (int64_t j = 0; j < gn; ++j) {
+      if (g[j] <= a && a < g[j] + w) {
+        if (iv.gfirst < 0) iv.gfirst = j;
+        iv.glast = j;
+      }
+    }
+    out.push_back(iv);
+  }
+}
+
+// contribution r(p * r(w)) of one window at x offsets [0, n) of a row (Gaussian weights, unit stride)
+template <typename A, typename P>
+struct GaussRow {
+  const P* q; const float* g2; float gij;
+};
+
+// one or two windows over a segment, straight in memory: out = [out +] w1 p1 [+ w2 p2] [/ count]
+template <typename A, typename P, int NW, bool Fresh, bool Last>
+inline void seg_direct(A* o, const GaussRow<A, P>* wr, float wmin, const A* cn, int64_t n) {
+  using V = typename Val<A>::type;
+  const P* q0 = wr[0].q; const float* h0 = wr[0].g2; const float a0 = wr[0].gij;
+  const P* q1 = NW > 1 ? wr[1].q : nullptr; const float* h1 = NW > 1 ? wr[1].g2 : nullptr;
+  const float a1 = NW > 1 ? wr[1].gij : 0.0f;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float v0 = a0 * h0[k];
+    V s = rnd<A>((V)ld<P>(q0 + k) * rnd<A>((V)(v0 < wmin ? wmin : v0)));
+    if (!Fresh) s = rnd<A>(ld<A>(o + k) + s);
+    if (NW > 1) {
+      const float v1 = a1 * h1[k];
+      s = rnd<A>(s + rnd<A>((V)ld<P>(q1 + k) * rnd<A>((V)(v1 < wmin ? wmin : v1))));
+    }
+    if (Last) s = rnd<A>(s / ld<A>(cn + k));
+    st<A>(o + k, s);
+  }
+}
+
+template <typename A, typename P, int NW>
+inline void seg_dispatch(bool fresh, bool last, A* o, const GaussRow<A, P>* wr, float wmin, const A* cn, int64_t n) {
+  if (fresh) {
+    if (last) seg_direct<A, P, NW, true, true>(o, wr, wmin, cn, n);
+    else seg_direct<A, P, NW, true, false>(o, wr, wmin, cn, n);
+  } else {
+    if (last) seg_direct<A, P, NW, false, true>(o, wr, wmin, cn, n);
+    else seg_direct<A, P, NW, false, false>(o, wr, wmin, cn, n);
+  }
+}
+
+template <typename A, typename P>
+void stitch(const SWAccParams& p) {
+  using V = typename Val<A>::type;
+  constexpr int64_t kChunk = 256;
+  const int64_t C = p.C;
+  // fast path: unit x strides, Gaussian (separable) weights, contiguous count rows
+  const bool fast = p.a_s[2] == 1 && p.p_s[2] == 1 && p.wmode == 1 && (!p.count || p.n_s[2] == 1);
+  // groups of consecutive windows of one image
+  struct Group { int64_t n0, n1; std::vector<SWInterval> iv[3]; int64_t ntask; };
+  std::vector<Group> groups;
+  for (int64_t n = 0; n < p.N;) {
+    int64_t e = n + 1;
+    while (e < p.N && p.starts[4 * e] == p.starts[4 * n]) ++e;
+    Group gr{n, e, {}, 0};
+    for (int d = 0; d < 3; ++d) stitch_intervals(p, d, n, e, gr.iv[d]);
+    gr.ntask = C * (gr.iv[0].back().b - gr.iv[0].front().a);
+    groups.push_back(std::move(gr));
+    n = e;
+  }
+  int64_t ntask = 0;
+  for (auto& gr : groups) ntask += gr.ntask;
+  struct Seg { int64_t a, b; uint64_t mask; bool fresh, last; };
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+  {
+    alignas(64) V tmp[kChunk];
+    std::vector<Seg> segs;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntask; ++t) {
+      int64_t r = t;
+      size_t gi = 0;
+      while (r >= groups[gi].ntask) r -= groups[gi++].ntask;
+      const Group& gr = groups[gi];
+      const int64_t nz = gr.iv[0].back().b - gr.iv[0].front().a;
+      const int64_t c = r / nz, z = gr.iv[0].front().a + r % nz;
+      const SWInterval* iz = gr.iv[0].data();
+      while (z >= iz->b) ++iz;
+      const int64_t b = p.starts[4 * gr.n0];
+      const int64_t wfirst = p.widx[gr.n0], wlast = p.widx[gr.n1 - 1];
+      A* arow_z = (A*)p.acc + b * p.a_sb + c * p.a_sc + z * p.a_s[0];
+      for (const SWInterval& iy : gr.iv[1]) {
+        const uint64_t mzy = iz->mask & iy.mask;
+        if (!mzy) continue;
+        // the x segments of this (z, y) cell: covering windows, first and last touches
+        segs.clear();
+        for (const SWInterval& ix : gr.iv[2]) {
+          const uint64_t mask = mzy & ix.mask;
+          if (!mask) continue;
+          const int64_t gf = (iz->gfirst * p.grid_n[1] + iy.gfirst) * p.grid_n[2] + ix.gfirst;
+          const int64_t gl = (iz->glast * p.grid_n[1] + iy.glast) * p.grid_n[2] + ix.glast;
+          segs.push_back(Seg{ix.a, ix.b, mask, gf >= wfirst, p.count != nullptr && gl <= wlast});
+        }
+        for (int64_t y = iy.a; y < iy.b; ++y) {
+          A* arow = arow_z + y * p.a_s[1];
+          const A* crow = p.count ? (const A*)p.count + z * p.n_s[0] + y * p.n_s[1] : nullptr;
+          for (const Seg& sg : segs) {
+            const int nw = __builtin_popcountll(sg.mask);
+            if (fast && nw <= 2) {
+              GaussRow<A, P> wr[2];
+              int w = 0;
+              for (uint64_t m = sg.mask; m; m &= m - 1, ++w) {
+                const int64_t n = gr.n0 + __builtin_ctzll(m);
+                const int64_t* s = p.starts + 4 * n;
+                const int64_t i = z - s[1], j = y - s[2], k0 = sg.a - s[3];
+                wr[w].q = (const P*)p.pred + n * p.p_sn + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1] + k0;
+                wr[w].g2 = p.g2 + k0;
+                wr[w].gij = p.g0[i] * p.g1[j];
+              }
+              A* o = arow + sg.a;
+              const A* cn = crow ? crow + sg.a : nullptr;
+              if (nw == 1) seg_dispatch<A, P, 1>(sg.fresh, sg.last, o, wr, p.wmin, cn, sg.b - sg.a);
+              else seg_dispatch<A, P, 2>(sg.fresh, sg.last, o, wr, p.wmin, cn, sg.b - sg.a);
+              continue;
+            }
+            // any number of windows, any strides and weights: summed in a buffer, in order
+            for (int64_t x0 = sg.a; x0 < sg.b; x0 += kChunk) {
+              const int64_t nk = std::min(kChunk, sg.b - x0);
+              A* o = arow + x0 * p.a_s[2];
+              if (!sg.fresh)
+                for (int64_t k = 0; k < nk; ++k) tmp[k] = ld<A>(o + k * p.a_s[2]);
+              bool first = sg.fresh;
+              for (uint64_t m = sg.mask; m; m &= m - 1) {
+                const int64_t n = gr.n0 + __builtin_ctzll(m);
+                const int64_t* s = p.starts + 4 * n;
+                const int64_t i = z - s[1], j = y - s[2], k0 = x0 - s[3];
+                const P* q = (const P*)p.pred + n * p.p_sn + c * p.p_sc + i * p.p_s[0] + j * p.p_s[1] + k0 * p.p_s[2];
+                const float gij = p.wmode == 1 ? p.g0[i] * p.g1[j] : 0.0f;
+                const float* mrow = p.wmode == 2 ? p.wmap + (i * p.win[1] + j) * p.win[2] : nullptr;
+                for (int64_t k = 0; k < nk; ++k) {
+                  const V prod = rnd<A>((V)ld<P>(q + k * p.p_s[2]) * weight_at<A>(p, gij, mrow, k0 + k));
+                  tmp[k] = first ? prod : rnd<A>(tmp[k] + prod);
+                }
+                first = false;
+              }
+              if (sg.last) {
+                const A* cn = crow + x0 * p.n_s[2];
+                for (int64_t k = 0; k < nk; ++k) st<A>(o + k * p.a_s[2], rnd<A>(tmp[k] / ld<A>(cn + k * p.n_s[2])));
+              } else {
+                for (int64_t k = 0; k < nk; ++k) st<A>(o + k * p.a_s[2], tmp[k]);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename A>
+int stitch_pred(const SWAccParams& p) {
+  switch (p.pred_dtype) {
+    case kF32: stitch<A, float>(p); return kOk;
+    case kF64: stitch<A, double>(p); return kOk;
+    case kF16: stitch<A, half_t>(p); return kOk;
+    case kBF16: stitch<A, bf16_t>(p); return kOk;
+    default: return kBadDtype;
+  }
+}
+
 }  // namespace
 
-int sw_argmax_cpu(const SWArgmaxParams& p) {
+int sw_argmax(const SWArgmaxParams& p) {
   switch (p.acc_dtype) {
     case kF32: argmax_labels<float>(p); return kOk;
     case kF64: argmax_labels<double>(p); return kOk;
@@ -333,7 +542,7 @@ int sw_argmax_cpu(const SWArgmaxParams& p) {
   }
 }
 
-int sw_gather_cpu(const SWGatherParams& p) {
+int sw_gather(const SWGatherParams& p) {
   if (p.N < 0 || p.C < 1 || (p.esize != 1 && p.esize != 2 && p.esize != 4 && p.esize != 8)) return kBadArgument;
   const int64_t rows = p.N * p.C * p.win[0] * p.win[1];
   const int64_t nk = p.win[2];
@@ -357,7 +566,7 @@ int sw_gather_cpu(const SWGatherParams& p) {
   return kOk;
 }
 
-int sw_accumulate_cpu(const SWAccParams& p) {
+int sw_accumulate(const SWAccParams& p) {
   if (p.N < 0 || p.C < 1 || p.win[0] < 0 || p.win[1] < 0 || p.win[2] < 0) return kBadArgument;
   switch (p.acc_dtype) {
     case kF32: return accumulate_pred<float>(p);
@@ -368,7 +577,20 @@ int sw_accumulate_cpu(const SWAccParams& p) {
   }
 }
 
-int sw_normalize_cpu(const SWNormParams& p) {
+int sw_stitch(const SWAccParams& p) {
+  if (p.N < 1 || p.N > 64 || p.C < 1 || !p.pred || !p.widx || !p.grid) return kBadArgument;
+  for (int d = 0; d < 3; ++d)
+    if (p.win[d] < 1 || p.grid_n[d] < 1) return kBadArgument;
+  switch (p.acc_dtype) {
+    case kF32: return stitch_pred<float>(p);
+    case kF64: return stitch_pred<double>(p);
+    case kF16: return stitch_pred<half_t>(p);
+    case kBF16: return stitch_pred<bf16_t>(p);
+    default: return kBadDtype;
+  }
+}
+
+int sw_normalize(const SWNormParams& p) {
   switch (p.acc_dtype) {
     case kF32: return normalize_dst<float>(p);
     case kF64: return normalize_dst<double>(p);
@@ -378,4 +600,5 @@ int sw_normalize_cpu(const SWNormParams& p) {
   }
 }
 
+}  // namespace isa_*
 }  // namespace fastmed

@@ -74,8 +74,11 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     gathered in one pass (any dtype, any strides; every window inside ``src``), into pinned memory
     on request (to be copied to a GPU without staging)."""
     nsp = src.ndim - 2
-    out = torch.empty((starts.shape[0], src.shape[1], *roi), dtype=src.dtype, device=src.device,
-                      pin_memory=pin_memory and src.device.type == "cpu")
+    shape = (starts.shape[0], src.shape[1], *roi)
+    if pin_memory and src.device.type == "cpu":
+        out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
+    else:  # a fresh batch buffer per call: on the CPU, faulted in as huge pages
+        out = empty(shape, src.dtype, src.device)
     if out.numel() == 0:
         return out
     mod = _ext.require(src.device, "sw_gather")
@@ -111,6 +114,20 @@ def sw_accumulate(
     flip: int = 0,
 ) -> None:
     mod = _ext.require(acc.device, "sw_accumulate")
+    p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip)
+    if fresh is not None:
+        fr = fresh.to(device=acc.device, dtype=torch.int64)
+        if fr.shape[1] < 6:  # 2D: the depth range is [0, 1)
+            fr = torch.cat([fr.new_tensor([[0, 1]]).expand(fr.shape[0], 2), fr], 1)
+        fr = fr.contiguous()
+        keep.append(fr)
+        p.fresh = fr.data_ptr()
+    mod.sw_accumulate(p)
+    del keep
+
+
+def _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip=0):
+    """SWAccParams for acc, pred, starts and the weight; with the tensors that must outlive the call."""
     p = mod.SWAccParams()
     nsp = acc.ndim - 2
     (p.a_sb, p.a_sc), p.a_s, p.a_size = _vec3(acc, 2)
@@ -141,21 +158,64 @@ def sw_accumulate(
         wm = wmap.to(device=acc.device, dtype=torch.float32).contiguous()
         keep.append(wm)
         p.wmode, p.wmap = 2, wm.data_ptr()
-    if fresh is not None:
-        fr = fresh.to(device=acc.device, dtype=torch.int64)
-        if fr.shape[1] < 6:  # 2D: the depth range is [0, 1)
-            fr = torch.cat([fr.new_tensor([[0, 1]]).expand(fr.shape[0], 2), fr], 1)
-        fr = fr.contiguous()
-        keep.append(fr)
-        p.fresh = fr.data_ptr()
     p.num_threads = _ext.num_threads()
     p.stream = _ext.stream_ptr(acc.device)
-    mod.sw_accumulate(p)
-    del keep
+    return p, keep
 
 
 @sw_accumulate.register_fake
 def _(acc, pred, starts, g0, g1, g2, wmin, wmap, fresh=None, flip=0):
+    return None
+
+
+@torch.library.custom_op("fastmed::sliding_window_stitch", mutates_args=("acc",))
+def sw_stitch(
+    acc: Tensor,
+    pred: Tensor,
+    starts: Tensor,
+    widx: Tensor,
+    grid: list[int],
+    grid_n: list[int],
+    g0: Optional[Tensor],
+    g1: Optional[Tensor],
+    g2: Optional[Tensor],
+    wmin: float,
+    wmap: Optional[Tensor],
+    count: Optional[Tensor] = None,
+) -> None:
+    """CPU: a batch of windows added in one pass, with the result of sw_accumulate (same roundings).
+    The windows lie on the tiling grid (per spatial dim its ``grid_n[d]`` sorted window starts, one
+    dim after the other in ``grid``) and are consecutive in its C order: ``widx[n]`` is window n's place in that order within its image.
+    Where no earlier window of the tiling touches a voxel the sum is written (acc needs no zero
+    fill); with ``count``, where no later window touches it the sum is divided by ``count`` (the
+    final normalisation of sw_normalize_, done as the voxel is written for the last time).
+    At most 64 windows per call."""
+    if acc.device.type != "cpu":
+        raise ValueError(f"acc: sliding_window_stitch runs on the CPU, got {acc.device}")
+    if not 1 <= starts.shape[0] <= 64:
+        raise ValueError(f"starts: 1 to 64 windows per call, got {starts.shape[0]}")
+    nsp = acc.ndim - 2
+    if len(grid_n) != nsp or sum(grid_n) != len(grid):
+        raise ValueError(f"grid_n: one count per spatial dim ({nsp}) adding up to len(grid) ({len(grid)}), "
+                         f"got {list(grid_n)}")
+    mod = _ext.require(acc.device, "sw_stitch")
+    p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap)
+    gt = torch.tensor([0] * (3 - nsp) + list(grid), dtype=torch.int64)
+    wi = widx.to(dtype=torch.int64).contiguous()
+    keep += [gt, wi]
+    p.grid, p.grid_n, p.widx = gt.data_ptr(), [1] * (3 - nsp) + list(grid_n), wi.data_ptr()
+    if count is not None:
+        cnt = count.to(dtype=acc.dtype)
+        cnt = cnt.reshape(cnt.shape[-nsp:]) if cnt.ndim > nsp else cnt
+        keep.append(cnt)
+        _, p.n_s, _ = _vec3(cnt, 0)
+        p.count = cnt.data_ptr()
+    mod.sw_stitch(p)
+    del keep
+
+
+@sw_stitch.register_fake
+def _(acc, pred, starts, widx, grid, grid_n, g0, g1, g2, wmin, wmap, count=None):
     return None
 
 
