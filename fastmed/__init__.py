@@ -7,4 +7,13 @@ from ._ext import build_info  # noqa: E402
 from . import ops  # noqa: E402,F401  (registers the torch.library ops)
 from . import losses  # noqa: E402,F401
 
-__all__ = ["build_info", "losses", "ops", "__version__"]
+
+
+def optimize(model, inplace: bool = False, verbose: bool = False):
+    """Fuse the supported norm -> activation patterns of an existing model (see fastmed.nn)."""
+    from .nn import optimize as _optimize
+
+    return _optimize(model, inplace=inplace, verbose=verbose)
+
+
+__all__ = ["build_info", "losses", "ops", "optimize", "__version__"]

@@ -260,7 +260,9 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
                 r.peak_extra_mb = _peak_extra_mb(idx, impl, quick, device, case)
             r.extra["grad_mb"] = case.make_inputs("cpu")[0].numel() * 4 / 2**20
             results.append(r)
-    inference, label_memory, resample = [], None, []
+    inference, label_memory, resample, optimize_rows = [], None, [], []
+    if not ops or "optimize" in ops:
+        optimize_rows = run_optimize(quick, device, reps=2 if quick else 3, log=log)
     if not ops or "resample" in ops:
         resample = run_resample(quick, device, bw, reps=3 if quick else 5, log=log)
     if not ops or "sliding_window" in ops:
@@ -274,6 +276,7 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
         "inference": inference,
         "label_map_memory": label_memory,
         "resample": resample,
+        "optimize": optimize_rows,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "quick": quick,
@@ -453,6 +456,47 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
             r["ratio_vs_monai"] = times["monai"] / t
         rows.append(r)
     return rows
+
+
+def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
+    """fastmed.optimize on MONAI's DynUNet (nnU-Net-like 6 levels, instance norm + LeakyReLU): eval
+    forward on 1x1x96^3, original and optimized, alternating in the same run."""
+    try:
+        from monai.networks.nets import DynUNet
+    except ImportError as exc:
+        log(f"  optimize: skipped ({exc})")
+        return []
+    from .nn import optimize
+
+    torch.manual_seed(0)
+    m = DynUNet(3, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
+                norm_name=("instance", {"affine": True})).to(device).eval()
+    o = optimize(m).eval()
+    x = torch.randn(1, 1, 96, 96, 96, device=device)
+    times = {"monai": [], "fastmed": []}
+    with torch.no_grad():
+        m(x), o(x)  # warm-up
+        for _ in range(reps):
+            for name, net in (("monai", m), ("fastmed", o)):
+                _sync(device)
+                t0 = time.perf_counter()
+                net(x)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    case = "DynUNet eval forward 1x1x96^3 (6 levels, instance norm + LeakyReLU)"
+    return [{"op": "optimize", "case": case, "impl": k, "ms": med[k] * 1e3, "ratio_vs_monai": med["monai"] / med[k],
+             "fused": len(o._fastmed_report["fused"]) if k == "fastmed" else 0} for k in ("fastmed", "monai")]
+
+
+def format_optimize_table(report: dict) -> str:
+    rows = report.get("optimize") or []
+    if not rows:
+        return ""
+    head = ["op", "case", "impl", "ms", "x vs original"]
+    lines = [head] + [[r["op"], r["case"], "fastmed.optimize" if r["impl"] == "fastmed" else "MONAI original",
+                       f"{r['ms']:.0f}", f"{r['ratio_vs_monai']:.2f}"] for r in rows]
+    return _text_table(lines)
 
 
 def format_resample_table(report: dict) -> str:

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         return 2
     report = bench.run(quick=args.quick, device=args.device, reps=args.reps, ops=args.ops, memory=not args.no_memory)
     print(bench.format_table(report))
-    for table in (bench.format_inference_table(report), bench.format_resample_table(report)):
+    for table in (bench.format_inference_table(report), bench.format_resample_table(report),
+                  bench.format_optimize_table(report)):
         if table:
             print()
             print(table)

@@ -1,0 +1,315 @@
+"""Fused convolution blocks, and ``fastmed.optimize(model)`` for existing models.
+
+``ConvNormAct`` is convolution -> normalisation -> activation with its parts named ``conv``, ``norm``
+and ``act`` (plain ``torch.nn`` modules, so a state_dict of
+``nn.Sequential(OrderedDict(conv=..., norm=..., act=...))`` loads unchanged). Where the norm is an
+``InstanceNorm`` without running statistics and the activation is ``LeakyReLU`` / ``ReLU`` / none,
+norm and activation run as one call of ``fastmed::norm_act_fwd`` (one read-twice, write-once pass;
+the backward recomputes the pre-activation). Every other combination (BatchNorm, GroupNorm, PReLU,
+instance norm with running statistics) runs the eager modules, with their train / eval semantics.
+
+``optimize(model)`` finds norm -> activation pairs in existing models and fuses them the same way,
+keeping every module, parameter and state_dict key:
+- MONAI's DynUNet blocks (``UnetBasicBlock``: both pairs; ``UnetResBlock``: the first pair, the
+  second is followed by the residual addition) get a subclass with a fused ``forward``;
+- in any ``nn.Sequential`` (MONAI's ``Convolution`` / ``ADN`` as used by ``UNet`` and ``BasicUNet``,
+  nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
+  ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` (a ``Dropout`` with p = 0 between
+  them is allowed) becomes a fused instance norm, and the activation's slot holds ``nn.Identity``
+  (activations have no parameters, so the state_dict is unchanged).
+A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
+and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
+CPU kernel does not take (CUDA tensors for now, float16 / bfloat16, autocast), so an optimized model
+runs everywhere the original did.
+
+Not here yet (issue #5): the GPU kernels (Triton / CUDA implicit-GEMM convolution with the norm
+statistics in its epilogue), fusing the convolution itself on the CPU.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops.norm_act import norm_act
+
+__all__ = ["ConvNormAct", "optimize"]
+
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str]:
+    """(kwargs for norm_act, '') when norm -> act can be fused, else (None, reason)."""
+    if type(norm) not in _INSTANCE_NORMS:
+        return None, f"norm is {type(norm).__name__} (only InstanceNorm without running stats is fused yet)"
+    if norm.track_running_stats:
+        return None, "InstanceNorm with track_running_stats=True (eval uses running statistics)"
+    if type(act) is nn.LeakyReLU:
+        spec = dict(act="leaky_relu", slope=float(act.negative_slope))
+    elif type(act) is nn.ReLU:
+        spec = dict(act="relu", slope=0.0)
+    elif type(act) is nn.Identity:
+        spec = dict(act="none", slope=0.0)
+    else:
+        return None, f"activation is {type(act).__name__} (LeakyReLU / ReLU are fused)"
+    spec["eps"] = float(norm.eps)
+    return spec, ""
+
+
+def _kernel_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0 and \
+        x[0, 0].numel() > 1 and not torch.is_autocast_enabled()
+
+
+def _fused(norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
+    w = norm.weight if norm.affine else None
+    b = norm.bias if norm.affine else None
+    return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"])
+
+
+def _eager_act(spec: dict, x: Tensor) -> Tensor:
+    if spec["act"] == "leaky_relu":
+        return F.leaky_relu(x, spec["slope"])
+    return F.relu(x) if spec["act"] == "relu" else x
+
+
+def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
+    """norm + activation: the fused kernel where it takes x, else the eager norm then activation."""
+    if _kernel_ok(x) and x.ndim >= 3:
+        return _fused(norm, spec, x)
+    return _eager_act(spec, norm_forward(norm, x))
+
+
+class _FusedInstanceNorm:
+    """Mixin: an InstanceNormNd whose forward also applies the activation that followed it."""
+
+    _fm_spec: dict
+
+    def forward(self, x):
+        return _norm_then_act(type(self).__mro__[2].forward, self, self._fm_spec, x)
+
+
+class FusedInstanceNorm1d(_FusedInstanceNorm, nn.InstanceNorm1d):
+    pass
+
+
+class FusedInstanceNorm2d(_FusedInstanceNorm, nn.InstanceNorm2d):
+    pass
+
+
+class FusedInstanceNorm3d(_FusedInstanceNorm, nn.InstanceNorm3d):
+    pass
+
+
+_FUSED_NORM = {nn.InstanceNorm1d: FusedInstanceNorm1d, nn.InstanceNorm2d: FusedInstanceNorm2d,
+               nn.InstanceNorm3d: FusedInstanceNorm3d}
+
+
+# ------------------------------------------------------------------------------------------------
+# ConvNormAct
+
+_NORMS = {
+    "instance": {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    "batch": {2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+    "group": {2: nn.GroupNorm, 3: nn.GroupNorm},
+}
+_ACTS = {"leakyrelu": nn.LeakyReLU, "relu": nn.ReLU, "prelu": nn.PReLU}
+
+
+def _lower(v, name: str) -> Optional[str]:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a string or None, got {type(v).__name__}")
+    return v.lower().replace("_", "")
+
+
+class ConvNormAct(nn.Module):
+    """Convolution -> normalisation -> activation (nnU-Net's ``ConvDropoutNormReLU`` without
+    dropout, MONAI's ``Convolution`` with ``adn_ordering="NA"``), 2D or 3D.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, groups, bias: as ``nn.Conv3d``.
+        padding: as ``nn.Conv3d``; ``None`` (default) pads ``(kernel_size - 1) // 2 * dilation`` per
+            dim, the "same" padding of nnU-Net and MONAI for odd kernels.
+        spatial_dims: 2 or 3.
+        norm: "instance" (default), "batch", "group" or None; ``norm_kwargs`` go to the torch.nn
+            norm (e.g. ``affine``, ``eps``, ``momentum``, ``track_running_stats``; ``num_groups``
+            for "group", default 8).
+        act: "leakyrelu" (default, ``negative_slope`` 0.01 as nnU-Net), "relu", "prelu" or None;
+            ``act_kwargs`` go to the torch.nn activation.
+
+    Submodules ``conv``, ``norm`` (absent without norm) and ``act`` (absent without act) are the
+    torch.nn modules themselves, so parameter names, shapes, state_dicts and train / eval
+    semantics are torch.nn's. Instance norm without running statistics + LeakyReLU / ReLU / none
+    runs fused on the CPU (float32 / float64); everything else runs the eager modules.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
+                 stride: Union[int, Sequence[int]] = 1, padding: Union[None, int, Sequence[int], str] = None,
+                 dilation: Union[int, Sequence[int]] = 1, groups: int = 1, bias: bool = True, spatial_dims: int = 3,
+                 norm: Optional[str] = "instance", norm_kwargs: Optional[dict] = None,
+                 act: Optional[str] = "leakyrelu", act_kwargs: Optional[dict] = None):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        norm_name, act_name = _lower(norm, "norm"), _lower(act, "act")
+        if norm_name is not None and norm_name not in _NORMS:
+            raise ValueError(f"norm must be one of {sorted(_NORMS)} or None, got {norm!r}")
+        if act_name is not None and act_name not in _ACTS:
+            raise ValueError(f"act must be one of {sorted(_ACTS)} or None, got {act!r}")
+        ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        dl = (dilation,) * spatial_dims if isinstance(dilation, int) else tuple(dilation)
+        if len(ks) != spatial_dims or len(dl) != spatial_dims:
+            raise ValueError(f"kernel_size and dilation need {spatial_dims} entries, got {kernel_size}, {dilation}")
+        if padding is None:
+            padding = tuple((k - 1) // 2 * d for k, d in zip(ks, dl))
+        conv_t = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.conv = conv_t(in_channels, out_channels, ks, stride=stride, padding=padding, dilation=dl,
+                           groups=groups, bias=bias)
+        nk = dict(norm_kwargs or {})
+        if norm_name == "group":
+            self.norm = nn.GroupNorm(nk.pop("num_groups", 8), out_channels, **nk)
+        elif norm_name is not None:
+            self.norm = _NORMS[norm_name][spatial_dims](out_channels, **nk)
+        ak = dict(act_kwargs or {})
+        if act_name == "leakyrelu":
+            ak.setdefault("negative_slope", 0.01)
+        if act_name is not None:
+            self.act = _ACTS[act_name](**ak)
+
+    def _spec(self) -> Optional[dict]:
+        norm, act = getattr(self, "norm", None), getattr(self, "act", None)
+        if norm is None:
+            return None
+        if act is None:
+            spec, _ = _norm_act_spec(norm, nn.Identity())
+        else:
+            spec, _ = _norm_act_spec(norm, act)
+        return spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        spec = self._spec()
+        norm, act = getattr(self, "norm", None), getattr(self, "act", None)
+        if spec is not None:
+            return _norm_then_act(type(norm).forward, norm, spec, y)
+        if norm is not None:
+            y = norm(y)
+        return act(y) if act is not None else y
+
+
+try:  # MONAI is optional: without it there is nothing of MONAI's to fuse
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+except ImportError:  # pragma: no cover
+    UnetBasicBlock = UnetResBlock = None
+
+if UnetBasicBlock is not None:
+
+    class FusedUnetBasicBlock(UnetBasicBlock):
+        """UnetBasicBlock with norm + activation fused (fastmed.optimize)."""
+
+        def forward(self, inp):
+            if not _kernel_ok(inp):
+                return UnetBasicBlock.forward(self, inp)
+            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp))
+            return _fused(self.norm2, self._fm_specs[1], self.conv2(out))
+
+    class FusedUnetResBlock(UnetResBlock):
+        """UnetResBlock with its first norm + activation fused (fastmed.optimize)."""
+
+        def forward(self, inp):
+            if not _kernel_ok(inp):
+                return UnetResBlock.forward(self, inp)
+            residual = inp
+            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp))
+            out = self.norm2(self.conv2(out))
+            if hasattr(self, "conv3"):
+                residual = self.conv3(residual)
+            if hasattr(self, "norm3"):
+                residual = self.norm3(residual)
+            out += residual
+            return self.lrelu(out)
+
+    _FUSED = {UnetBasicBlock: (FusedUnetBasicBlock, ("norm1", "norm2")), UnetResBlock: (FusedUnetResBlock, ("norm1",))}
+else:  # pragma: no cover
+    _FUSED = {}
+
+
+# parents whose forward calls their Sequential only, though they also register its norm (nnU-Net)
+_SEQUENTIAL_ONLY_PARENTS = ("ConvDropoutNormReLU",)
+
+
+def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list, refs: dict,
+                     parent: Optional[nn.Module]) -> None:
+    """In one nn.Sequential: InstanceNorm -> [Dropout(p=0)] -> LeakyReLU / ReLU becomes a fused
+    instance norm (the same object, its class swapped) and nn.Identity in the activation's slot."""
+    names = list(seq._modules)
+    for k, name in enumerate(names):
+        norm = seq._modules[name]
+        if not isinstance(norm, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d,
+                                 nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)) or isinstance(norm, _FusedInstanceNorm):
+            continue
+        where = f"{prefix}.{name}" if prefix else name
+        j = k + 1
+        while j < len(names) and isinstance(seq._modules[names[j]], nn.modules.dropout._DropoutNd) \
+                and seq._modules[names[j]].p == 0:
+            j += 1
+        if j >= len(names):
+            skipped.append((where, "no activation follows the norm in its Sequential"))
+            continue
+        act = seq._modules[names[j]]
+        spec, why = _norm_act_spec(norm, act)
+        shared = [m for m in (norm, act) if refs.get(id(m), 0) > 1]
+        if spec is not None and shared and type(parent).__name__ not in _SEQUENTIAL_ONLY_PARENTS:
+            spec, why = None, (f"{type(shared[0]).__name__} is registered more than once in the model (it may "
+                               f"run outside this Sequential)")
+        if spec is None:
+            skipped.append((where, why))
+            continue
+        norm.__class__ = _FUSED_NORM[type(norm)]
+        norm._fm_spec = spec
+        seq._modules[names[j]] = nn.Identity()
+        fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
+
+
+def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """A copy of ``model`` (or ``model`` itself with ``inplace=True``) with the supported
+    norm -> activation patterns fused; see the module docstring. Parameters, buffers and state_dict
+    keys are unchanged. ``model._fastmed_report`` lists what was fused and what was skipped (why)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    fused, skipped = [], []
+    refs, parents = {}, {}
+    for mod in model.modules():
+        for child in mod.children():
+            refs[id(child)] = refs.get(id(child), 0) + 1
+            parents[id(child)] = mod
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Sequential):
+            _fuse_sequential(mod, name, fused, skipped, refs, parents.get(id(mod)))
+            continue
+        if type(mod) not in _FUSED:
+            continue
+        target, norms = _FUSED[type(mod)]
+        specs = [_norm_act_spec(getattr(mod, n), mod.lrelu) for n in norms]
+        reasons = [r for sp, r in specs if sp is None]
+        if reasons:
+            skipped.append((name or type(model).__name__, "; ".join(reasons)))
+            continue
+        mod._fm_specs = [sp for sp, _ in specs]
+        mod.__class__ = target
+        fused.append(name or type(model).__name__)
+    model._fastmed_report = {"fused": fused, "skipped": skipped}
+    if verbose:
+        print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")
+        for n in fused:
+            print(f"  fused   {n}")
+        for n, why in skipped:
+            print(f"  skipped {n}: {why}")
+    return model
