@@ -11,12 +11,15 @@ instance norm with running statistics) runs the eager modules, with their train 
 ``optimize(model)`` finds norm -> activation pairs in existing models and fuses them the same way,
 keeping every module, parameter and state_dict key:
 - MONAI's DynUNet blocks (``UnetBasicBlock``: both pairs; ``UnetResBlock``: the first pair, the
-  second is followed by the residual addition) get a subclass with a fused ``forward``;
+  second is followed by the residual addition) get a subclass with a fused ``forward``; without
+  autograd (inference) the norm + activation overwrite the convolution's output in place instead of
+  filling a new buffer (a forward hook on such a convolution would see its output normalised);
 - in any ``nn.Sequential`` (MONAI's ``Convolution`` / ``ADN`` as used by ``UNet`` and ``BasicUNet``,
   nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
   ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` (a ``Dropout`` with p = 0 between
   them is allowed) becomes a fused instance norm, and the activation's slot holds ``nn.Identity``
-  (activations have no parameters, so the state_dict is unchanged).
+  (activations have no parameters, so the state_dict is unchanged); right after a convolution it
+  also works in place without autograd.
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 CPU kernel does not take (CUDA tensors for now, float16 / bfloat16, autocast), so an optimized model
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.norm_act import norm_act
+from .ops.norm_act import norm_act, norm_act_
 
 __all__ = ["ConvNormAct", "optimize"]
 
@@ -64,9 +67,13 @@ def _kernel_ok(x: Tensor) -> bool:
         x[0, 0].numel() > 1 and not torch.is_autocast_enabled()
 
 
-def _fused(norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
+def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tensor:
+    """The fused norm + activation; ``fresh``: x is a temporary nobody else holds (a convolution's
+    output inside the block), so without autograd it is normalised in place (no new buffer)."""
     w = norm.weight if norm.affine else None
     b = norm.bias if norm.affine else None
+    if fresh and not torch.is_grad_enabled() and x.is_contiguous():
+        return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"])
     return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"])
 
 
@@ -76,10 +83,10 @@ def _eager_act(spec: dict, x: Tensor) -> Tensor:
     return F.relu(x) if spec["act"] == "relu" else x
 
 
-def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
+def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tensor:
     """norm + activation: the fused kernel where it takes x, else the eager norm then activation."""
     if _kernel_ok(x) and x.ndim >= 3:
-        return _fused(norm, spec, x)
+        return _fused(norm, spec, x, fresh)
     return _eager_act(spec, norm_forward(norm, x))
 
 
@@ -89,7 +96,8 @@ class _FusedInstanceNorm:
     _fm_spec: dict
 
     def forward(self, x):
-        return _norm_then_act(type(self).__mro__[2].forward, self, self._fm_spec, x)
+        return _norm_then_act(type(self).__mro__[2].forward, self, self._fm_spec, x,
+                              fresh=getattr(self, "_fm_fresh", False))
 
 
 class FusedInstanceNorm1d(_FusedInstanceNorm, nn.InstanceNorm1d):
@@ -196,7 +204,7 @@ class ConvNormAct(nn.Module):
         spec = self._spec()
         norm, act = getattr(self, "norm", None), getattr(self, "act", None)
         if spec is not None:
-            return _norm_then_act(type(norm).forward, norm, spec, y)
+            return _norm_then_act(type(norm).forward, norm, spec, y, fresh=True)
         if norm is not None:
             y = norm(y)
         return act(y) if act is not None else y
@@ -207,6 +215,7 @@ try:  # MONAI is optional: without it there is nothing of MONAI's to fuse
 except ImportError:  # pragma: no cover
     UnetBasicBlock = UnetResBlock = None
 
+
 if UnetBasicBlock is not None:
 
     class FusedUnetBasicBlock(UnetBasicBlock):
@@ -215,8 +224,8 @@ if UnetBasicBlock is not None:
         def forward(self, inp):
             if not _kernel_ok(inp):
                 return UnetBasicBlock.forward(self, inp)
-            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp))
-            return _fused(self.norm2, self._fm_specs[1], self.conv2(out))
+            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
+            return _fused(self.norm2, self._fm_specs[1], self.conv2(out), fresh=True)
 
     class FusedUnetResBlock(UnetResBlock):
         """UnetResBlock with its first norm + activation fused (fastmed.optimize)."""
@@ -225,7 +234,7 @@ if UnetBasicBlock is not None:
             if not _kernel_ok(inp):
                 return UnetResBlock.forward(self, inp)
             residual = inp
-            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp))
+            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
             out = self.norm2(self.conv2(out))
             if hasattr(self, "conv3"):
                 residual = self.conv3(residual)
@@ -270,8 +279,15 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         if spec is None:
             skipped.append((where, why))
             continue
+        # right after a convolution in the Sequential, x is that convolution's fresh output: without
+        # autograd it can be normalised in place
+        i = k - 1
+        while i >= 0 and isinstance(seq._modules[names[i]], nn.modules.dropout._DropoutNd) \
+                and seq._modules[names[i]].p == 0:
+            i -= 1
         norm.__class__ = _FUSED_NORM[type(norm)]
         norm._fm_spec = spec
+        norm._fm_fresh = i >= 0 and isinstance(seq._modules[names[i]], nn.modules.conv._ConvNd)
         seq._modules[names[j]] = nn.Identity()
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 

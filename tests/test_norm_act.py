@@ -80,3 +80,22 @@ def test_opcheck_and_compile():
     torch.library.opcheck(NA.norm_act_fwd, (x, w, b, 1e-5, 0.01, 2))
     f = torch.compile(lambda x: NA.norm_act(x * 2, w, b) + 1, backend="eager", fullgraph=True)
     torch.testing.assert_close(f(x), NA.norm_act(x * 2, w, b) + 1)
+
+
+@pytest.mark.parametrize("act", ["leaky_relu", "relu", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_equals_out_of_place(act, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn((2, 3, 6, 7, 5), generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    w, b = torch.rand(3, dtype=dtype) + 0.5, torch.randn(3, dtype=dtype)
+    ref = NA.norm_act(x, w, b, 1e-5, act, 0.02)
+    y = x.clone()
+    out = NA.norm_act_(y, w, b, 1e-5, act, 0.02)
+    assert out is y and torch.equal(y, ref)
+    torch.library.opcheck(torch.ops.fastmed.norm_act_.default, (x.clone(), w, b, 1e-5, 0.02, 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        NA.norm_act_(x.transpose(2, 3), w, b)
+    with pytest.raises(ValueError, match="weight"):
+        NA.norm_act_(x.clone(), torch.ones(4), b)
+    with pytest.raises(TypeError, match="x must be float32"):
+        NA.norm_act_(x.half())

@@ -50,6 +50,8 @@ def _check_model(m, x, train, factor=3.0, floor=2e-6):
     yf, gf = _grads(o, x)
     _, g64 = _grads(m64, x.double())
     torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: fused blocks work in place on their convolutions' outputs
+        torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
     assert len(g) == len(gf) == len(g64)
     _assert_as_accurate(gf, g, g64, factor, floor)
     return o
@@ -103,6 +105,9 @@ def test_conv_norm_act_equals_eager_layers(case, train, dtype):
     yf, gf = _grads(blk, x)
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     torch.testing.assert_close(yf, y, rtol=tol, atol=tol)
+    if not train:  # inference works in place on the convolution's output
+        with torch.no_grad():
+            torch.testing.assert_close(blk(x), ref(x), rtol=tol, atol=tol)
     assert len(g) == len(gf)
     if dtype == torch.float64:
         for a, b in zip(g, gf):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["norm_act", "norm_act_reference", "ACTS"]
+__all__ = ["norm_act", "norm_act_", "norm_act_reference", "ACTS"]
 
 ACTS = {"none": 0, "relu": 1, "leaky_relu": 2}
 
@@ -119,6 +119,12 @@ def _act_code(act) -> int:
 def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
              act="leaky_relu", slope: float = 0.01) -> Tensor:
     """Instance norm (+ optional per-channel affine) fused with an activation; see the module docstring."""
+    code = _check(x, weight, bias, eps, act)
+    return norm_act_fwd(x.contiguous(), weight, bias, float(eps), float(slope), code)[0]
+
+
+def _check(x, weight, bias, eps, act) -> int:
+    """Validates norm_act's arguments (naming the bad one); returns the activation code."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 3:
@@ -134,8 +140,40 @@ def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] 
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    code = _act_code(act)
-    return norm_act_fwd(x.contiguous(), weight, bias, float(eps), float(slope), code)[0]
+    return _act_code(act)
+
+
+@torch.library.custom_op("fastmed::norm_act_", mutates_args=("x",))
+def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
+                        act: int) -> None:
+    if x.device.type != "cpu":
+        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
+        return
+    if x.numel():
+        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
+        mod, p = _params(x, w, b, eps, slope, act)
+        mean = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64)
+        rstd = torch.empty_like(mean)
+        p.y, p.mean, p.rstd = x.data_ptr(), mean.data_ptr(), rstd.data_ptr()  # y = x: each voxel is
+        mod.norm_act_fwd(p)  # read for the statistics first, then written once
+
+
+@norm_act_inplace_op.register_fake
+def _(x, weight, bias, eps, slope, act):
+    return None
+
+
+def norm_act_(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+              act="leaky_relu", slope: float = 0.01) -> Tensor:
+    """norm_act in place, for inference: overwrites the contiguous ``x`` with the result (no new
+    buffer: on the CPU a fresh activation costs as much in page faults as the pass itself).
+    Not differentiable; returns ``x``."""
+    code = _check(x, weight, bias, eps, act)
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous to be normalised in place")
+    with torch.no_grad():
+        norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code)
+    return x
 
 
 def _reference_fwd(x, weight, bias, eps, slope, act):
