@@ -6,7 +6,9 @@ and biased variance (in float64), ``y = act((x - mean) / sqrt(var + eps) * weigh
 with ``act`` "none", "relu" or "leaky_relu" (negative slope ``slope``), in one read-twice, write-once
 pass; the backward recomputes the pre-activation instead of storing it and returns dx, dweight,
 dbias (per-plane partial sums added over n in a fixed order: deterministic). CPU kernel in C++;
-CUDA (for now) and other devices run ``norm_act_reference`` in plain PyTorch.
+on CUDA Triton kernels (``fastmed/kernels/norm_act_triton.py``: checked under TRITON_INTERPRET=1,
+not yet on a GPU; float16 / bfloat16 too, accumulating in float32); without Triton, and on other
+devices, ``norm_act_reference``'s formula in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     return mod, p
 
 
+_TRITON = []
+
+
+def _triton():
+    """fastmed.kernels.norm_act_triton when Triton imports (GPUs), else None (plain PyTorch)."""
+    if not _TRITON:
+        try:
+            from ..kernels import norm_act_triton
+        except Exception:  # no triton, or one that cannot load here
+            norm_act_triton = None
+        _TRITON.append(norm_act_triton)
+    return _TRITON[0]
+
+
 def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.detach().to(dtype=x.dtype).contiguous()
 
@@ -47,8 +63,13 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     mean = torch.empty(planes, dtype=torch.float64, device=x.device)
     rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
     if x.device.type != "cpu":
-        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
-        return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
+        tri = _triton() if x.device.type == "cuda" else None
+        if tri is None:
+            y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
+            return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        tri.norm_act_fwd(x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, y, mean, rstd)
+        return y, mean, rstd
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
@@ -69,9 +90,17 @@ def _(x, weight, bias, eps, slope, act):
 def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                  slope: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
     N, C = x.shape[0], x.shape[1]
-    if x.device.type != "cpu":
+    tri = _triton() if x.device.type == "cuda" else None
+    if x.device.type != "cpu" and tri is None:
         return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
     dy = dy.contiguous()
+    if tri is not None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dw = torch.empty(N * C, dtype=torch.float64, device=x.device)
+        db = torch.empty(N * C, dtype=torch.float64, device=x.device)
+        tri.norm_act_bwd(dy.to(x.dtype), x, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd, slope, act,
+                         dx, dw, db)
+        return dx, dw.view(N, C).sum(0).to(x.dtype), db.view(N, C).sum(0).to(x.dtype)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dw = torch.empty(N * C, dtype=torch.float64)
     db = torch.empty(N * C, dtype=torch.float64)
@@ -131,8 +160,9 @@ def _check(x, weight, bias, eps, act) -> int:
         raise ValueError(f"x must be (N, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
     if x.numel() and x[0, 0].numel() == 1:
         raise ValueError(f"x: instance norm needs more than 1 spatial element (as torch's), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x must be float32 or float64 (got {x.dtype})")
+    if x.dtype not in (torch.float32, torch.float64) and not (
+            x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"x must be float32 or float64 (float16 / bfloat16 too on CUDA), got {x.dtype}")
     C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not isinstance(t, Tensor) or t.shape != (C,)):
@@ -147,7 +177,14 @@ def _check(x, weight, bias, eps, act) -> int:
 def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
                         act: int) -> None:
     if x.device.type != "cpu":
-        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
+        tri = _triton() if x.device.type == "cuda" else None
+        if tri is None:
+            x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
+            return
+        planes = x.shape[0] * x.shape[1]
+        mean = torch.empty(planes, dtype=torch.float64, device=x.device)
+        rstd = torch.empty_like(mean)
+        tri.norm_act_fwd(x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, x, mean, rstd)
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)

@@ -1,0 +1,49 @@
+"""fastmed::norm_act on CUDA (the Triton kernels) against the CPU kernel and eager PyTorch, with
+gradients (skipped without a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmed.ops import norm_act as NA
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["leaky_relu", "relu", "none"])
+def test_cuda_equals_cpu_and_eager(dtype, act):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 5, 19, 23, 17, generator=g, dtype=torch.float64) * 2 + 1)
+    w, b = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.randn(5, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ins = [t.to("cuda", dtype).requires_grad_(True) for t in (x, w, b)]
+    y = NA.norm_act(*ins, 1e-5, act, 0.01)
+    y.backward(dy.to("cuda", dtype))
+    ref = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    yr = NA.norm_act_reference(*ref, 1e-5, act, 0.01)
+    yr.backward(dy)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=tol, atol=tol)
+    for a, r in zip(ins, ref):
+        torch.testing.assert_close(a.grad.double().cpu(), r.grad, rtol=tol * 10, atol=tol * 10)
+    if dtype == torch.float32:  # the same arithmetic as the C++ kernel
+        yc = NA.norm_act(x.float(), w.float(), b.float(), 1e-5, act, 0.01)
+        torch.testing.assert_close(y.detach().cpu(), yc, rtol=2e-6, atol=2e-6)
+        e = F.instance_norm(ins[0].detach(), weight=ins[1].detach(), bias=ins[2].detach(), eps=1e-5)
+        e = e if act == "none" else F.relu(e) if act == "relu" else F.leaky_relu(e, 0.01)
+        torch.testing.assert_close(y.detach(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_in_place_and_opcheck():
+    x = torch.randn(2, 3, 8, 9, 10, device="cuda")
+    w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
+    ref = NA.norm_act(x, w, b)
+    y = x.clone()
+    NA.norm_act_(y, w, b)
+    assert torch.equal(y, ref)
+    torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default, (x, w, b, 1e-5, 0.01, 2))
