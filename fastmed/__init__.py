@@ -9,11 +9,11 @@ from . import losses  # noqa: E402,F401
 
 
 
-def optimize(model, inplace: bool = False, verbose: bool = False):
-    """Fuse the supported norm -> activation patterns of an existing model (see fastmed.nn)."""
+def optimize(model, inplace: bool = False, verbose: bool = False, channels_last: bool = False):
+    """Fuse the supported norm -> activation patterns of an existing model (see fastmed.nn.optimize)."""
     from .nn import optimize as _optimize
 
-    return _optimize(model, inplace=inplace, verbose=verbose)
+    return _optimize(model, inplace=inplace, verbose=verbose, channels_last=channels_last)
 
 
 __all__ = ["build_info", "losses", "ops", "optimize", "__version__"]

@@ -25,8 +25,12 @@ and why the rest was not. At run time the fused code falls back to the eager mod
 CPU kernel does not take (CUDA tensors for now, float16 / bfloat16, autocast), so an optimized model
 runs everywhere the original did.
 
-Not here yet (issue #5): the GPU kernels (Triton / CUDA implicit-GEMM convolution with the norm
-statistics in its epilogue), fusing the convolution itself on the CPU.
+``optimize(model, channels_last=True)`` also stores 3D convolution weights channels last, so the
+whole network runs on NDHWC activations (the fused norm has a channels-last kernel).
+
+Not here yet (issue #5): the GPU path of the blocks (Triton / CUDA implicit-GEMM convolution with
+the norm statistics in its epilogue; the fused norm's Triton kernels exist but optimized models run
+the eager modules on CUDA until they are checked on a GPU), fusing the convolution on the CPU.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.norm_act import norm_act, norm_act_
+from .ops.norm_act import _cl_format, norm_act, norm_act_
 
 __all__ = ["ConvNormAct", "optimize"]
 
@@ -72,7 +76,7 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
     output inside the block), so without autograd it is normalised in place (no new buffer)."""
     w = norm.weight if norm.affine else None
     b = norm.bias if norm.affine else None
-    if fresh and not torch.is_grad_enabled() and x.is_contiguous():
+    if fresh and not torch.is_grad_enabled() and (x.is_contiguous() or _cl_format(x) is not None):
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"])
     return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"])
 
@@ -292,10 +296,15 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 
 
-def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, channels_last: bool = False) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) with the supported
     norm -> activation patterns fused; see the module docstring. Parameters, buffers and state_dict
-    keys are unchanged. ``model._fastmed_report`` lists what was fused and what was skipped (why)."""
+    keys are unchanged. ``model._fastmed_report`` lists what was fused and what was skipped (why).
+
+    ``channels_last=True`` also stores the 3D convolution weights channels last
+    (``torch.channels_last_3d``), so that oneDNN's convolutions and the fused norm run on NDHWC
+    activations (faster on CPUs; the norm has a channels-last kernel). Values are unchanged; the
+    model's outputs may then come out channels last (call ``.contiguous()`` before ``.view``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -321,6 +330,10 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> 
         mod._fm_specs = [sp for sp, _ in specs]
         mod.__class__ = target
         fused.append(name or type(model).__name__)
+    if channels_last:
+        for mod in model.modules():
+            if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
     model._fastmed_report = {"fused": fused, "skipped": skipped}
     if verbose:
         print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")

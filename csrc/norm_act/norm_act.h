@@ -5,6 +5,8 @@
 //   backward: dz = dy * (z > 0 ? 1 : act slope) (z recomputed, never stored)
 //             dw_part[n, c] = sum dz * xhat, db_part[n, c] = sum dz (summed over n in Python, in order)
 //             dx = rstd * (w dz - mean(w dz) - xhat * mean(w dz * xhat))
+// Channels-last tensors (N, S, C) are reduced over fixed blocks of spatial positions whose partial
+// sums are added in block order (deterministic for any thread count).
 // x, y, dy, dx share the element type (float32 or float64); w, b (optional) are float32/float64 of
 // the same type. Statistics and plane sums are accumulated in double.
 #pragma once
@@ -20,6 +22,9 @@ struct NormActParams {
   double eps, slope; int act;
   double* mean; double* rstd;
   const void* dy; void* dx; double* dweight; double* dbias;
+  // 0: planes of S contiguous elements (N, C, S); 1: channels last (N, S, C), each spatial position's
+  // C channels contiguous (torch.channels_last / channels_last_3d); x, y, dy, dx alike
+  int channels_last;
   int num_threads;
   void* stream;
 };

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "../common/common.h"
 #include "norm_act.h"
@@ -93,10 +94,148 @@ void backward(const NormActParams& p) {
   }
 }
 
+// ---- channels last: (N, S, C) ------------------------------------------------------------------
+constexpr int64_t kRows = 512;  // spatial positions per reduction block
+
+// per (n, c): sum over s of f(s, c), by blocks of kRows positions added in block order
+template <typename F>
+void cl_reduce(const NormActParams& p, int nacc, F&& f, std::vector<double>& out) {
+  const int64_t N = p.N, C = p.C, S = p.S, nb = (S + kRows - 1) / kRows;
+  std::vector<double> part((size_t)(N * nb * nacc * C), 0.0);
+#pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
+  for (int64_t t = 0; t < N * nb; ++t) {
+    const int64_t n = t / nb, blk = t % nb;
+    double* acc = part.data() + t * nacc * C;
+    const int64_t s1 = std::min(S, (blk + 1) * kRows);
+    for (int64_t s = blk * kRows; s < s1; ++s) f(n, s, acc);
+  }
+  out.assign((size_t)(N * nacc * C), 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const double* a = part.data() + (n * nb + blk) * nacc * C;
+      double* o = out.data() + n * nacc * C;
+      for (int64_t k = 0; k < nacc * C; ++k) o[k] += a[k];
+    }
+}
+
+template <typename T>
+void forward_cl(const NormActParams& p) {
+  const int64_t N = p.N, C = p.C, S = p.S;
+  const T* x = (const T*)p.x;
+  std::vector<double> sums;
+  cl_reduce(p, 1, [&](int64_t n, int64_t s, double* acc) {
+    const T* r = x + (n * S + s) * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += (double)r[c];
+  }, sums);
+  std::vector<double> mean((size_t)(N * C));
+  for (int64_t k = 0; k < N * C; ++k) mean[k] = sums[k] / (double)S;
+  std::vector<double> sq;
+  cl_reduce(p, 1, [&](int64_t n, int64_t s, double* acc) {
+    const T* r = x + (n * S + s) * C;
+    const double* m = mean.data() + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = (double)r[c] - m[c];
+      acc[c] += d * d;
+    }
+  }, sq);
+  std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C));
+  for (int64_t k = 0; k < N * C; ++k) {
+    const int64_t c = k % C;
+    const double rstd = 1.0 / std::sqrt(sq[k] / (double)S + p.eps);
+    p.mean[k] = mean[k];
+    p.rstd[k] = rstd;
+    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+    a[k] = (T)(rstd * w);  // as the planar kernel: x * a + (b - mean * a)
+    bb[k] = (T)(b - mean[k] * rstd * w);
+  }
+  T* y = (T*)p.y;
+  const T slope = (T)p.slope;
+  const int act = p.act;
+#pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
+  for (int64_t t = 0; t < N * S; ++t) {
+    const int64_t n = t / S;
+    const T* r = x + t * C;
+    T* o = y + t * C;
+    const T* an = a.data() + n * C;
+    const T* bn = bb.data() + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = act_of<T>(r[c] * an[c] + bn[c], act, slope);
+  }
+}
+
+template <typename T>
+void backward_cl(const NormActParams& p) {
+  const int64_t N = p.N, C = p.C, S = p.S;
+  const T* x = (const T*)p.x;
+  const T* dy = (const T*)p.dy;
+  const T slope = (T)p.slope;
+  const int act = p.act;
+  std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C)), m((size_t)(N * C)), r((size_t)(N * C));
+  for (int64_t k = 0; k < N * C; ++k) {
+    const int64_t c = k % C;
+    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+    a[k] = (T)(p.rstd[k] * w);
+    bb[k] = (T)(b - p.mean[k] * p.rstd[k] * w);
+    m[k] = (T)p.mean[k];
+    r[k] = (T)p.rstd[k];
+  }
+  std::vector<double> sums;  // per n: C sums of g, then C sums of g * xhat
+  cl_reduce(p, 2, [&](int64_t n, int64_t s, double* acc) {
+    const T* xr = x + (n * S + s) * C;
+    const T* dr = dy + (n * S + s) * C;
+    const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T z = xr[c] * an[c] + bn[c];
+      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope);
+      acc[c] += (double)g;
+      acc[C + c] += (double)g * (double)((xr[c] - mn[c]) * rn[c]);
+    }
+  }, sums);
+  std::vector<T> c0((size_t)(N * C)), c1((size_t)(N * C)), c2((size_t)(N * C));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = n * C + c;
+      const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+      const double sdz = sums[n * 2 * C + c], sdzx = sums[n * 2 * C + C + c];
+      p.dbias[k] = sdz;
+      p.dweight[k] = sdzx;
+      c0[k] = (T)(p.rstd[k] * w);
+      c1[k] = (T)(sdz / (double)S);
+      c2[k] = (T)(sdzx / (double)S);
+    }
+  T* dx = (T*)p.dx;
+#pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
+  for (int64_t t = 0; t < N * S; ++t) {
+    const int64_t n = t / S;
+    const T* xr = x + t * C;
+    const T* dr = dy + t * C;
+    T* o = dx + t * C;
+    const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
+    const T *k0 = c0.data() + n * C, *k1 = c1.data() + n * C, *k2 = c2.data() + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T z = xr[c] * an[c] + bn[c];
+      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope);
+      o[c] = k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
+    }
+  }
+}
+
 }  // namespace
 
 int norm_act_fwd_cpu(const NormActParams& p) {
   if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 2) return kBadArgument;
+  if (p.channels_last) {
+    if (p.dtype == kF32) forward_cl<float>(p);
+    else if (p.dtype == kF64) forward_cl<double>(p);
+    else return kBadDtype;
+    return kOk;
+  }
   if (p.dtype == kF32) forward<float>(p);
   else if (p.dtype == kF64) forward<double>(p);
   else return kBadDtype;
@@ -105,6 +244,12 @@ int norm_act_fwd_cpu(const NormActParams& p) {
 
 int norm_act_bwd_cpu(const NormActParams& p) {
   if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 2) return kBadArgument;
+  if (p.channels_last) {
+    if (p.dtype == kF32) backward_cl<float>(p);
+    else if (p.dtype == kF64) backward_cl<double>(p);
+    else return kBadDtype;
+    return kOk;
+  }
   if (p.dtype == kF32) backward<float>(p);
   else if (p.dtype == kF64) backward<double>(p);
   else return kBadDtype;

@@ -34,6 +34,7 @@ def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     p.weight = weight.data_ptr() if weight is not None else 0
     p.bias = bias.data_ptr() if bias is not None else 0
     p.eps, p.slope, p.act = float(eps), float(slope), int(act)
+    p.channels_last = int(_cl_format(x) is not None)
     p.num_threads = _ext.num_threads()
     return mod, p
 
@@ -52,6 +53,20 @@ def _triton():
     return _TRITON[0]
 
 
+def _cl_format(x: Tensor):
+    """torch.channels_last / channels_last_3d when x is dense in that layout and not also plain
+    contiguous (then the CPU kernel works on it as is), else None."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    if fmt is None or x.is_contiguous():
+        return None
+    return fmt if x.is_contiguous(memory_format=fmt) else None
+
+
+def _like(x: Tensor) -> Tensor:
+    """A new tensor in x's layout (plain contiguous or channels last)."""
+    return torch.empty_like(x, memory_format=_cl_format(x) or torch.contiguous_format)
+
+
 def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.detach().to(dtype=x.dtype).contiguous()
 
@@ -67,10 +82,12 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
         if tri is None:
             y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
             return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        tri.norm_act_fwd(x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, y, mean, rstd)
-        return y, mean, rstd
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        xp = x.contiguous()  # the Triton kernels take planes
+        y = torch.empty_like(xp)
+        tri.norm_act_fwd(xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, y, mean, rstd)
+        fmt = _cl_format(x)
+        return (y.contiguous(memory_format=fmt) if fmt else y), mean, rstd
+    y = _like(x)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
         mod, p = _params(x, w, b, eps, slope, act)
@@ -82,8 +99,7 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
 @norm_act_fwd.register_fake
 def _(x, weight, bias, eps, slope, act):
     planes = x.shape[0] * x.shape[1]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(planes, dtype=torch.float64),
-            x.new_empty(planes, dtype=torch.float64))
+    return _like(x), x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
 
 
 @torch.library.custom_op("fastmed::norm_act_bwd", mutates_args=())
@@ -93,15 +109,18 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     tri = _triton() if x.device.type == "cuda" else None
     if x.device.type != "cpu" and tri is None:
         return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
-    dy = dy.contiguous()
-    if tri is not None:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    fmt = _cl_format(x)
+    if tri is not None:  # the Triton kernels take planes
+        xp = x.contiguous()
+        dx = torch.empty_like(xp)
         dw = torch.empty(N * C, dtype=torch.float64, device=x.device)
         db = torch.empty(N * C, dtype=torch.float64, device=x.device)
-        tri.norm_act_bwd(dy.to(x.dtype), x, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd, slope, act,
-                         dx, dw, db)
+        tri.norm_act_bwd(dy.to(x.dtype).contiguous(), xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
+                         slope, act, dx, dw, db)
+        dx = dx.contiguous(memory_format=fmt) if fmt else dx
         return dx, dw.view(N, C).sum(0).to(x.dtype), db.view(N, C).sum(0).to(x.dtype)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dy = dy.contiguous(memory_format=fmt) if fmt else dy.contiguous()  # x's layout
+    dx = _like(x)
     dw = torch.empty(N * C, dtype=torch.float64)
     db = torch.empty(N * C, dtype=torch.float64)
     if x.numel():
@@ -116,7 +135,7 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
 @norm_act_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, slope, act):
     C = x.shape[1]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(C), x.new_empty(C)
+    return _like(x), x.new_empty(C), x.new_empty(C)
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,7 +168,9 @@ def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] 
              act="leaky_relu", slope: float = 0.01) -> Tensor:
     """Instance norm (+ optional per-channel affine) fused with an activation; see the module docstring."""
     code = _check(x, weight, bias, eps, act)
-    return norm_act_fwd(x.contiguous(), weight, bias, float(eps), float(slope), code)[0]
+    if not x.is_contiguous() and _cl_format(x) is None:  # channels last is taken as it is
+        x = x.contiguous()
+    return norm_act_fwd(x, weight, bias, float(eps), float(slope), code)[0]
 
 
 def _check(x, weight, bias, eps, act) -> int:
@@ -184,7 +205,10 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         planes = x.shape[0] * x.shape[1]
         mean = torch.empty(planes, dtype=torch.float64, device=x.device)
         rstd = torch.empty_like(mean)
-        tri.norm_act_fwd(x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, x, mean, rstd)
+        xp = x.contiguous()
+        tri.norm_act_fwd(xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, xp, mean, rstd)
+        if xp.data_ptr() != x.data_ptr():
+            x.copy_(xp)
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
@@ -206,8 +230,8 @@ def norm_act_(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor]
     buffer: on the CPU a fresh activation costs as much in page faults as the pass itself).
     Not differentiable; returns ``x``."""
     code = _check(x, weight, bias, eps, act)
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous to be normalised in place")
+    if not x.is_contiguous() and _cl_format(x) is None:
+        raise ValueError("x must be contiguous (or channels last) to be normalised in place")
     with torch.no_grad():
         norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code)
     return x
