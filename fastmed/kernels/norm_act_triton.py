@@ -42,16 +42,26 @@ def _dact(z, dy, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _coefficients(mean, rstd, w, b, XT: tl.constexpr):
-    """z = x * a + beta, the coefficients rounded once to the type of the elementwise pass: x's own
-    type for float32 / float64 (as the CPU kernel), float32 for float16 / bfloat16."""
+def _coefficients(w_ptr, b_ptr, c, mean, rstd, XT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                  ACC: tl.constexpr):
+    """(w, a, beta) of channel c: z = x * a + beta, the coefficients rounded once to the type of the
+    elementwise pass: x's own type for float32 / float64 (as the CPU kernel), float32 for float16 /
+    bfloat16."""
+    if HAS_W:
+        w = tl.load(w_ptr + c).to(ACC)
+    else:
+        w = 1.0
+    if HAS_B:
+        b = tl.load(b_ptr + c).to(ACC)
+    else:
+        b = 0.0
     if XT == tl.float16 or XT == tl.bfloat16:
         a = (rstd * w).to(tl.float32)
         beta = (b - mean * rstd * w).to(tl.float32)
     else:
         a = (rstd * w).to(XT)
         beta = (b - mean * rstd * w).to(XT)
-    return a, beta
+    return w, a, beta
 
 
 @triton.jit
@@ -76,15 +86,7 @@ def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, e
     rstd = 1.0 / tl.sqrt(tl.sum(acc2, 0) / S + eps)
     tl.store(mean_ptr + pl, mean.to(tl.float64))
     tl.store(rstd_ptr + pl, rstd.to(tl.float64))
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(ACC)
-    else:
-        w = 1.0
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(ACC)
-    else:
-        b = 0.0
-    a, beta = _coefficients(mean, rstd, w, b, x_ptr.dtype.element_ty)
+    w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
     for start in range(0, S, BLOCK):
         idx = start + offs
         m = idx < S
@@ -103,15 +105,7 @@ def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr
     offs = tl.arange(0, BLOCK).to(tl.int64)
     mean = tl.load(mean_ptr + pl).to(ACC)
     rstd = tl.load(rstd_ptr + pl).to(ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(ACC)
-    else:
-        w = 1.0
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(ACC)
-    else:
-        b = 0.0
-    a, beta = _coefficients(mean, rstd, w, b, x_ptr.dtype.element_ty)
+    w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
     sdz = tl.zeros([BLOCK], dtype=ACC)
     sdzx = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, S, BLOCK):
