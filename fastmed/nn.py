@@ -18,8 +18,7 @@ keeping every module, parameter and state_dict key:
   nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
   ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` (a ``Dropout`` with p = 0 between
   them is allowed) becomes a fused instance norm, and the activation's slot holds ``nn.Identity``
-  (activations have no parameters, so the state_dict is unchanged); right after a convolution it
-  also works in place without autograd.
+  (activations have no parameters, so the state_dict is unchanged).
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 CPU kernel does not take (CUDA tensors for now, float16 / bfloat16, autocast), so an optimized model
@@ -66,9 +65,16 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
     return spec, ""
 
 
-def _kernel_ok(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0 and \
-        x[0, 0].numel() > 1 and not torch.is_autocast_enabled()
+def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
+    """The CPU kernel takes x: float32 / float64 on the CPU, no CPU autocast, batched (an unbatched
+    (C, *spatial) input to ``norm`` runs the eager modules), more than one element per plane."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.ndim < 3:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if norm is not None and x.ndim != norm._get_no_batch_dim() + 1:
+        return False
+    return x[0, 0].numel() > 1
 
 
 def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tensor:
@@ -89,7 +95,7 @@ def _eager_act(spec: dict, x: Tensor) -> Tensor:
 
 def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tensor:
     """norm + activation: the fused kernel where it takes x, else the eager norm then activation."""
-    if _kernel_ok(x) and x.ndim >= 3:
+    if _kernel_ok(x, norm):
         return _fused(norm, spec, x, fresh)
     return _eager_act(spec, norm_forward(norm, x))
 
@@ -100,8 +106,8 @@ class _FusedInstanceNorm:
     _fm_spec: dict
 
     def forward(self, x):
-        return _norm_then_act(type(self).__mro__[2].forward, self, self._fm_spec, x,
-                              fresh=getattr(self, "_fm_fresh", False))
+        # never in place: this module can be called on a tensor its caller keeps
+        return _norm_then_act(type(self).__mro__[2].forward, self, self._fm_spec, x)
 
 
 class FusedInstanceNorm1d(_FusedInstanceNorm, nn.InstanceNorm1d):
@@ -226,19 +232,20 @@ if UnetBasicBlock is not None:
         """UnetBasicBlock with norm + activation fused (fastmed.optimize)."""
 
         def forward(self, inp):
-            if not _kernel_ok(inp):
+            if not _kernel_ok(inp, self.norm1):
                 return UnetBasicBlock.forward(self, inp)
-            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
-            return _fused(self.norm2, self._fm_specs[1], self.conv2(out), fresh=True)
+            norm = type(self.norm1).forward
+            out = _norm_then_act(norm, self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
+            return _norm_then_act(norm, self.norm2, self._fm_specs[1], self.conv2(out), fresh=True)
 
     class FusedUnetResBlock(UnetResBlock):
         """UnetResBlock with its first norm + activation fused (fastmed.optimize)."""
 
         def forward(self, inp):
-            if not _kernel_ok(inp):
+            if not _kernel_ok(inp, self.norm1):
                 return UnetResBlock.forward(self, inp)
             residual = inp
-            out = _fused(self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
+            out = _norm_then_act(type(self.norm1).forward, self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
             out = self.norm2(self.conv2(out))
             if hasattr(self, "conv3"):
                 residual = self.conv3(residual)
@@ -276,22 +283,18 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
             continue
         act = seq._modules[names[j]]
         spec, why = _norm_act_spec(norm, act)
-        shared = [m for m in (norm, act) if refs.get(id(m), 0) > 1]
-        if spec is not None and shared and type(parent).__name__ not in _SEQUENTIAL_ONLY_PARENTS:
+        # nnU-Net's block registers its norm and activation twice (as attributes and in the
+        # Sequential its forward runs): exactly two references there; anything else is shared
+        limit = 2 if type(parent).__name__ in _SEQUENTIAL_ONLY_PARENTS else 1
+        shared = [m for m in (norm, act) if refs.get(id(m), 0) > limit]
+        if spec is not None and shared:
             spec, why = None, (f"{type(shared[0]).__name__} is registered more than once in the model (it may "
                                f"run outside this Sequential)")
         if spec is None:
             skipped.append((where, why))
             continue
-        # right after a convolution in the Sequential, x is that convolution's fresh output: without
-        # autograd it can be normalised in place
-        i = k - 1
-        while i >= 0 and isinstance(seq._modules[names[i]], nn.modules.dropout._DropoutNd) \
-                and seq._modules[names[i]].p == 0:
-            i -= 1
         norm.__class__ = _FUSED_NORM[type(norm)]
         norm._fm_spec = spec
-        norm._fm_fresh = i >= 0 and isinstance(seq._modules[names[i]], nn.modules.conv._ConvNd)
         seq._modules[names[j]] = nn.Identity()
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 
@@ -312,9 +315,10 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     fused, skipped = [], []
     refs, parents = {}, {}
     for mod in model.modules():
-        for child in mod.children():
-            refs[id(child)] = refs.get(id(child), 0) + 1
-            parents[id(child)] = mod
+        for child in mod._modules.values():  # every registration, repeats included
+            if child is not None:
+                refs[id(child)] = refs.get(id(child), 0) + 1
+                parents[id(child)] = mod
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
             _fuse_sequential(mod, name, fused, skipped, refs, parents.get(id(mod)))

@@ -268,3 +268,41 @@ def test_inplace_pickle_and_fallback_dtypes():
         torch.testing.assert_close(o(x), ref, rtol=1e-4, atol=1e-5)
         # bfloat16 input takes the original eager code of the block
         assert o.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_review_regressions():
+    """Unbatched input, a norm used twice in one Sequential, a fused norm called directly without
+    autograd, and CPU autocast all behave as the original modules."""
+    torch.manual_seed(7)
+    blk = ConvNormAct(4, 6, norm_kwargs={"affine": True}).eval()
+    ref = _eager_twin(blk).eval()
+    x = torch.randn(4, 7, 8, 9)  # unbatched (C, D, H, W): runs the eager modules
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), ref(x), rtol=1e-5, atol=1e-5)
+    seq = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.LeakyReLU(0.1))
+    o = fastmed.optimize(seq)
+    assert o._fastmed_report["fused"]
+    u = torch.randn(1, 5, 6, 7)  # unbatched through a fused Sequential
+    with torch.no_grad():
+        torch.testing.assert_close(o(u), seq(u), rtol=1e-5, atol=1e-5)
+    # one norm object twice in a Sequential: not fused, output unchanged
+    n = nn.InstanceNorm3d(4)
+    twice = nn.Sequential(nn.Conv3d(4, 4, 1), n, nn.LeakyReLU(0.2), nn.Conv3d(4, 4, 1), n, nn.LeakyReLU(0.2))
+    o = fastmed.optimize(twice)
+    assert not o._fastmed_report["fused"]
+    x = torch.randn(1, 4, 5, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(o(x), twice(x), rtol=0, atol=0)
+    # a fused norm called on its own, without autograd, leaves its input alone
+    o = fastmed.optimize(seq)
+    t = torch.randn(1, 4, 5, 6, 7)
+    keep = t.clone()
+    with torch.no_grad():
+        o[1](t)
+    assert torch.equal(t, keep)
+    # CPU autocast (bfloat16 convolutions): the fused blocks step aside
+    m = _dynunet(False).eval()
+    o = fastmed.optimize(m)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(o(x).float(), m(x).float(), rtol=0, atol=0)

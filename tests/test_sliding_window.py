@@ -590,3 +590,14 @@ def test_stitch_opcheck_and_bad_inputs():
     many = torch.zeros(65, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match="starts"):
         SW.sw_stitch(acc, torch.zeros(65, 2, 6, 5, 4), many, torch.zeros(65), grid, grid_n, *gs, wmin, None)
+
+
+def test_stitch_rejects_windows_off_the_grid():
+    starts, grid, grid_n = _grid_windows((12, 10, 9), (6, 5, 4), 0.5)
+    acc = torch.zeros(1, 1, 12, 10, 9)
+    pred = torch.randn(2, 1, 6, 5, 4)
+    st = torch.tensor([[0] + list(starts[0]), [0] + list(starts[2])])
+    with pytest.raises(ValueError, match="consecutive"):  # places 0 and 2 of one image
+        SW.sw_stitch(acc, pred, st, torch.tensor([0, 2]), grid, grid_n, None, None, None, 0.0, None)
+    with pytest.raises(ValueError, match="not the grid window"):  # starts that do not match the places
+        SW.sw_stitch(acc, pred, st, torch.tensor([0, 1]), grid, grid_n, None, None, None, 0.0, None)

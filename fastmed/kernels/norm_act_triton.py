@@ -28,7 +28,7 @@ def _act(z, slope, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.where(z > 0, z, 0.0)
     elif ACT == 2:
-        z = tl.where(z > 0, z, z * slope)
+        z = tl.where(z > 0, z, z * slope.to(z.dtype))
     return z
 
 
@@ -37,7 +37,7 @@ def _dact(z, dy, slope, ACT: tl.constexpr):
     if ACT == 1:
         dy = tl.where(z > 0, dy, 0.0)
     elif ACT == 2:
-        dy = tl.where(z > 0, dy, dy * slope)
+        dy = tl.where(z > 0, dy, dy * slope.to(dy.dtype))
     return dy
 
 
@@ -65,13 +65,15 @@ def _coefficients(w_ptr, b_ptr, c, mean, rstd, XT: tl.constexpr, HAS_W: tl.const
 
 
 @triton.jit
-def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, eps, slope,
+def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, prm_ptr, C, S,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr):
     pl = tl.program_id(0).to(tl.int64)
     c = pl % C
     base = pl * S
     offs = tl.arange(0, BLOCK).to(tl.int64)
+    eps = tl.load(prm_ptr)
+    slope = tl.load(prm_ptr + 1)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, S, BLOCK):
         idx = start + offs
@@ -83,7 +85,7 @@ def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, e
         m = idx < S
         d = tl.where(m, tl.load(x_ptr + base + idx, mask=m, other=0.0).to(ACC) - mean, 0.0)
         acc2 += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc2, 0) / S + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, 0) / S + eps.to(ACC))
     tl.store(mean_ptr + pl, mean.to(tl.float64))
     tl.store(rstd_ptr + pl, rstd.to(tl.float64))
     w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
@@ -96,13 +98,14 @@ def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, e
 
 
 @triton.jit
-def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, C, S, slope,
+def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, prm_ptr, C, S,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr):
     pl = tl.program_id(0).to(tl.int64)
     c = pl % C
     base = pl * S
     offs = tl.arange(0, BLOCK).to(tl.int64)
+    slope = tl.load(prm_ptr + 1)
     mean = tl.load(mean_ptr + pl).to(ACC)
     rstd = tl.load(rstd_ptr + pl).to(ACC)
     w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
@@ -134,6 +137,13 @@ def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr
         tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+def _scalars(eps: float, slope: float, device):
+    """eps and the slope in float64 (a Python float argument reaches a GPU kernel as float32)."""
+    import torch
+
+    return torch.tensor([eps, slope], dtype=torch.float64, device=device)
+
+
 def _acc(dtype) -> "tl.dtype":
     import torch
 
@@ -147,9 +157,9 @@ def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, r
     if planes == 0 or S == 0:
         return
     _norm_act_fwd_kernel[(planes,)](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, x.shape[1], S,
-        float(eps), float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=int(act), ACC=_acc(x.dtype),
-        BLOCK=BLOCK)
+        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        _scalars(eps, slope, x.device), x.shape[1], S, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=int(act), ACC=_acc(x.dtype), BLOCK=BLOCK)
 
 
 def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
@@ -159,5 +169,5 @@ def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw
         return
     _norm_act_bwd_kernel[(planes,)](
         dy, x, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, dw, db,
-        x.shape[1], S, float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=int(act),
-        ACC=_acc(x.dtype), BLOCK=BLOCK)
+        _scalars(0.0, slope, x.device), x.shape[1], S, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=int(act), ACC=_acc(x.dtype), BLOCK=BLOCK)

@@ -68,7 +68,9 @@ def _like(x: Tensor) -> Tensor:
 
 
 def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(dtype=x.dtype).contiguous()
+    """weight / bias for the kernels: x's dtype (float32 for float16 / bfloat16 x: not rounded)."""
+    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return None if t is None else t.detach().to(dtype=dt).contiguous()
 
 
 @torch.library.custom_op("fastmed::norm_act_fwd", mutates_args=())
@@ -118,7 +120,7 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
         tri.norm_act_bwd(dy.to(x.dtype).contiguous(), xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
                          slope, act, dx, dw, db)
         dx = dx.contiguous(memory_format=fmt) if fmt else dx
-        return dx, dw.view(N, C).sum(0).to(x.dtype), db.view(N, C).sum(0).to(x.dtype)
+        return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)
     dy = dy.contiguous(memory_format=fmt) if fmt else dy.contiguous()  # x's layout
     dx = _like(x)
     dw = torch.empty(N * C, dtype=torch.float64)
@@ -129,13 +131,13 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
         p.dy, p.dx, p.mean, p.rstd = dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         p.dweight, p.dbias = dw.data_ptr(), db.data_ptr()
         mod.norm_act_bwd(p)
-    return dx, dw.view(N, C).sum(0).to(x.dtype), db.view(N, C).sum(0).to(x.dtype)
+    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)  # float64 (a float16 sum would overflow)
 
 
 @norm_act_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, slope, act):
     C = x.shape[1]
-    return _like(x), x.new_empty(C), x.new_empty(C)
+    return _like(x), x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64)
 
 
 def _setup_context(ctx, inputs, output):
@@ -270,7 +272,7 @@ def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act):
     sdz, sdzx = g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)
     S = x[0, 0].numel()
     dx = rstd.view(shape) * w * (g - sdz / S - xhat * sdzx / S)
-    return dx.to(x.dtype), sdzx.sum(0).flatten().to(x.dtype), sdz.sum(0).flatten().to(x.dtype)
+    return dx.to(x.dtype), sdzx.sum(0).flatten(), sdz.sum(0).flatten()  # float64, as the kernels
 
 
 def norm_act_reference(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,

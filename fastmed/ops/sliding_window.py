@@ -198,6 +198,7 @@ def sw_stitch(
     if len(grid_n) != nsp or sum(grid_n) != len(grid):
         raise ValueError(f"grid_n: one count per spatial dim ({nsp}) adding up to len(grid) ({len(grid)}), "
                          f"got {list(grid_n)}")
+    _check_stitch(acc, pred, starts, widx, grid, grid_n)
     mod = _ext.require(acc.device, "sw_stitch")
     p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap)
     gt = torch.tensor([0] * (3 - nsp) + list(grid), dtype=torch.int64)
@@ -212,6 +213,29 @@ def sw_stitch(
         p.count = cnt.data_ptr()
     mod.sw_stitch(p)
     del keep
+
+
+def _check_stitch(acc, pred, starts, widx, grid, grid_n) -> None:
+    """The kernel trusts its windows: each must sit on the grid at its place widx, inside acc, and
+    the windows of one image must be consecutive places (else first / last touches are wrong)."""
+    nsp = acc.ndim - 2
+    st, wi = starts.tolist(), widx.tolist()
+    if len(wi) != len(st) or pred.shape[0] != len(st) or any(len(r) != nsp + 1 for r in st):
+        raise ValueError(f"starts / widx / pred: one row of {nsp + 1} per window, got {tuple(starts.shape)}, "
+                         f"{tuple(widx.shape)}, {tuple(pred.shape)}")
+    offs = [sum(grid_n[:d]) for d in range(nsp)]
+    for n, (row, w) in enumerate(zip(st, wi)):
+        if not 0 <= row[0] < acc.shape[0]:
+            raise ValueError(f"starts: window {n} is for image {row[0]}, acc holds {acc.shape[0]}")
+        if n and row[0] == st[n - 1][0] and w != wi[n - 1] + 1:
+            raise ValueError(f"widx: windows of one image must be consecutive places on the grid, got {wi}")
+        k = w
+        for d in reversed(range(nsp)):
+            j, k = k % grid_n[d], k // grid_n[d]
+            if row[1 + d] != grid[offs[d] + j] or row[1 + d] + pred.shape[2 + d] > acc.shape[2 + d]:
+                raise ValueError(f"starts: window {n} ({row[1:]}) is not the grid window at place {w}, or leaves acc")
+        if k:
+            raise ValueError(f"widx: place {w} is outside the grid of {grid_n} windows")
 
 
 @sw_stitch.register_fake
