@@ -21,15 +21,19 @@ keeping every module, parameter and state_dict key:
   (activations have no parameters, so the state_dict is unchanged).
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
-CPU kernel does not take (CUDA tensors for now, float16 / bfloat16, autocast), so an optimized model
-runs everywhere the original did.
+kernels do not take (CPU float16 / bfloat16, CPU autocast, devices other than CPU and CUDA, CUDA
+without Triton), so an optimized model runs everywhere the original did. On CUDA the norm +
+activation run as Triton kernels (float32 / float64 / float16 / bfloat16, contiguous or channels
+last, CUDA autocast included) after cuDNN's convolution; ``FASTMED_TRITON=0`` in the environment
+switches them off (eager modules), and should they fail to compile on a GPU the op warns once and
+computes in plain PyTorch.
 
 ``optimize(model, channels_last=True)`` also stores 3D convolution weights channels last, so the
 whole network runs on NDHWC activations (the fused norm has a channels-last kernel).
 
-Not here yet (issue #5): the GPU path of the blocks (Triton / CUDA implicit-GEMM convolution with
-the norm statistics in its epilogue; the fused norm's Triton kernels exist but optimized models run
-the eager modules on CUDA until they are checked on a GPU), fusing the convolution on the CPU.
+Not here yet (issue #5): an implicit-GEMM convolution with the norm statistics in its epilogue
+(GPU), fusing the convolution on the CPU. The CUDA path is checked under TRITON_INTERPRET=1 only,
+not yet on a GPU.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.norm_act import _cl_format, norm_act, norm_act_
+from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
 
 __all__ = ["ConvNormAct", "optimize"]
 
@@ -66,11 +70,19 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
 
 
 def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
-    """The CPU kernel takes x: float32 / float64 on the CPU, no CPU autocast, batched (an unbatched
-    (C, *spatial) input to ``norm`` runs the eager modules), more than one element per plane."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.ndim < 3:
+    """The fused kernels take x: float32 / float64 on the CPU without CPU autocast, or on CUDA
+    (float16 / bfloat16 too, so CUDA autocast runs fused) when the Triton kernels are available;
+    batched (an unbatched (C, *spatial) input to ``norm`` runs the eager modules), more than one
+    element per plane."""
+    if x.numel() == 0 or x.ndim < 3:
         return False
-    if torch.is_autocast_enabled("cpu"):
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+            return False
+    elif x.device.type == "cuda":
+        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) or _triton() is None:
+            return False
+    else:
         return False
     if norm is not None and x.ndim != norm._get_no_batch_dim() + 1:
         return False
@@ -163,7 +175,8 @@ class ConvNormAct(nn.Module):
     Submodules ``conv``, ``norm`` (absent without norm) and ``act`` (absent without act) are the
     torch.nn modules themselves, so parameter names, shapes, state_dicts and train / eval
     semantics are torch.nn's. Instance norm without running statistics + LeakyReLU / ReLU / none
-    runs fused on the CPU (float32 / float64); everything else runs the eager modules.
+    runs fused on the CPU (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too);
+    everything else runs the eager modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,

@@ -132,3 +132,22 @@ def test_in_place_equals_out_of_place(act, dtype):
         NA.norm_act_(x.clone(), torch.ones(4), b)
     with pytest.raises(TypeError, match="x must be float32"):
         NA.norm_act_(x.half())
+
+
+def test_triton_failure_falls_back_with_one_warning(monkeypatch):
+    """A Triton kernel that fails to compile / launch on a GPU switches Triton off for the process,
+    with a warning, and the op computes in plain PyTorch; FASTMED_TRITON=0 switches it off."""
+    from fastmed.ops import norm_act as NA
+
+    monkeypatch.setattr(NA, "_TRITON", [object()])
+
+    def boom(*args):
+        raise RuntimeError("PTX not supported")
+
+    with pytest.warns(RuntimeWarning, match="plain PyTorch"):
+        assert NA._run_triton(boom, 1, 2) is False
+    assert NA._TRITON == [None] and NA._triton() is None
+    assert NA._run_triton(lambda *a: None, 1) is True
+    monkeypatch.setattr(NA, "_TRITON", [])
+    monkeypatch.setenv("FASTMED_TRITON", "0")
+    assert NA._triton() is None

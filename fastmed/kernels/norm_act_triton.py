@@ -1,26 +1,38 @@
 """Triton kernels for ``fastmed::norm_act`` (instance norm fused with ReLU / LeakyReLU / none) on
-GPUs: the same arithmetic as ``csrc/norm_act/norm_act_cpu.cpp``.
+GPUs: the same arithmetic as ``csrc/norm_act/norm_act_cpu.cpp``, spread over the whole GPU.
 
-One program per (n, c) plane of a contiguous (N, C, *spatial) tensor; the plane is streamed in
-blocks of ``BLOCK`` elements, each lane adding its elements in order and the lanes summed at the end
-(a fixed order: the same input gives the same bits). float32 / float64 planes accumulate in float64,
-float16 / bfloat16 in float32.
+``x`` is seen as (N, C, S) with strides (sN, sC, sS): a contiguous (N, C, *spatial) tensor
+(sS = 1) or a channels-last one (NDHWC / NHWC, sC = 1) is read as it is, never copied. Each program
+takes a tile of ``BLOCK_S`` voxels x ``BLOCK_C`` channels of one sample (the layout's contiguous
+axis is the tile's fast axis, so loads are coalesced either way); a plane of 96^3 voxels is
+split over ~100 programs instead of one.
 
-- forward: pass 1 the mean, pass 2 the squared deviations (exact two-pass variance), pass 3
-  ``y = act(x * a + (b - mean * a))`` with ``a = rstd * w`` (PyTorch's arithmetic); mean and rstd
-  are stored in float64 for the backward. ``y`` may be ``x`` (in place).
-- backward: pass 1 ``sum g`` and ``sum g * xhat`` with ``g = dy * act'(z)`` (z recomputed as in
-  the forward), stored per plane (float64: the caller sums over n in order); pass 2
+- forward, 3 launches: (1) per (n, chunk of ``CHUNK`` voxels, c) the chunk's sum and its squared
+  deviations from the chunk mean (exact two-pass inside the chunk, which is still in L2 for the
+  second pass); (2) per (n, c), in chunk order, the exact merge ``M2 = sum(M2_k + n_k (m_k - m)^2)``
+  in float64 -> mean, rstd (stored in float64 for the backward) and the coefficients
+  ``a = rstd * w``, ``beta = b - mean * rstd * w`` rounded once to the elementwise type (x's own
+  for float32 / float64 as the CPU kernel, float32 for float16 / bfloat16); (3) elementwise
+  ``y = act(x * a + beta)`` (PyTorch's arithmetic). ``y`` may be ``x`` (in place).
+- backward, 3 launches: (1) per chunk ``sum g`` and ``sum g * xhat`` with ``g = dy * act'(z)``
+  (z recomputed as in the forward); (2) per (n, c) the chunk sums added in order (float64), kept per
+  plane for dweight / dbias (the caller sums over n in order); (3) elementwise
   ``dx = rstd w (g - mean(g) - xhat mean(g xhat))``.
+Partial sums go to buffers and are added in a fixed order (no atomics): the same input gives the
+same bits. float32 / float64 accumulate in float64, float16 / bfloat16 in float32 (the merges are
+float64 always).
 
 Checked under ``TRITON_INTERPRET=1`` in CI (tests/test_norm_act_triton.py); not yet run on a GPU.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+TILE = 2048        # elements per tile (BLOCK_S * BLOCK_C)
+CHUNK_MAX = 8192   # voxels per statistics program (at most); a multiple of every BLOCK_S
+BLOCK_P = 128      # planes per finalising program
 
 
 @triton.jit
@@ -42,132 +54,261 @@ def _dact(z, dy, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _coefficients(w_ptr, b_ptr, c, mean, rstd, XT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                  ACC: tl.constexpr):
-    """(w, a, beta) of channel c: z = x * a + beta, the coefficients rounded once to the type of the
-    elementwise pass: x's own type for float32 / float64 (as the CPU kernel), float32 for float16 /
-    bfloat16."""
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(ACC)
-    else:
-        w = 1.0
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(ACC)
-    else:
-        b = 0.0
-    if XT == tl.float16 or XT == tl.bfloat16:
-        a = (rstd * w).to(tl.float32)
-        beta = (b - mean * rstd * w).to(tl.float32)
-    else:
-        a = (rstd * w).to(XT)
-        beta = (b - mean * rstd * w).to(XT)
-    return w, a, beta
+def _tile(n, cb, s0, C, S, sN, sC, sS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets (in elements) and mask of the [BLOCK_S, BLOCK_C] tile at voxel s0, channel block cb."""
+    ss = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    offs = n * sN + ss[:, None] * sS + cs[None, :] * sC
+    mask = (ss < S)[:, None] & (cs < C)[None, :]
+    return offs, mask, cs
 
 
 @triton.jit
-def _norm_act_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, prm_ptr, C, S,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    pl = tl.program_id(0).to(tl.int64)
-    c = pl % C
-    base = pl * S
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    eps = tl.load(prm_ptr)
-    slope = tl.load(prm_ptr + 1)
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, S, BLOCK):
-        idx = start + offs
-        acc += tl.load(x_ptr + base + idx, mask=idx < S, other=0.0).to(ACC)
-    mean = tl.sum(acc, 0) / S
-    acc2 = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, S, BLOCK):
-        idx = start + offs
-        m = idx < S
-        d = tl.where(m, tl.load(x_ptr + base + idx, mask=m, other=0.0).to(ACC) - mean, 0.0)
+def _fwd_partial_kernel(x_ptr, psum_ptr, pm2_ptr, C, S, sN, sC, sS, NCH, CHUNK,
+                        ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    s0 = k.to(tl.int64) * CHUNK
+    s1 = tl.minimum(s0 + CHUNK, S)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for start in range(s0, s1, BLOCK_S):
+        offs, m, cs = _tile(n, cb, start, C, s1, sN, sC, sS, BLOCK_S, BLOCK_C)
+        acc += tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+    tot = tl.sum(acc, 0)
+    mean = tot / (s1 - s0).to(ACC)
+    acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for start in range(s0, s1, BLOCK_S):
+        offs, m, cs = _tile(n, cb, start, C, s1, sN, sC, sS, BLOCK_S, BLOCK_C)
+        d = tl.where(m, tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC) - mean[None, :], 0.0)
         acc2 += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc2, 0) / S + eps.to(ACC))
-    tl.store(mean_ptr + pl, mean.to(tl.float64))
-    tl.store(rstd_ptr + pl, rstd.to(tl.float64))
-    w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
-    for start in range(0, S, BLOCK):
-        idx = start + offs
-        m = idx < S
-        v = tl.load(x_ptr + base + idx, mask=m, other=0.0)
-        z = v.to(a.dtype) * a + beta
-        tl.store(y_ptr + base + idx, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=m)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    po = (n * NCH + k) * C + cs
+    tl.store(psum_ptr + po, tot, mask=cs < C)
+    tl.store(pm2_ptr + po, tl.sum(acc2, 0), mask=cs < C)
 
 
 @triton.jit
-def _norm_act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, prm_ptr, C, S,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    pl = tl.program_id(0).to(tl.int64)
-    c = pl % C
-    base = pl * S
-    offs = tl.arange(0, BLOCK).to(tl.int64)
+def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rstd_ptr, a_ptr, beta_ptr,
+                         NC, C, S, NCH, CHUNK, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pm = p < NC
+    n = p // C
+    c = p % C
+    tot = tl.zeros([BLOCK_P], dtype=tl.float64)
+    for k in range(0, NCH):
+        tot += tl.load(psum_ptr + (n * NCH + k) * C + c, mask=pm, other=0.0).to(tl.float64)
+    mean = tot / S
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    for k in range(0, NCH):
+        po = (n * NCH + k) * C + c
+        cnt = tl.minimum(CHUNK, S - k * CHUNK).to(tl.float64)
+        d = tl.load(psum_ptr + po, mask=pm, other=0.0).to(tl.float64) / cnt - mean
+        m2 += tl.load(pm2_ptr + po, mask=pm, other=0.0).to(tl.float64) + cnt * d * d
+    rstd = 1.0 / tl.sqrt(m2 / S + tl.load(prm_ptr))
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=pm, other=1.0).to(tl.float64)
+    else:
+        w = tl.full([BLOCK_P], 1.0, tl.float64)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=pm, other=0.0).to(tl.float64)
+    else:
+        b = tl.zeros([BLOCK_P], dtype=tl.float64)
+    tl.store(mean_ptr + p, mean, mask=pm)
+    tl.store(rstd_ptr + p, rstd, mask=pm)
+    tl.store(a_ptr + p, (rstd * w).to(a_ptr.dtype.element_ty), mask=pm)
+    tl.store(beta_ptr + p, (b - mean * rstd * w).to(beta_ptr.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, prm_ptr, C, S, sN, sC, sS, ACT: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    sb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs, m, cs = _tile(n, cb, sb.to(tl.int64) * BLOCK_S, C, S, sN, sC, sS, BLOCK_S, BLOCK_C)
+    a = tl.load(a_ptr + n * C + cs, mask=cs < C, other=0.0)
+    beta = tl.load(beta_ptr + n * C + cs, mask=cs < C, other=0.0)
+    v = tl.load(x_ptr + offs, mask=m, other=0.0)
+    z = v.to(a.dtype) * a[None, :] + beta[None, :]
+    tl.store(y_ptr + offs, _act(z, tl.load(prm_ptr + 1), ACT).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_ptr, ps0_ptr, ps1_ptr,
+                        C, S, sN, sC, sS, NCH, CHUNK, ACT: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    s0 = k.to(tl.int64) * CHUNK
+    s1 = tl.minimum(s0 + CHUNK, S)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cm = cs < C
+    a = tl.load(a_ptr + n * C + cs, mask=cm, other=0.0)
+    beta = tl.load(beta_ptr + n * C + cs, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
     slope = tl.load(prm_ptr + 1)
-    mean = tl.load(mean_ptr + pl).to(ACC)
-    rstd = tl.load(rstd_ptr + pl).to(ACC)
-    w, a, beta = _coefficients(w_ptr, b_ptr, c, mean, rstd, x_ptr.dtype.element_ty, HAS_W, HAS_B, ACC)
-    sdz = tl.zeros([BLOCK], dtype=ACC)
-    sdzx = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, S, BLOCK):
-        idx = start + offs
-        m = idx < S
-        v = tl.load(x_ptr + base + idx, mask=m, other=0.0)
-        z = v.to(a.dtype) * a + beta
-        g = _dact(z, tl.load(dy_ptr + base + idx, mask=m, other=0.0).to(ACC), slope, ACT)
+    sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for start in range(s0, s1, BLOCK_S):
+        offs, m, cs = _tile(n, cb, start, C, s1, sN, sC, sS, BLOCK_S, BLOCK_C)
+        v = tl.load(x_ptr + offs, mask=m, other=0.0)
+        z = v.to(a.dtype) * a[None, :] + beta[None, :]
+        g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), slope, ACT)
         g = tl.where(m, g, 0.0)
         sdz += g
-        sdzx += g * ((v.to(ACC) - mean) * rstd)
-    s0 = tl.sum(sdz, 0)
-    s1 = tl.sum(sdzx, 0)
-    tl.store(db_ptr + pl, s0.to(tl.float64))
-    tl.store(dw_ptr + pl, s1.to(tl.float64))
-    c0 = rstd * w
-    c1 = s0 / S
-    c2 = s1 / S
-    for start in range(0, S, BLOCK):
-        idx = start + offs
-        m = idx < S
-        v = tl.load(x_ptr + base + idx, mask=m, other=0.0)
-        z = v.to(a.dtype) * a + beta
-        g = _dact(z, tl.load(dy_ptr + base + idx, mask=m, other=0.0).to(ACC), slope, ACT)
-        dx = c0 * (g - c1 - (v.to(ACC) - mean) * rstd * c2)
-        tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        sdzx += g * ((v.to(ACC) - mean[None, :]) * rstd[None, :])
+    po = (n * NCH + k) * C + cs
+    tl.store(ps0_ptr + po, tl.sum(sdz, 0), mask=cm)
+    tl.store(ps1_ptr + po, tl.sum(sdzx, 0), mask=cm)
 
+
+@triton.jit
+def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, w_ptr, rstd_ptr, db_ptr, dw_ptr, c0_ptr, c1_ptr, c2_ptr,
+                         NC, C, S, NCH, HAS_W: tl.constexpr, BLOCK_P: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pm = p < NC
+    n = p // C
+    c = p % C
+    s0 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    s1 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    for k in range(0, NCH):
+        po = (n * NCH + k) * C + c
+        s0 += tl.load(ps0_ptr + po, mask=pm, other=0.0).to(tl.float64)
+        s1 += tl.load(ps1_ptr + po, mask=pm, other=0.0).to(tl.float64)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=pm, other=1.0).to(tl.float64)
+    else:
+        w = tl.full([BLOCK_P], 1.0, tl.float64)
+    rstd = tl.load(rstd_ptr + p, mask=pm, other=0.0)
+    tl.store(db_ptr + p, s0, mask=pm)
+    tl.store(dw_ptr + p, s1, mask=pm)
+    tl.store(c0_ptr + p, rstd * w, mask=pm)
+    tl.store(c1_ptr + p, s0 / S, mask=pm)
+    tl.store(c2_ptr + p, s1 / S, mask=pm)
+
+
+@triton.jit
+def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, c0_ptr, c1_ptr, c2_ptr, prm_ptr,
+                      C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    sb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs, m, cs = _tile(n, cb, sb.to(tl.int64) * BLOCK_S, C, S, sN, sC, sS, BLOCK_S, BLOCK_C)
+    cm = cs < C
+    pc = n * C + cs
+    a = tl.load(a_ptr + pc, mask=cm, other=0.0)
+    beta = tl.load(beta_ptr + pc, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + pc, mask=cm, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + pc, mask=cm, other=0.0).to(ACC)
+    c0 = tl.load(c0_ptr + pc, mask=cm, other=0.0).to(ACC)
+    c1 = tl.load(c1_ptr + pc, mask=cm, other=0.0).to(ACC)
+    c2 = tl.load(c2_ptr + pc, mask=cm, other=0.0).to(ACC)
+    v = tl.load(x_ptr + offs, mask=m, other=0.0)
+    z = v.to(a.dtype) * a[None, :] + beta[None, :]
+    g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), tl.load(prm_ptr + 1), ACT)
+    xhat = (v.to(ACC) - mean[None, :]) * rstd[None, :]
+    dx = c0[None, :] * (g - c1[None, :] - xhat * c2[None, :])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
 
 def _scalars(eps: float, slope: float, device):
     """eps and the slope in float64 (a Python float argument reaches a GPU kernel as float32)."""
-    import torch
-
     return torch.tensor([eps, slope], dtype=torch.float64, device=device)
 
 
-def _acc(dtype) -> "tl.dtype":
-    import torch
-
+def _acc(dtype):
     return tl.float32 if dtype in (torch.float16, torch.bfloat16) else tl.float64
 
 
+def _coef_dtype(dtype):
+    """The elementwise pass's type: x's own for float32 / float64, float32 for half types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _geometry(x):
+    """(N, C, S, sN, sC, sS, BLOCK_S, BLOCK_C) of a contiguous or channels-last x."""
+    N, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+    if x.is_contiguous():
+        sN, sC, sS = C * S, S, 1
+        block_c = 1 if S >= TILE else min(triton.next_power_of_2(C), max(1, TILE // triton.next_power_of_2(S)))
+    else:  # channels last: (N, *spatial, C) in memory
+        sN, sC, sS = S * C, 1, C
+        block_c = min(triton.next_power_of_2(C), 128)
+    block_s = max(1, TILE // block_c)
+    return N, C, S, sN, sC, sS, block_s, block_c
+
+
+def is_supported_layout(x) -> bool:
+    """The kernels read x as it is: contiguous or dense channels last (4D / 5D)."""
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def _chunks(S: int, block_s: int):
+    chunk = max(block_s, min(CHUNK_MAX, triton.next_power_of_2(S)))
+    chunk = (chunk + block_s - 1) // block_s * block_s
+    return chunk, triton.cdiv(S, chunk)
+
+
 def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
-    """x, y: contiguous (N, C, *spatial) of one dtype (y may be x); weight / bias: (C,) or None, in
-    x's dtype; mean, rstd: float64 (N * C,)."""
-    planes, S = x.shape[0] * x.shape[1], x[0, 0].numel()
-    if planes == 0 or S == 0:
+    """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
+    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    if N * C == 0 or S == 0:
         return
-    _norm_act_fwd_kernel[(planes,)](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        _scalars(eps, slope, x.device), x.shape[1], S, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=int(act), ACC=_acc(x.dtype), BLOCK=BLOCK)
+    dev = x.device
+    chunk, nch = _chunks(S, bs)
+    acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
+    psum = torch.empty((N, nch, C), dtype=acc_t, device=dev)
+    pm2 = torch.empty_like(psum)
+    prm = _scalars(eps, slope, dev)
+    cb = triton.cdiv(C, bc)
+    _fwd_partial_kernel[(nch, cb, N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
+                                      ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc)
+    a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=dev)
+    beta = torch.empty_like(a)
+    _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
+        psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
+        a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P)
+    _fwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](x, y, a, beta, prm, C, S, sN, sC, sS, ACT=int(act),
+                                                  BLOCK_S=bs, BLOCK_C=bc)
 
 
 def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
-    """dy, x, dx: contiguous, one dtype; dw, db: float64 (N * C,) per-plane sums."""
-    planes, S = x.shape[0] * x.shape[1], x[0, 0].numel()
-    if planes == 0 or S == 0:
+    """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
+    dw, db: float64 (N * C,) per-plane sums, filled."""
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    if N * C == 0 or S == 0:
         return
-    _norm_act_bwd_kernel[(planes,)](
-        dy, x, dx, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, dw, db,
-        _scalars(0.0, slope, x.device), x.shape[1], S, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=int(act), ACC=_acc(x.dtype), BLOCK=BLOCK)
+    dev = x.device
+    chunk, nch = _chunks(S, bs)
+    prm = _scalars(0.0, slope, dev)
+    # the forward's coefficients again (the same roundings: z is recomputed exactly)
+    w64 = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
+    b64 = bias.double() if bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
+    w64, b64 = w64.repeat(N), b64.repeat(N)
+    a = (rstd * w64).to(_coef_dtype(x.dtype))
+    beta = (b64 - mean * rstd * w64).to(_coef_dtype(x.dtype))
+    acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
+    ps0 = torch.empty((N, nch, C), dtype=acc_t, device=dev)
+    ps1 = torch.empty_like(ps0)
+    cb = triton.cdiv(C, bc)
+    _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, ps0, ps1, C, S, sN, sC, sS, nch, chunk,
+                                      ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc)
+    c0, c1, c2 = (torch.empty(N * C, dtype=torch.float64, device=dev) for _ in range(3))
+    _bwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
+        ps0, ps1, weight if weight is not None else ps0, rstd, db, dw, c0, c1, c2, N * C, C, S, nch,
+        HAS_W=weight is not None, BLOCK_P=BLOCK_P)
+    _bwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm,
+                                                  C, S, sN, sC, sS, ACT=int(act), ACC=_acc(x.dtype),
+                                                  BLOCK_S=bs, BLOCK_C=bc)

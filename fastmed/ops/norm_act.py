@@ -6,12 +6,15 @@ and biased variance (in float64), ``y = act((x - mean) / sqrt(var + eps) * weigh
 with ``act`` "none", "relu" or "leaky_relu" (negative slope ``slope``), in one read-twice, write-once
 pass; the backward recomputes the pre-activation instead of storing it and returns dx, dweight,
 dbias (per-plane partial sums added over n in a fixed order: deterministic). CPU kernel in C++;
-on CUDA Triton kernels (``fastmed/kernels/norm_act_triton.py``: checked under TRITON_INTERPRET=1,
-not yet on a GPU; float16 / bfloat16 too, accumulating in float32); without Triton, and on other
-devices, ``norm_act_reference``'s formula in plain PyTorch.
+on CUDA Triton kernels (``fastmed/kernels/norm_act_triton.py``: contiguous or channels-last data
+read as it is, each plane split over many programs; checked under TRITON_INTERPRET=1, not yet on a
+GPU; float16 / bfloat16 too, accumulating in float32); without Triton, on other devices, and
+should the Triton kernels fail to compile on a GPU (a warning says so once), the same formula in
+plain PyTorch (float64).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -45,12 +48,32 @@ _TRITON = []
 def _triton():
     """fastmed.kernels.norm_act_triton when Triton imports (GPUs), else None (plain PyTorch)."""
     if not _TRITON:
-        try:
-            from ..kernels import norm_act_triton
-        except Exception:  # no triton, or one that cannot load here
-            norm_act_triton = None
+        norm_act_triton = None
+        if os.environ.get("FASTMED_TRITON", "1") != "0":  # FASTMED_TRITON=0: plain PyTorch on GPUs
+            try:
+                from ..kernels import norm_act_triton
+            except Exception:  # no triton, or one that cannot load here
+                norm_act_triton = None
         _TRITON.append(norm_act_triton)
     return _TRITON[0]
+
+
+def _run_triton(fn, *args) -> bool:
+    """Runs a Triton launcher; True when it ran. A Triton that fails to compile or launch here
+    (an untested GPU, a driver or version mismatch) is switched off for the process with one
+    warning, and the caller computes the same values in plain PyTorch instead."""
+    try:
+        fn(*args)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any compile / launch failure
+        import warnings
+
+        warnings.warn(f"fastmed: the Triton norm_act kernels failed on this GPU ({type(exc).__name__}: {exc}); "
+                      f"using plain PyTorch for norm_act from now on", RuntimeWarning, stacklevel=3)
+        _TRITON[:] = [None]
+        return False
 
 
 def _cl_format(x: Tensor):
@@ -73,6 +96,31 @@ def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.detach().to(dtype=dt).contiguous()
 
 
+def _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd) -> Optional[Tensor]:
+    """y by the Triton kernels (x planar or channels last read as it is, y in x's layout; mean and
+    rstd filled), or None when they failed (see _run_triton)."""
+    xp = x if tri.is_supported_layout(x) else x.contiguous()
+    y = _like(xp)
+    ok = _run_triton(tri.norm_act_fwd, xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
+                     y, mean, rstd)
+    return y if ok else None
+
+
+def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act):
+    """(dx in x's layout, dweight, dbias in float64) by the Triton kernels, or None."""
+    N, C = x.shape[0], x.shape[1]
+    xp = x if tri.is_supported_layout(x) else x.contiguous()
+    fmt = _cl_format(xp)
+    dyp = dy.to(x.dtype).contiguous(memory_format=fmt) if fmt else dy.to(x.dtype).contiguous()
+    dx = _like(xp)
+    dw = torch.empty(N * C, dtype=torch.float64, device=x.device)
+    db = torch.empty(N * C, dtype=torch.float64, device=x.device)
+    if not _run_triton(tri.norm_act_bwd, dyp, xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
+                       slope, act, dx, dw, db):
+        return None
+    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)
+
+
 @torch.library.custom_op("fastmed::norm_act_fwd", mutates_args=())
 def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
                  act: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,14 +129,11 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
-        if tri is None:
-            y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
-            return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
-        xp = x.contiguous()  # the Triton kernels take planes
-        y = torch.empty_like(xp)
-        tri.norm_act_fwd(xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, y, mean, rstd)
-        fmt = _cl_format(x)
-        return (y.contiguous(memory_format=fmt) if fmt else y), mean, rstd
+        y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd) if tri is not None else None
+        if y is not None:
+            return y, mean, rstd
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
+        return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
     y = _like(x)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
@@ -108,19 +153,13 @@ def _(x, weight, bias, eps, slope, act):
 def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                  slope: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
     N, C = x.shape[0], x.shape[1]
-    tri = _triton() if x.device.type == "cuda" else None
-    if x.device.type != "cpu" and tri is None:
-        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
     fmt = _cl_format(x)
-    if tri is not None:  # the Triton kernels take planes
-        xp = x.contiguous()
-        dx = torch.empty_like(xp)
-        dw = torch.empty(N * C, dtype=torch.float64, device=x.device)
-        db = torch.empty(N * C, dtype=torch.float64, device=x.device)
-        tri.norm_act_bwd(dy.to(x.dtype).contiguous(), xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
-                         slope, act, dx, dw, db)
-        dx = dx.contiguous(memory_format=fmt) if fmt else dx
-        return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)
+    if x.device.type != "cpu":
+        tri = _triton() if x.device.type == "cuda" else None
+        out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act) if tri is not None else None
+        if out is not None:
+            return out
+        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
     dy = dy.contiguous(memory_format=fmt) if fmt else dy.contiguous()  # x's layout
     dx = _like(x)
     dw = torch.empty(N * C, dtype=torch.float64)
@@ -201,16 +240,14 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                         act: int) -> None:
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
-        if tri is None:
-            x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
-            return
-        planes = x.shape[0] * x.shape[1]
-        mean = torch.empty(planes, dtype=torch.float64, device=x.device)
-        rstd = torch.empty_like(mean)
-        xp = x.contiguous()
-        tri.norm_act_fwd(xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act, xp, mean, rstd)
-        if xp.data_ptr() != x.data_ptr():
-            x.copy_(xp)
+        if tri is not None and tri.is_supported_layout(x):
+            planes = x.shape[0] * x.shape[1]
+            mean = torch.empty(planes, dtype=torch.float64, device=x.device)
+            rstd = torch.empty_like(mean)
+            if _run_triton(tri.norm_act_fwd, x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
+                           x, mean, rstd):  # each tile is read for the statistics first, then written once
+                return
+        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
