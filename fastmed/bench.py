@@ -263,6 +263,9 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
     inference, label_memory, resample, optimize_rows = [], None, [], []
     if not ops or "optimize" in ops:
         optimize_rows = run_optimize(quick, device, reps=2 if quick else 3, log=log)
+        if device == "cuda":  # the issue's GPU figures: one block, and whole training steps
+            optimize_rows += run_blocks(quick, device, reps=5 if quick else 10, log=log)
+            optimize_rows += run_train_steps(quick, device, reps=3 if quick else 5, log=log)
     if not ops or "resample" in ops:
         resample = run_resample(quick, device, bw, reps=3 if quick else 5, log=log)
     if not ops or "sliding_window" in ops:
@@ -323,10 +326,36 @@ def _sw_floor_bytes(x, C, roi, nwin, esize=4) -> int:
     return nwin * win * x.shape[1] * esize * 2 + nwin * C * win * esize + C * x[0, 0].numel() * esize
 
 
+def _sw_unet_case(device: str):
+    """A real predictor: MONAI's DynUNet (6 levels, 14 classes, float32, eval) on the same volume
+    and tiling; its outputs are fresh tensors, as any network's."""
+    from monai.networks.nets import DynUNet
+
+    torch.manual_seed(0)
+    m = DynUNet(3, 1, 14, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
+                norm_name=("instance", {"affine": True})).to(device).eval()
+    x, _, kw = _sw_case(device)
+    return x, m, kw
+
+
 def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=print) -> list:
+    out = _run_sliding_window_case(_sw_case(device), "14-class scale, 192x192x160, roi 96^3, overlap 0.5, gaussian",
+                                   device, bw, reps, log)
+    if device == "cuda":  # the issue's GPU figure: stitching as a share of a real U-Net's time
+        try:
+            case = _sw_unet_case(device)
+        except ImportError as exc:
+            log(f"  sliding window with DynUNet: skipped ({exc})")
+        else:
+            out += _run_sliding_window_case(case, "DynUNet 14 classes, 192x192x160, roi 96^3, overlap 0.5, gaussian",
+                                            device, bw, reps, log)
+    return out
+
+
+def _run_sliding_window_case(case, name: str, device: str, bw: float, reps: int, log) -> list:
     from . import inferers as fi
 
-    x, net, kw = _sw_case(device)
+    x, net, kw = case
     impls = {"fastmed": fi.sliding_window_inference}
     try:
         from monai.inferers import sliding_window_inference as msw
@@ -335,7 +364,7 @@ def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=p
     except ImportError as exc:
         log(f"  monai: skipped ({exc})")
     rows = {}
-    for name, fn in impls.items():
+    for impl, fn in impls.items():
         totals, preds = [], []
         for rep in range(reps + 1):
             fi._Tiling.cache.clear()  # build the weight map every time, as MONAI does
@@ -359,14 +388,14 @@ def run_sliding_window(quick: bool, device: str, bw: float, reps: int = 3, log=p
                 preds.append(spent[0])
             del out
         tot, pr = statistics.median(totals), statistics.median(preds)
-        rows[name] = {"total_ms": tot * 1e3, "predictor_ms": pr * 1e3, "overhead_ms": (tot - pr) * 1e3}
+        rows[impl] = {"total_ms": tot * 1e3, "predictor_ms": pr * 1e3, "overhead_ms": (tot - pr) * 1e3}
     nwin = 27
     min_ms = _sw_min_bytes(x, 14, kw["roi_size"], nwin) / (bw * 1e9) * 1e3
     floor_ms = _sw_floor_bytes(x, 14, kw["roi_size"], nwin) / (bw * 1e9) * 1e3
     out = []
-    for name, r in rows.items():
-        r.update(op="sliding_window", case="14-class scale, 192x192x160, roi 96^3, overlap 0.5, gaussian",
-                 impl=name, min_traffic_ms=min_ms, overhead_vs_min=r["overhead_ms"] / min_ms,
+    for impl, r in rows.items():
+        r.update(op="sliding_window", case=name, overhead_share=r["overhead_ms"] / r["total_ms"],
+                 impl=impl, min_traffic_ms=min_ms, overhead_vs_min=r["overhead_ms"] / min_ms,
                  floor_traffic_ms=floor_ms, overhead_vs_floor=r["overhead_ms"] / floor_ms)
         if "monai" in rows:
             r["overhead_ratio_vs_monai"] = rows["monai"]["overhead_ms"] / r["overhead_ms"]
@@ -490,14 +519,144 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
              "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0} for k in nets]
 
 
+def _step_time(fn, device: str, reps: int) -> float:
+    fn()
+    fn()  # warm-up (and torch.compile's compilation)
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, compile: bool = True) -> list:
+    """One nnU-Net block (Conv3d 3x3x3 -> InstanceNorm3d(affine) -> LeakyReLU(0.01)) forward +
+    backward (input and parameter gradients): eager PyTorch (cuDNN / oneDNN + the two eager
+    modules), fastmed.nn.ConvNormAct with the same parameters, and torch.compile of the eager block.
+    On CUDA in bfloat16 autocast, channels last (the issue's setting); on the CPU float32."""
+    import copy
+
+    from torch import nn
+
+    from .nn import ConvNormAct
+
+    cuda = device == "cuda"
+    shape = shape or ((2, 32, 64, 64, 64) if quick else (2, 32, 128, 128, 128))
+    N, C = shape[0], shape[1]
+    torch.manual_seed(0)
+    blk = ConvNormAct(C, C, 3, norm_kwargs={"affine": True}).to(device)
+    eager = nn.Sequential(copy.deepcopy(blk.conv), copy.deepcopy(blk.norm), copy.deepcopy(blk.act))
+    impls = {"eager": eager, "fastmed": blk}
+    if compile:
+        try:
+            impls["torch.compile"] = torch.compile(copy.deepcopy(eager))
+        except Exception as exc:  # noqa: BLE001
+            log(f"  torch.compile: skipped ({exc})")
+    fmt = torch.channels_last_3d if cuda else torch.contiguous_format
+    for m in impls.values():
+        m.to(memory_format=fmt)
+    x = torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_(True)
+    dy = torch.randn(shape, device=device, dtype=torch.bfloat16 if cuda else torch.float32).contiguous(memory_format=fmt)
+    rows, times = [], {}
+    for name, m in impls.items():
+        def step(m=m):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                y = m(x)
+            y.backward(dy)
+        try:
+            times[name] = _step_time(step, device, reps)
+        except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working compiler
+            log(f"  {name}: skipped ({type(exc).__name__}: {exc})")
+    case = (f"Conv3d+InstanceNorm+LeakyReLU fwd+bwd {tuple(shape)}"
+            + (", bf16 autocast, channels last" if cuda else ", float32"))
+    for name, t in times.items():
+        rows.append({"op": "conv_block", "case": case, "impl": name, "ms": t * 1e3,
+                     "ratio_vs_eager": times["eager"] / t if "eager" in times else float("nan")})
+    return rows
+
+
+def _train_models(quick: bool):
+    """(name, constructor) of the networks whose training step is timed: MONAI's DynUNet and
+    nnU-Net's PlainConvUNet (3d_fullres-like, 6 stages, 32..320 features)."""
+    from torch import nn
+
+    out = []
+    try:
+        from monai.networks.nets import DynUNet
+
+        out.append(("DynUNet", lambda: DynUNet(3, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2],
+                                               upsample_kernel_size=[2] * 5,
+                                               norm_name=("instance", {"affine": True}))))
+    except ImportError:
+        pass
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        out.append(("PlainConvUNet", lambda: PlainConvUNet(
+            1, 6, (32, 64, 128, 256, 320, 320), nn.Conv3d, 3, (1, 2, 2, 2, 2, 2), (2,) * 6, 3, (2,) * 5,
+            conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})))
+    except ImportError:
+        pass
+    return out
+
+
+def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=None) -> list:
+    """A whole training step (forward, loss, backward, SGD step) of each network, the original and
+    fastmed.optimize(model) alternating in the same run; on CUDA in bfloat16 autocast, channels last."""
+    from .nn import optimize
+
+    cuda = device == "cuda"
+    shape = shape or ((2, 1, 64, 64, 64) if quick else (2, 1, 128, 128, 128))
+    fmt = torch.channels_last_3d if cuda else torch.contiguous_format
+    rows = []
+    for name, make in _train_models(quick):
+        torch.manual_seed(0)
+        orig = make().to(device).to(memory_format=fmt).train()
+        nets = {"original": orig, "fastmed": optimize(orig, channels_last=cuda).train()}
+        x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+        steps = {}
+        for k, m in nets.items():
+            opt = torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
+
+            def step(m=m, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    out = m(x)
+                    out = out[0] if isinstance(out, (list, tuple)) else out
+                loss = out.float().square().mean()
+                loss.backward()
+                opt.step()
+            steps[k] = step
+        times = {k: [] for k in nets}
+        for fn in steps.values():
+            fn()
+        for _ in range(reps):
+            for k, fn in steps.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        case = f"{name} training step {tuple(shape)}" + (", bf16 autocast, channels last" if cuda else ", float32")
+        rows += [{"op": "train_step", "case": case, "impl": k, "ms": med[k] * 1e3,
+                  "ratio_vs_eager": med["original"] / med[k]} for k in nets]
+    return rows
+
+
 def format_optimize_table(report: dict) -> str:
     rows = report.get("optimize") or []
     if not rows:
         return ""
     head = ["op", "case", "impl", "ms", "x vs original"]
     names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "MONAI original"}
-    lines = [head] + [[r["op"], r["case"], names.get(r["impl"], r["impl"]), f"{r['ms']:.0f}",
-                       f"{r['ratio_vs_monai']:.2f}"] for r in rows]
+    lines = [head] + [[r["op"], r["case"], names.get(r["impl"], r["impl"]) if r["op"] == "optimize" else r["impl"],
+                       f"{r['ms']:.1f}",
+                       f"{r.get('ratio_vs_monai', r.get('ratio_vs_eager', float('nan'))):.2f}"] for r in rows]
     return _text_table(lines)
 
 

@@ -47,3 +47,25 @@ def test_save_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         bench.save({"x": 1}, str(path))
     assert path.read_text() == "{}"
+
+
+def test_gpu_block_and_training_step_benchmarks_run(monkeypatch):
+    """The code of the GPU-only rows of `fastmed bench --ops optimize` (one block fwd+bwd against
+    eager and torch.compile, whole training steps) runs, here on the CPU with tiny shapes."""
+    pytest.importorskip("monai")
+    import torch
+    from torch import nn
+
+    rows = bench.run_blocks(True, "cpu", reps=1, shape=(1, 3, 6, 6, 6), compile=False, log=lambda *a: None)
+    assert [r["impl"] for r in rows] == ["eager", "fastmed"] and all(r["ms"] > 0 for r in rows)
+
+    def tiny():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01),
+                             nn.Conv3d(4, 2, 1))
+
+    monkeypatch.setattr(bench, "_train_models", lambda quick: [("tiny", tiny)])
+    rows += bench.run_train_steps(True, "cpu", reps=1, shape=(1, 1, 8, 8, 8))
+    assert [r["impl"] for r in rows[2:]] == ["original", "fastmed"]
+    table = bench.format_optimize_table({"optimize": rows}).splitlines()
+    assert len(table) == 2 + 4 and "train_step" in table[-1] and "conv_block" in table[2]
