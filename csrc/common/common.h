@@ -2,6 +2,7 @@
 // No torch headers here: kernels see raw pointers, sizes and strides only.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__CUDACC__)
@@ -17,10 +18,15 @@
 namespace fastmed {
 
 // Ask Linux for transparent huge pages on a freshly allocated output that a kernel is about to fill
-// completely: first-touch page faults otherwise cost more than the kernel (a 100 MB gradient takes
-// ~25 ms of 4 KiB faults on a 2-core machine, ~6 ms with 2 MiB pages). Advisory only.
+// completely, only when FASTMED_HUGE_PAGES=1 is set (read at each call). Opt-in: where huge pages
+// are already at hand, first-touch faults of a 100 MB buffer drop from ~25 ms (4 KiB pages, 2-core
+// VM) to ~6 ms; but a huge page the VM's host has not yet backed costs far more, and in a fresh
+// process on our 2-core VM a whole 192x192x160 sliding-window inference took 714-816 ms with the
+// advice against 393-421 ms without it (steady state: no better). Advisory only.
 inline void prefer_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && !defined(__CUDACC__) && defined(MADV_HUGEPAGE)
+  const char* flag = std::getenv("FASTMED_HUGE_PAGES");
+  if (flag == nullptr || flag[0] != '1') return;
   const uintptr_t huge = (uintptr_t)1 << 21;
   if (bytes < 2 * huge) return;
   uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);

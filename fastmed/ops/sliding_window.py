@@ -34,7 +34,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def empty(shape, dtype: torch.dtype, device) -> Tensor:
-    """torch.empty; on the CPU a large buffer asks for transparent huge pages (see zeros)."""
+    """torch.empty; on the CPU with FASTMED_HUGE_PAGES=1 a large buffer asks for transparent huge
+    pages (see csrc/common/common.h: opt-in, slower by default on the VMs we measured)."""
     device = torch.device(device)
     out = torch.empty(shape, dtype=dtype, device=device)
     if device.type == "cpu" and _ext.cpu is not None:
@@ -43,8 +44,9 @@ def empty(shape, dtype: torch.dtype, device) -> Tensor:
 
 
 def zeros(shape, dtype: torch.dtype, device) -> Tensor:
-    """torch.zeros; on the CPU a large buffer asks for transparent huge pages first (faulting in
-    330 MB of 4 KiB pages costs ~70 ms on a 2-core machine, ~20 ms with 2 MiB pages)."""
+    """torch.zeros; on the CPU with FASTMED_HUGE_PAGES=1 a large buffer asks for transparent huge
+    pages first (faulting in 330 MB of 4 KiB pages costs ~70 ms on a 2-core machine, ~20 ms with
+    2 MiB pages already backed, several hundred ms with pages a VM's host must back first)."""
     device = torch.device(device)
     if device.type != "cpu" or _ext.cpu is None:
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -77,7 +79,7 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     shape = (starts.shape[0], src.shape[1], *roi)
     if pin_memory and src.device.type == "cpu":
         out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
-    else:  # a fresh batch buffer per call: on the CPU, faulted in as huge pages
+    else:  # a fresh batch buffer per call (huge pages only with FASTMED_HUGE_PAGES=1)
         out = empty(shape, src.dtype, src.device)
     if out.numel() == 0:
         return out
