@@ -519,19 +519,6 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
              "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0} for k in nets]
 
 
-def _step_time(fn, device: str, reps: int) -> float:
-    fn()
-    fn()  # warm-up (and torch.compile's compilation)
-    ts = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, compile: bool = True) -> list:
     """One nnU-Net block (Conv3d 3x3x3 -> InstanceNorm3d(affine) -> LeakyReLU(0.01)) forward +
     backward (input and parameter gradients): eager PyTorch (cuDNN / oneDNN + the two eager
@@ -567,7 +554,7 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
                 y = m(x)
             y.backward(dy)
         try:
-            times[name] = _step_time(step, device, reps)
+            times[name] = _time(step, device, reps)  # the warm-up compiles torch.compile's
         except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working compiler
             log(f"  {name}: skipped ({type(exc).__name__}: {exc})")
     case = (f"Conv3d+InstanceNorm+LeakyReLU fwd+bwd {tuple(shape)}"
