@@ -92,6 +92,20 @@ for cl in (False, True):
         torch.testing.assert_close(dx, dxc, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(dw, dwc, rtol=1e-6, atol=1e-6)  # float32 g * xhat: summed in another order
         torch.testing.assert_close(db, dbc, rtol=1e-6, atol=1e-6)
+# empty tensors: nothing to do, no error (an error would switch Triton off for the process)
+for shape in ((0, 3, 4, 4), (2, 0, 4, 4)):
+    x = torch.randn(shape)
+    mean, rstd = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    K.norm_act_fwd(x, None, None, 1e-5, 0.01, 2, torch.empty_like(x), mean, mean)
+    K.norm_act_bwd(x, x, None, None, mean, mean, 0.01, 2, torch.empty_like(x), mean, mean)
+# more samples than one grid axis takes: processed in slices
+import fastmed.kernels.norm_act_triton as KM
+KM._MAX_N = 2
+x = torch.randn(5, 3, 4, 6)
+y, mean, rstd = torch.empty_like(x), torch.empty(15, dtype=torch.float64), torch.empty(15, dtype=torch.float64)
+K.norm_act_fwd(x, None, None, 1e-5, 0.01, 2, y, mean, rstd)
+assert torch.equal(y, NA.norm_act(x)), "sliced over samples"
+KM._MAX_N = 65535
 for (dt, k), v in sorted(worst.items()):
     print(dt, k, v)
 tol = {"torch.float64": 1e-12, "torch.float32": 2e-6, "torch.float16": 2e-3, "torch.bfloat16": 2e-2}

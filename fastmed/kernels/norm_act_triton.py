@@ -26,6 +26,8 @@ Checked under ``TRITON_INTERPRET=1`` in CI (tests/test_norm_act_triton.py); not 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -101,9 +103,11 @@ def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rst
         tot += tl.load(psum_ptr + (n * NCH + k) * C + c, mask=pm, other=0.0).to(tl.float64)
     mean = tot / S
     m2 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    left = tl.full([], 0, tl.int64) + S  # voxels from chunk k on (int64: k * CHUNK may pass 2^31)
     for k in range(0, NCH):
         po = (n * NCH + k) * C + c
-        cnt = tl.minimum(CHUNK, S - k * CHUNK).to(tl.float64)
+        cnt = tl.minimum(left, CHUNK).to(tl.float64)
+        left -= CHUNK
         d = tl.load(psum_ptr + po, mask=pm, other=0.0).to(tl.float64) / cnt - mean
         m2 += tl.load(pm2_ptr + po, mask=pm, other=0.0).to(tl.float64) + cnt * d * d
     rstd = 1.0 / tl.sqrt(m2 / S + tl.load(prm_ptr))
@@ -219,9 +223,28 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr
 # ------------------------------------------------------------------------------------------------
 # launchers
 
+_SCALARS: dict = {}
+# no contraction of x * a + b into an FMA: the same roundings as the C++ kernel and PyTorch
+_NOFMA = {"enable_fp_fusion": False}
+
+
 def _scalars(eps: float, slope: float, device):
-    """eps and the slope in float64 (a Python float argument reaches a GPU kernel as float32)."""
-    return torch.tensor([eps, slope], dtype=torch.float64, device=device)
+    """eps and the slope in float64 (a Python float argument reaches a GPU kernel as float32), cached
+    per device: a fresh host-to-device copy per call would synchronise and break CUDA graphs."""
+    key = (float(eps), float(slope), str(device))
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) > 256:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor([eps, slope], dtype=torch.float64, device=device)
+    return t
+
+
+def _guard(device):
+    """Launch on x's GPU (Triton launches on the current device)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _acc(dtype):
@@ -235,7 +258,8 @@ def _coef_dtype(dtype):
 
 def _geometry(x):
     """(N, C, S, sN, sC, sS, BLOCK_S, BLOCK_C) of a contiguous or channels-last x."""
-    N, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+    N, C = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
     if x.is_contiguous():
         sN, sC, sS = C * S, S, 1
         block_c = 1 if S >= TILE else min(triton.next_power_of_2(C), max(1, TILE // triton.next_power_of_2(S)))
@@ -254,44 +278,50 @@ def is_supported_layout(x) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
-def _chunks(S: int, block_s: int):
-    chunk = max(block_s, min(CHUNK_MAX, triton.next_power_of_2(S)))
+def _chunks(S: int, block_s: int, block_c: int = 1):
+    """Voxels per statistics program: CHUNK_MAX elements (voxels x the tile's channels), a multiple
+    of block_s, and at most ~64k chunks per plane (the finalising programs loop over them)."""
+    chunk = max(block_s, min(max(CHUNK_MAX // block_c, triton.cdiv(S, 65536)), triton.next_power_of_2(S)))
     chunk = (chunk + block_s - 1) // block_s * block_s
     return chunk, triton.cdiv(S, chunk)
 
 
-def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
+def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
     """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
     weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
+    if x.numel() == 0:
+        return
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
     if N * C == 0 or S == 0:
         return
     dev = x.device
-    chunk, nch = _chunks(S, bs)
+    chunk, nch = _chunks(S, bs, bc)
     acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
     psum = torch.empty((N, nch, C), dtype=acc_t, device=dev)
     pm2 = torch.empty_like(psum)
     prm = _scalars(eps, slope, dev)
     cb = triton.cdiv(C, bc)
     _fwd_partial_kernel[(nch, cb, N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
-                                      ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc)
+                                      ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=dev)
     beta = torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
-        a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P)
+        a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P, **_NOFMA)
     _fwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](x, y, a, beta, prm, C, S, sN, sC, sS, ACT=int(act),
-                                                  BLOCK_S=bs, BLOCK_C=bc)
+                                                  BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
 
 
-def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
+def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
     """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
     dw, db: float64 (N * C,) per-plane sums, filled."""
+    if x.numel() == 0:
+        return
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
     if N * C == 0 or S == 0:
         return
     dev = x.device
-    chunk, nch = _chunks(S, bs)
+    chunk, nch = _chunks(S, bs, bc)
     prm = _scalars(0.0, slope, dev)
     # the forward's coefficients again (the same roundings: z is recomputed exactly)
     w64 = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
@@ -304,11 +334,35 @@ def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw
     ps1 = torch.empty_like(ps0)
     cb = triton.cdiv(C, bc)
     _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, ps0, ps1, C, S, sN, sC, sS, nch, chunk,
-                                      ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc)
+                                      ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     c0, c1, c2 = (torch.empty(N * C, dtype=torch.float64, device=dev) for _ in range(3))
     _bwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         ps0, ps1, weight if weight is not None else ps0, rstd, db, dw, c0, c1, c2, N * C, C, S, nch,
-        HAS_W=weight is not None, BLOCK_P=BLOCK_P)
+        HAS_W=weight is not None, BLOCK_P=BLOCK_P, **_NOFMA)
     _bwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm,
                                                   C, S, sN, sC, sS, ACT=int(act), ACC=_acc(x.dtype),
-                                                  BLOCK_S=bs, BLOCK_C=bc)
+                                                  BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+
+
+_MAX_N = 65535  # the grid's third axis (samples)
+
+
+def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
+    """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
+    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
+    C = x.shape[1]
+    with _guard(x.device):
+        for n0 in range(0, max(x.shape[0], 1), _MAX_N):
+            n1 = min(n0 + _MAX_N, x.shape[0])
+            _norm_act_fwd(x[n0:n1], weight, bias, eps, slope, act, y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
+
+
+def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
+    """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
+    dw, db: float64 (N * C,) per-plane sums, filled."""
+    C = x.shape[1]
+    with _guard(x.device):
+        for n0 in range(0, max(x.shape[0], 1), _MAX_N):
+            n1 = min(n0 + _MAX_N, x.shape[0])
+            sl = slice(n0 * C, n1 * C)
+            _norm_act_bwd(dy[n0:n1], x[n0:n1], weight, bias, mean[sl], rstd[sl], slope, act, dx[n0:n1], dw[sl], db[sl])

@@ -65,9 +65,9 @@ def _run_triton(fn, *args) -> bool:
     try:
         fn(*args)
         return True
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any compile / launch failure
+    except (torch.cuda.OutOfMemoryError, IndexError, KeyError, AttributeError, NameError):
+        raise  # out of memory, or a bug of ours: never hidden behind the fallback
+    except Exception as exc:  # noqa: BLE001 - a compile / launch failure
         import warnings
 
         warnings.warn(f"fastmed: the Triton norm_act kernels failed on this GPU ({type(exc).__name__}: {exc}); "
