@@ -4,12 +4,12 @@ GPUs: the same arithmetic as ``csrc/norm_act/norm_act_cpu.cpp``, spread over the
 ``x`` is seen as (N, C, S) with strides (sN, sC, sS): a contiguous (N, C, *spatial) tensor
 (sS = 1) or a channels-last one (NDHWC / NHWC, sC = 1) is read as it is, never copied. Each program
 takes a tile of ``BLOCK_S`` voxels x ``BLOCK_C`` channels of one sample (the layout's contiguous
-axis is the tile's fast axis, so loads are coalesced either way); a plane of 96^3 voxels is
-split over ~100 programs instead of one.
+axis is the tile's fast axis, so loads are coalesced either way); a contiguous plane of 96^3
+voxels is split over 108 statistics programs instead of one.
 
 - forward, 3 launches: (1) per (n, chunk of ``CHUNK`` voxels, c) the chunk's sum and its squared
-  deviations from the chunk mean (exact two-pass inside the chunk, which is still in L2 for the
-  second pass); (2) per (n, c), in chunk order, the exact merge ``M2 = sum(M2_k + n_k (m_k - m)^2)``
+  deviations from the chunk mean (exact two-pass inside the chunk; a chunk is at most 8192
+  elements, so its second read should come from cache - not yet measured on a GPU); (2) per (n, c), in chunk order, the exact merge ``M2 = sum(M2_k + n_k (m_k - m)^2)``
   in float64 -> mean, rstd (stored in float64 for the backward) and the coefficients
   ``a = rstd * w``, ``beta = b - mean * rstd * w`` rounded once to the elementwise type (x's own
   for float32 / float64 as the CPU kernel, float32 for float16 / bfloat16); (3) elementwise
