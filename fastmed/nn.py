@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import conv_norm_act as CNA
 from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
 
 __all__ = ["ConvNormAct", "optimize"]
@@ -110,6 +111,53 @@ def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: 
     if _kernel_ok(x, norm):
         return _fused(norm, spec, x, fresh)
     return _eager_act(spec, norm_forward(norm, x))
+
+
+def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
+    """The nn.Conv2d / nn.Conv3d that ``m`` is (or that a Sequential holding only it, as MONAI's
+    ``Convolution(conv_only=True)``, wraps) when conv_norm_act can run it: groups 1, zero padding
+    given as numbers, no hooks on it; else None."""
+    if isinstance(m, nn.Sequential) and len(m) == 1 and not (m._forward_hooks or m._forward_pre_hooks):
+        m = m[0]
+    if type(m) not in (nn.Conv2d, nn.Conv3d) or m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return None
+    return m
+
+
+def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) -> Optional[Tensor]:
+    """conv -> norm -> act as one ``fastmed::conv_norm_act_fwd`` (the Triton implicit GEMM with the
+    norm statistics in its epilogue) where it applies: CUDA, ``FASTMED_TRITON_CONV=1``, a plain
+    convolution; CUDA autocast runs it in the autocast dtype. None: the caller runs the usual path."""
+    if x.device.type != "cuda" or not CNA.triton_conv_enabled():
+        return None
+    conv = _plain_conv(conv_mod)
+    if conv is None or x.ndim != conv.weight.ndim or x.ndim != norm._get_no_batch_dim() + 1:
+        return None
+    w, b = conv.weight, conv.bias
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        x, w, b = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+    if CNA._use_triton(x, w) is None:
+        return None
+    nd = x.ndim - 2
+    sp = x.shape[2:]
+    out = [(sp[i] + 2 * conv.padding[i] - conv.dilation[i] * (w.shape[2 + i] - 1) - 1) // conv.stride[i] + 1
+           for i in range(nd)]
+    if min(out) < 1 or torch.Size(out).numel() < 2:
+        return None  # eager's own error (instance norm of one voxel) or an empty output
+    with torch.autocast("cuda", enabled=False):
+        return CNA.conv_norm_act_fwd(x, w, b, norm.weight if norm.affine else None, norm.bias if norm.affine else None,
+                                     list(conv.stride), list(conv.padding), list(conv.dilation), spec["eps"],
+                                     spec["slope"], CNA.NA.ACTS[spec["act"]])[0]
+
+
+def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
+    z = _conv_norm_act(conv, norm, spec, x)
+    if z is not None:
+        return z
+    return _norm_then_act(type(norm).forward, norm, spec, conv(x), fresh=True)
 
 
 class _FusedInstanceNorm:
@@ -223,11 +271,11 @@ class ConvNormAct(nn.Module):
         return spec
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)
         spec = self._spec()
         norm, act = getattr(self, "norm", None), getattr(self, "act", None)
         if spec is not None:
-            return _norm_then_act(type(norm).forward, norm, spec, y, fresh=True)
+            return _conv_then_norm_act(self.conv, norm, spec, x)
+        y = self.conv(x)
         if norm is not None:
             y = norm(y)
         return act(y) if act is not None else y
@@ -247,9 +295,8 @@ if UnetBasicBlock is not None:
         def forward(self, inp):
             if not _kernel_ok(inp, self.norm1):
                 return UnetBasicBlock.forward(self, inp)
-            norm = type(self.norm1).forward
-            out = _norm_then_act(norm, self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
-            return _norm_then_act(norm, self.norm2, self._fm_specs[1], self.conv2(out), fresh=True)
+            out = _conv_then_norm_act(self.conv1, self.norm1, self._fm_specs[0], inp)
+            return _conv_then_norm_act(self.conv2, self.norm2, self._fm_specs[1], out)
 
     class FusedUnetResBlock(UnetResBlock):
         """UnetResBlock with its first norm + activation fused (fastmed.optimize)."""
@@ -258,7 +305,7 @@ if UnetBasicBlock is not None:
             if not _kernel_ok(inp, self.norm1):
                 return UnetResBlock.forward(self, inp)
             residual = inp
-            out = _norm_then_act(type(self.norm1).forward, self.norm1, self._fm_specs[0], self.conv1(inp), fresh=True)
+            out = _conv_then_norm_act(self.conv1, self.norm1, self._fm_specs[0], inp)
             out = self.norm2(self.conv2(out))
             if hasattr(self, "conv3"):
                 residual = self.conv3(residual)

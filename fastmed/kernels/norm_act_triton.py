@@ -303,13 +303,36 @@ def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, 
     cb = triton.cdiv(C, bc)
     _fwd_partial_kernel[(nch, cb, N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
                                       ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
-    a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=dev)
+    _finish_fwd(x, psum, pm2, chunk, weight, bias, prm, act, y, mean, rstd)
+
+
+def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, rstd) -> None:
+    """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
+    (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
+    the elementwise pass x -> y."""
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    nch = psum.shape[1]
+    a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=x.device)
     beta = torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
         a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P, **_NOFMA)
-    _fwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](x, y, a, beta, prm, C, S, sN, sC, sS, ACT=int(act),
-                                                  BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, C, S, sN, sC, sS,
+                                                                  ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+
+
+def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
+    """The statistics merge and elementwise pass of norm_act_fwd on statistics someone else computed
+    (the convolution's epilogue, fastmed.kernels.conv_triton): psum / pm2 (N, nch, C) as
+    _fwd_partial_kernel writes them, over chunks of ``chunk`` voxels. x, y as norm_act_fwd's."""
+    if x.numel() == 0:
+        return
+    with _guard(x.device):
+        for n0 in range(0, x.shape[0], _MAX_N):
+            n1 = min(n0 + _MAX_N, x.shape[0])
+            C = x.shape[1]
+            _finish_fwd(x[n0:n1], psum[n0:n1], pm2[n0:n1], chunk, weight, bias, _scalars(eps, slope, x.device), act,
+                        y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
 
 
 def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:

@@ -1,0 +1,199 @@
+"""``fastmed::conv_norm_act_fwd``: convolution -> instance norm -> activation as one op (nnU-Net's
+``Conv3d -> InstanceNorm3d(affine) -> LeakyReLU``), forward and backward.
+
+``conv_norm_act(x, weight, conv_bias, norm_weight, norm_bias, stride, padding, dilation, eps, act,
+slope)`` returns ``act(instance_norm(conv(x)))``. On CUDA, with ``FASTMED_TRITON_CONV=1``, the
+convolution is fastmed's Triton implicit GEMM (``fastmed/kernels/conv_triton.py``) whose epilogue
+also writes the norm's per-tile statistics, so the norm reads the convolution's output once (its
+elementwise pass) instead of twice; the merge and elementwise pass are norm_act's Triton kernels.
+Everywhere else (the default on CUDA until the Triton convolution is measured on a GPU; CPUs;
+groups > 1; float64) the convolution is PyTorch's (cuDNN / oneDNN) followed by ``fastmed::norm_act``.
+
+Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
+saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
+``convolution_backward`` (cuDNN / oneDNN). Not fused into an implicit GEMM yet.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import norm_act as NA
+
+__all__ = ["conv_norm_act", "conv_norm_act_reference", "triton_conv_enabled"]
+
+
+def triton_conv_enabled() -> bool:
+    """FASTMED_TRITON_CONV=1: CUDA convolutions of conv_norm_act by the Triton implicit GEMM."""
+    return os.environ.get("FASTMED_TRITON_CONV", "0") == "1"
+
+
+_TRITON_CONV = []
+
+
+def _triton_conv():
+    """fastmed.kernels.conv_triton when Triton imports, else None."""
+    if not _TRITON_CONV:
+        mod = None
+        try:
+            from ..kernels import conv_triton as mod
+        except Exception:  # no triton, or one that cannot load here
+            mod = None
+        _TRITON_CONV.append(mod)
+    return _TRITON_CONV[0]
+
+
+def _conv(x, weight, bias, stride, padding, dilation):
+    fn = F.conv3d if x.ndim == 5 else F.conv2d
+    return fn(x, weight, bias, stride, padding, dilation)
+
+
+def _cl(nd: int):
+    return torch.channels_last_3d if nd == 5 else torch.channels_last
+
+
+def _out_format(x):
+    """y and z are channels last when x is, else contiguous (whatever the convolution preferred)."""
+    return NA._cl_format(x) or torch.contiguous_format
+
+
+def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act):
+    """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
+    merge + elementwise kernels; y and z in x's layout (channels last is the fast one)."""
+    shape = kc.out_shape(x, weight, stride, padding, dilation)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    N, C = shape[0], shape[1]
+    M = y[0, 0].numel()
+    bm = kc.block_m(M)
+    psum = torch.empty((N, -(-M // bm), C), dtype=kc.stats_dtype(x.dtype), device=x.device)
+    pm2 = torch.empty_like(psum)
+    with kn._guard(x.device):
+        kc.conv_fwd(x, weight, bias, stride, padding, dilation, y, psum, pm2,
+                    tf32=torch.backends.cudnn.allow_tf32)
+    mean = torch.empty(N * C, dtype=torch.float64, device=x.device)
+    rstd = torch.empty_like(mean)
+    z = torch.empty_like(y)
+    kn.finish_fwd(y, psum, pm2, bm, NA._affine_arg(nw, y), NA._affine_arg(nb, y), eps, slope, act, z, mean, rstd)
+    return z, y, mean, rstd
+
+
+def _use_triton(x, weight, groups: int = 1):
+    if x.device.type != "cuda" or not triton_conv_enabled():
+        return None
+    kc, kn = _triton_conv(), NA._triton()
+    if kc is None or kn is None or not kc.supports(x, weight, groups):
+        return None
+    return kc, kn
+
+
+@torch.library.custom_op("fastmed::conv_norm_act_fwd", mutates_args=())
+def conv_norm_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                      norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                      eps: float, slope: float, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    use = _use_triton(x, weight)
+    if use is not None:
+        try:
+            return _triton_fwd(*use, x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps,
+                               slope, act)
+        except (torch.cuda.OutOfMemoryError, IndexError, KeyError, AttributeError, NameError, TypeError):
+            raise  # out of memory, or a bug of ours
+        except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
+            import warnings
+
+            warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
+                          f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=2)
+            _TRITON_CONV[:] = [None]
+    y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_out_format(x))
+    z, mean, rstd = NA.norm_act_fwd(y, norm_weight, norm_bias, eps, slope, act)
+    return z, y, mean, rstd
+
+
+@conv_norm_act_fwd.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act):
+    sp = x.shape[2:]
+    ks = weight.shape[2:]
+    shape = (x.shape[0], weight.shape[0]) + tuple(
+        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    planes = shape[0] * shape[1]
+    return torch.empty_like(y), y, x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act = inputs
+    _, y, mean, rstd = output
+    ctx.save_for_backward(x, weight, y, nw, nb, mean, rstd)
+    ctx.conf = (stride, padding, dilation, slope, act)
+    ctx.bias_shape = None if bias is None else list(bias.shape)
+    ctx.has = (bias is not None, nw is not None, nb is not None)
+
+
+def _backward(ctx, dz, dy_, dmean, drstd):
+    x, weight, y, nw, nb, mean, rstd = ctx.saved_tensors
+    stride, padding, dilation, slope, act = ctx.conf
+    need = ctx.needs_input_grad
+    dy, dnw, dnb = NA.norm_act_bwd(dz, y, nw, nb, mean, rstd, slope, act)
+    if dy_ is not None:  # y is an output too (rarely used): its gradient adds
+        dy = dy + dy_
+    dx = dw = db = None
+    if need[0] or need[1] or need[2]:
+        nd = x.ndim - 2
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy.to(x.dtype), x, weight, ctx.bias_shape, stride, padding, dilation, False, [0] * nd, 1,
+            [need[0], need[1], need[2] and ctx.has[0]])
+    return (dx, dw, db if ctx.has[0] else None,
+            dnw.to(nw.dtype) if ctx.has[1] and need[3] else None,
+            dnb.to(nb.dtype) if ctx.has[2] and need[4] else None,
+            None, None, None, None, None, None)
+
+
+conv_norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triple(v, nd: int, name: str) -> list[int]:
+    t = [v] * nd if isinstance(v, int) else list(v)
+    if len(t) != nd or not all(isinstance(i, int) for i in t):
+        raise ValueError(f"{name} must be an int or {nd} ints, got {v!r}")
+    return t
+
+
+def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                  norm_bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, eps: float = 1e-5,
+                  act="leaky_relu", slope: float = 0.01) -> Tensor:
+    """``act(instance_norm(conv(x, weight, bias), norm_weight, norm_bias, eps))`` for 2D (x 4D) or
+    3D (x 5D) convolutions with groups 1 and zero padding; see the module docstring."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("x and weight must be torch.Tensors")
+    if x.ndim not in (4, 5) or weight.ndim != x.ndim:
+        raise ValueError(f"x must be 4D or 5D and weight of the same rank, got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input channels, x has {x.shape[1]}")
+    nd = x.ndim - 2
+    st, pd, dl = _triple(stride, nd, "stride"), _triple(padding, nd, "padding"), _triple(dilation, nd, "dilation")
+    if min(st) < 1 or min(dl) < 1 or min(pd) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {st}, {dl}, {pd}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.dtype not in (torch.float32, torch.float64) and not (
+            x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"x must be float32 or float64 (float16 / bfloat16 too on CUDA), got {x.dtype}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"weight must have x's dtype and device ({x.dtype}, {x.device}), got "
+                        f"{weight.dtype}, {weight.device}")
+    code = NA._act_code(act)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return conv_norm_act_fwd(x, weight, bias, norm_weight, norm_bias, st, pd, dl, float(eps), float(slope), code)[0]
+
+
+def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=None, stride=1, padding=0,
+                            dilation=1, eps: float = 1e-5, act="leaky_relu", slope: float = 0.01) -> Tensor:
+    """float64 plain PyTorch (differentiable)."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    y = _conv(x.double(), weight.double(), d(bias), stride, padding, dilation)
+    return NA.norm_act_reference(y, d(norm_weight), d(norm_bias), eps, act, slope)

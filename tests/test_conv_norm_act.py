@@ -1,0 +1,120 @@
+"""fastmed::conv_norm_act_fwd (convolution -> instance norm -> activation as one op) on the CPU:
+against the eager layers and the float64 reference, with every gradient; bad inputs; opcheck.
+The Triton convolution it uses on GPUs is checked in test_conv_norm_act_triton.py (interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmed.ops import conv_norm_act as CN
+
+
+def eager(x, w, b, nw, nb, stride, padding, dilation, eps, act, slope):
+    conv = F.conv3d if x.ndim == 5 else F.conv2d
+    z = F.instance_norm(conv(x, w, b, stride, padding, dilation), weight=nw, bias=nb, eps=eps)
+    return z if act == "none" else F.relu(z) if act == "relu" else F.leaky_relu(z, slope)
+
+
+CASES = [  # x shape, Cout, kernel, stride, padding, dilation
+    ((2, 3, 7, 8, 6), 5, 3, 1, 1, 1),
+    ((1, 4, 9, 7, 8), 6, 3, 2, 1, 1),
+    ((2, 2, 8, 9, 7), 3, (1, 3, 3), (1, 2, 1), (0, 1, 1), 1),
+    ((1, 3, 9, 9, 9), 4, 3, 1, 2, 2),
+    ((2, 5, 13, 11), 4, 3, 1, 1, 1),
+    ((1, 1, 12, 10), 8, 5, 2, 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("act", ["leaky_relu", "relu", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_and_gradients_equal_eager(case, act, dtype, channels_last):
+    shape, cout, k, st, pd, dl = case
+    nd = len(shape) - 2
+    ks = (k,) * nd if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if nd == 3 else torch.channels_last)
+    w = (torch.randn((cout, shape[1]) + ks, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    b = torch.randn(cout, generator=g, dtype=torch.float64).to(dtype)
+    nw = (torch.rand(cout, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    nb = torch.randn(cout, generator=g, dtype=torch.float64).to(dtype)
+    ins = [t.clone().requires_grad_(True) for t in (x, w, b, nw, nb)]
+    refs = [t.clone().requires_grad_(True) for t in (x, w, b, nw, nb)]
+    z = CN.conv_norm_act(*ins, st, pd, dl, 1e-5, act, 0.02)
+    r = eager(*refs, st, pd, dl, 1e-5, act, 0.02)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(z, r, **tol)
+    torch.testing.assert_close(z.double(), CN.conv_norm_act_reference(x, w, b, nw, nb, st, pd, dl, 1e-5, act, 0.02),
+                               **tol)
+    dz = torch.randn(z.shape, generator=g, dtype=torch.float64).to(dtype)
+    z.backward(dz)
+    r.backward(dz)
+    gtol = dict(rtol=tol["rtol"] * 20, atol=tol["atol"] * 20)
+    for name, a, e in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), ins, refs):
+        torch.testing.assert_close(a.grad, e.grad, **gtol, msg=lambda m: f"{name}: {m}")
+
+
+def test_without_biases_and_affine():
+    x = torch.randn(2, 3, 6, 7, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    z = CN.conv_norm_act(x, w, None, None, None, 1, 1)
+    r = eager(x, w, None, None, None, 1, 1, 1, 1e-5, "leaky_relu", 0.01)
+    torch.testing.assert_close(z, r, rtol=2e-5, atol=2e-5)
+    gz = torch.autograd.grad(z.sum() + (z * z).sum(), (x, w))
+    gr = torch.autograd.grad(r.sum() + (r * r).sum(), (x, w))
+    for a, e in zip(gz, gr):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    t = lambda *s: torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, w, b, nw, nb = t(1, 2, 4, 3, 4), t(3, 2, 3, 3, 3), t(3), t(3), t(3)
+    assert torch.autograd.gradcheck(
+        lambda *a: CN.conv_norm_act(*a, 1, 1, 1, 1e-5, "leaky_relu", 0.2), (x, w, b, nw, nb))
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(2, 3, 5, 6, 4, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    b, nw, nb = torch.randn(4, requires_grad=True), torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    torch.library.opcheck(CN.conv_norm_act_fwd, (x, w, b, nw, nb, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1e-5, 0.01, 2))
+    f = torch.compile(lambda x: CN.conv_norm_act(x * 2, w, b, nw, nb, 1, 1) + 1, backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(x), CN.conv_norm_act(x * 2, w, b, nw, nb, 1, 1) + 1)
+
+
+def test_bad_inputs_name_the_argument():
+    x, w = torch.randn(1, 3, 5, 5, 5), torch.randn(4, 3, 3, 3, 3)
+    with pytest.raises(ValueError, match="input channels"):
+        CN.conv_norm_act(x, torch.randn(4, 2, 3, 3, 3))
+    with pytest.raises(ValueError, match="stride"):
+        CN.conv_norm_act(x, w, stride=(1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        CN.conv_norm_act(x, w, padding=-1)
+    with pytest.raises(ValueError, match="bias"):
+        CN.conv_norm_act(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match="act"):
+        CN.conv_norm_act(x, w, act="gelu")
+    with pytest.raises(TypeError, match="x must be float32"):
+        CN.conv_norm_act(x.half(), w.half())
+    with pytest.raises(TypeError, match="weight"):
+        CN.conv_norm_act(x, w.double())
+    with pytest.raises(ValueError, match="4D or 5D"):
+        CN.conv_norm_act(torch.randn(1, 3, 5), torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="eps"):
+        CN.conv_norm_act(x, w, eps=0)
+
+
+def test_triton_conv_is_off_unless_asked(monkeypatch):
+    monkeypatch.delenv("FASTMED_TRITON_CONV", raising=False)
+    assert not CN.triton_conv_enabled()
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "1")
+    assert CN.triton_conv_enabled()
+    # on the CPU the switch changes nothing: PyTorch's convolution + the C++ norm
+    x, w = torch.randn(1, 2, 5, 6, 7), torch.randn(3, 2, 3, 3, 3)
+    torch.testing.assert_close(CN.conv_norm_act(x, w, padding=1), eager(x, w, None, None, None, 1, 1, 1, 1e-5,
+                                                                        "leaky_relu", 0.01), rtol=2e-5, atol=2e-5)

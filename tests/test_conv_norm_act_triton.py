@@ -1,0 +1,124 @@
+"""The Triton implicit-GEMM convolution of fastmed::conv_norm_act (the CUDA path with
+FASTMED_TRITON_CONV=1) under TRITON_INTERPRET=1 on the CPU: the convolution against the float64
+reference over strides, paddings, dilations, 2D / 3D, layouts, small and large channel counts and
+every dtype; its epilogue statistics against the stored output; the whole forward (statistics ->
+norm_act's merge and elementwise kernels) bit for bit against norm_act of the same convolution
+output. In a subprocess: the interpreter must be on before triton loads."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import torch
+import torch.nn.functional as F
+from fastmed.kernels import conv_triton as KC, norm_act_triton as KN
+from fastmed.ops import conv_norm_act as CN, norm_act as NA
+
+g = torch.Generator().manual_seed(0)
+# x shape, Cout, kernel, stride, padding, dilation, channels last
+CASES = [
+    ((2, 3, 5, 6, 7), 5, 3, 1, 1, 1, True),        # small Cin: (tap, ci) flattened into K
+    ((1, 20, 6, 5, 7), 17, 3, 2, 1, 1, True),      # per-tap K blocks, a partial one; stride 2
+    ((1, 40, 4, 5, 6), 8, 3, 1, 1, 1, True),       # two K blocks per tap (float32: 32 wide)
+    ((2, 18, 7, 6), 8, 3, 1, 2, 2, False),         # 2D, planar x, dilation 2
+    ((1, 16, 9, 9, 9), 70, 3, 1, 1, 1, True),      # two output-channel blocks; M = 729: 6 tiles, last partial
+    ((1, 4, 6, 7, 5), 6, (1, 3, 3), (1, 2, 1), (0, 1, 1), 1, False),
+    ((2, 1, 12, 10), 8, 5, 2, 0, 1, True),         # 1 input channel (a network's first layer)
+    ((1, 3, 3, 3, 3), 4, 3, 1, 0, 1, True),        # one output voxel per plane
+]
+worst = {}
+for shape, cout, k, st, pd, dl, cl in CASES:
+    nd = len(shape) - 2
+    ks = (k,) * nd if isinstance(k, int) else k
+    tr = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)
+    st, pd, dl = tr(st), tr(pd), tr(dl)
+    fmt = (torch.channels_last_3d if nd == 3 else torch.channels_last) if cl else torch.contiguous_format
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
+        w = (torch.randn((cout, shape[1]) + ks, generator=g) / (shape[1] * 9) ** 0.5).to(dt)
+        b = torch.randn(cout, generator=g).to(dt)
+        conv = F.conv3d if nd == 3 else F.conv2d
+        ref = conv(x.double(), w.double(), b.double(), st, pd, dl)
+        y = torch.empty(ref.shape, dtype=dt).contiguous(memory_format=fmt)
+        N, M = ref.shape[0], ref[0, 0].numel()
+        bm = KC.block_m(M)
+        nt = -(-M // bm)
+        ps = torch.empty((N, nt, cout), dtype=KC.stats_dtype(dt))
+        pm = torch.empty_like(ps)
+        assert KC.supports(x, w, 1)
+        KC.conv_fwd(x, w, b, st, pd, dl, y, ps, pm, tf32=False)
+        key = str(dt)
+        sc = ref.abs().max().item()
+        worst[(key, "conv")] = max(worst.get((key, "conv"), 0), (y.double() - ref).abs().max().item() / sc)
+        # the epilogue statistics: per tile, of exactly the stored values
+        yr = y.double().flatten(2)
+        for t in range(nt):
+            seg = yr[:, :, t * bm:(t + 1) * bm]
+            s = seg.sum(-1)
+            m2 = ((seg - (s / seg.shape[-1])[..., None]) ** 2).sum(-1)
+            e1 = (ps[:, t, :].double() - s).abs().max().item() / (seg.abs().sum(-1).max().item() + 1e-30)
+            e2 = (pm[:, t, :].double() - m2).abs().max().item() / (m2.abs().max().item() + 1e-30)
+            worst[(key, "stats")] = max(worst.get((key, "stats"), 0), e1, e2)
+        y2 = torch.empty_like(y)
+        KC.conv_fwd(x, w, b, st, pd, dl, y2, ps.clone(), pm.clone(), tf32=False)
+        assert torch.equal(y, y2), "conv not deterministic"
+        y3 = torch.empty_like(y)  # without statistics: the same y
+        KC.conv_fwd(x, w, None, st, pd, dl, y3, tf32=False)
+        y4 = torch.empty_like(y)
+        KC.conv_fwd(x, w, torch.zeros_like(b), st, pd, dl, y4, tf32=False)
+        assert torch.equal(y3, y4), "bias path"
+        if M < 2:
+            continue
+        # the op's CUDA glue on the same tensors: statistics from the epilogue, then norm_act's kernels
+        nw, nb = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
+        for act, code in (("leaky_relu", 2), ("relu", 1), ("none", 0)):
+            z, yy, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, list(st), list(pd), list(dl), 1e-5, 0.01, code)
+            assert torch.equal(yy, y)
+            assert z.stride() == yy.stride() and (yy.is_contiguous() or not x.is_contiguous())
+            # norm_act's own kernels on the same y (their own statistics pass, other chunks): for
+            # float32 the same mean (float64 sums of float32 values are exact here), rstd to float64
+            # rounding, z to float32 rounding (a coefficient may round the other way)
+            za = torch.empty_like(y)
+            ma, ra = torch.empty_like(mean), torch.empty_like(rstd)
+            KN.norm_act_fwd(y, NA._affine_arg(nw, y), NA._affine_arg(nb, y), 1e-5, 0.01, code, za, ma, ra)
+            zc, mc, rc = (NA.norm_act_fwd(y, nw, nb, 1e-5, 0.01, code) if dt == torch.float32 else (za, ma, ra))
+            for other, mo, ro in ((za, ma, ra), (zc, mc, rc)):
+                sc = other.double().abs().max().item()
+                worst[(key, "z_vs_norm_act")] = max(worst.get((key, "z_vs_norm_act"), 0),
+                                                    (z.double() - other.double()).abs().max().item() / sc)
+                worst[(key, "mean_vs_norm_act")] = max(worst.get((key, "mean_vs_norm_act"), 0),
+                                                       ((mean - mo).abs() * ro).max().item())
+                worst[(key, "rstd_vs_norm_act")] = max(worst.get((key, "rstd_vs_norm_act"), 0),
+                                                       ((rstd - ro).abs() / ro).max().item())
+            zr = NA.norm_act_reference(ref, nw.double(), nb.double(), 1e-5, act, 0.01)
+            worst[(key, "z")] = max(worst.get((key, "z"), 0), (z.double() - zr).abs().max().item() / zr.abs().max().item())
+# float32 with TF32 allowed: the interpreter multiplies in float32, so only a smoke test here
+x = torch.randn(1, 8, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+w = torch.randn(4, 8, 3, 3, 3) * 0.1
+y = torch.empty(1, 4, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+KC.conv_fwd(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), y, tf32=True)
+torch.testing.assert_close(y, F.conv3d(x, w, None, 1, 1), rtol=1e-2, atol=1e-2)
+# empty batch: nothing to do
+KC.conv_fwd(torch.randn(0, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3), None, (1,) * 3, (1,) * 3, (1,) * 3,
+            torch.empty(0, 3, 4, 4, 4))
+for k, v in sorted(worst.items()):
+    print(k, v)
+tol = {"torch.float32": 2e-6, "torch.float16": 2e-3, "torch.bfloat16": 2e-2}
+exact = {("torch.float32", "mean_vs_norm_act"): 0.0, ("torch.float32", "rstd_vs_norm_act"): 1e-14,
+         ("torch.float32", "z_vs_norm_act"): 2.5e-7, ("torch.float32", "stats"): 1e-12}
+bad = [(dt, k, v) for (dt, k), v in worst.items() if v > exact.get((dt, k), tol[dt])]
+assert not bad, bad
+print("ok")
+"""
+
+
+def test_triton_conv_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
