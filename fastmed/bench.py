@@ -519,6 +519,23 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
              "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0} for k in nets]
 
 
+class _env:
+    """Sets an environment variable for the duration of a with-block (restored after)."""
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
 def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, compile: bool = True) -> list:
     """One nnU-Net block (Conv3d 3x3x3 -> InstanceNorm3d(affine) -> LeakyReLU(0.01)) forward +
     backward (input and parameter gradients): eager PyTorch (cuDNN / oneDNN + the two eager
@@ -537,6 +554,8 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
     blk = ConvNormAct(C, C, 3, norm_kwargs={"affine": True}).to(device)
     eager = nn.Sequential(copy.deepcopy(blk.conv), copy.deepcopy(blk.norm), copy.deepcopy(blk.act))
     impls = {"eager": eager, "fastmed": blk}
+    if cuda:  # the same module with its convolution by fastmed's Triton implicit GEMM
+        impls["fastmed+triton_conv"] = blk
     if compile:
         try:
             impls["torch.compile"] = torch.compile(copy.deepcopy(eager))
@@ -549,8 +568,8 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
     dy = torch.randn(shape, device=device, dtype=torch.bfloat16 if cuda else torch.float32).contiguous(memory_format=fmt)
     rows, times = [], {}
     for name, m in impls.items():
-        def step(m=m):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        def step(m=m, tc="1" if name.endswith("triton_conv") else "0"):
+            with _env("FASTMED_TRITON_CONV", tc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 y = m(x)
             y.backward(dy)
         try:
@@ -593,7 +612,10 @@ def _train_models(quick: bool):
 
 def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=None) -> list:
     """A whole training step (forward, loss, backward, SGD step) of each network, the original and
-    fastmed.optimize(model) alternating in the same run; on CUDA in bfloat16 autocast, channels last."""
+    fastmed.optimize(model) alternating in the same run; on CUDA in bfloat16 autocast, channels last,
+    and optimize(model) once more with FASTMED_TRITON_CONV=1 (fastmed's Triton convolution where a
+    fused block runs conv -> norm -> act itself: DynUNet's blocks). A network that fails (e.g. out of
+    memory) is reported and skipped."""
     from .nn import optimize
 
     cuda = device == "cuda"
@@ -604,14 +626,16 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
         torch.manual_seed(0)
         orig = make().to(device).to(memory_format=fmt).train()
         nets = {"original": orig, "fastmed": optimize(orig, channels_last=cuda).train()}
+        if cuda:
+            nets["fastmed+triton_conv"] = nets["fastmed"]
         x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
         steps = {}
         for k, m in nets.items():
             opt = torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
 
-            def step(m=m, opt=opt):
+            def step(m=m, opt=opt, tc="1" if k.endswith("triton_conv") else "0"):
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                with _env("FASTMED_TRITON_CONV", tc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                     out = m(x)
                     out = out[0] if isinstance(out, (list, tuple)) else out
                 loss = out.float().square().mean()
@@ -619,15 +643,22 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
                 opt.step()
             steps[k] = step
         times = {k: [] for k in nets}
-        for fn in steps.values():
-            fn()
-        for _ in range(reps):
-            for k, fn in steps.items():
-                _sync(device)
-                t0 = time.perf_counter()
+        try:
+            for fn in steps.values():
                 fn()
-                _sync(device)
-                times[k].append(time.perf_counter() - t0)
+            for _ in range(reps):
+                for k, fn in steps.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other rows still count
+            log(f"  {name} training step: skipped ({type(exc).__name__}: {exc})")
+            del nets, steps, orig
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
         med = {k: statistics.median(v) for k, v in times.items()}
         case = f"{name} training step {tuple(shape)}" + (", bf16 autocast, channels last" if cuda else ", float32")
         rows += [{"op": "train_step", "case": case, "impl": k, "ms": med[k] * 1e3,

@@ -1,0 +1,132 @@
+"""fastmed::conv_norm_act on CUDA with FASTMED_TRITON_CONV=1: the Triton implicit-GEMM convolution
+(statistics in its epilogue) + norm_act's merge and elementwise kernels, against the float64
+reference and the eager layers, with gradients; ConvNormAct under bf16 autocast; optimize(DynUNet)
+(skipped without a GPU)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmed
+from fastmed.nn import ConvNormAct
+from fastmed.ops import conv_norm_act as CN
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def triton_conv(monkeypatch):
+    """FASTMED_TRITON_CONV=1; the Triton convolution must really run (its fallback warning is an
+    error) and its calls are counted."""
+    import warnings
+
+    from fastmed.kernels import conv_triton as KC
+
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "1")
+    calls = {"n": 0}
+    orig = KC.conv_fwd
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(KC, "conv_fwd", counted)
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastmed: the Triton")
+        yield calls
+    torch.backends.cudnn.allow_tf32 = old_tf32
+    assert CN._triton_conv() is not None
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1e-30)).item()
+
+
+CASES = [((2, 32, 24, 20, 18), 32, 3, 1, 1), ((1, 1, 33, 30, 17), 16, 3, 1, 1), ((2, 48, 17, 16, 15), 64, 3, 2, 1),
+         ((1, 8, 40, 36), 24, 3, 1, 1), ((1, 320, 6, 5, 4), 320, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_against_float64_and_gradients_against_eager(case, dtype, triton_conv):
+    torch.backends.cudnn.allow_tf32 = False
+    shape, cout, k, st, pd = case
+    nd = len(shape) - 2
+    fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn((cout, shape[1]) + (k,) * nd, device="cuda", generator=g) / (shape[1] * k ** nd) ** 0.5).to(dtype)
+    b = torch.randn(cout, device="cuda", generator=g).to(dtype)
+    nw, nb = torch.rand(cout, device="cuda", generator=g) + 0.5, torch.randn(cout, device="cuda", generator=g)
+    ins = [t.clone().requires_grad_(True) for t in (x, w, b, nw, nb)]
+    z = CN.conv_norm_act(*ins, st, pd, 1, 1e-5, "leaky_relu", 0.01)
+    assert triton_conv["n"] == 1 and z.is_contiguous(memory_format=fmt)
+    ref = CN.conv_norm_act_reference(x, w, b, nw, nb, st, pd, 1, 1e-5, "leaky_relu", 0.01)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    assert _rel(z, ref) < tol
+    # gradients against the eager layers in the same dtype (backward: norm_act_bwd + cuDNN)
+    conv = F.conv3d if nd == 3 else F.conv2d
+    refs = [t.clone().requires_grad_(True) for t in (x, w, b, nw, nb)]
+    r = F.leaky_relu(F.instance_norm(conv(refs[0], refs[1], refs[2], st, pd).float(), weight=refs[3], bias=refs[4]),
+                     0.01)
+    dz = torch.randn(z.shape, device="cuda", generator=g)
+    z.float().mul(dz).sum().backward()
+    r.mul(dz).sum().backward()
+    for name, a, e in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), ins, refs):
+        assert _rel(a.grad, e.grad) < tol * 20, name
+    # deterministic
+    z2 = CN.conv_norm_act(x, w, b, nw, nb, st, pd, 1, 1e-5, "leaky_relu", 0.01)
+    assert torch.equal(z.detach(), z2)
+
+
+def test_tf32_follows_cudnn_flag(triton_conv):
+    x = torch.randn(1, 32, 16, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(32, 32, 3, 3, 3, device="cuda") * 0.05
+    ref = CN.conv_norm_act_reference(x, w, padding=1)
+    torch.backends.cudnn.allow_tf32 = True
+    assert _rel(CN.conv_norm_act(x, w, padding=1), ref) < 5e-3
+    torch.backends.cudnn.allow_tf32 = False
+    assert _rel(CN.conv_norm_act(x, w, padding=1), ref) < 1e-5
+
+
+def test_conv_norm_act_module_bf16_autocast(triton_conv):
+    torch.manual_seed(1)
+    blk = ConvNormAct(16, 32, 3, norm_kwargs={"affine": True}).cuda().to(memory_format=torch.channels_last_3d)
+    twin = nn.Sequential(copy.deepcopy(blk.conv), copy.deepcopy(blk.norm), copy.deepcopy(blk.act))
+    x = torch.randn(2, 16, 24, 24, 24, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = blk(x)
+        r = twin(x)
+    assert triton_conv["n"] == 1 and y.dtype == torch.bfloat16
+    assert _rel(y.float(), r.float()) < 3e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_optimized_dynunet_uses_it(autocast, triton_conv):
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
+                           norm_name=("instance", {"affine": True})).cuda().train()
+    o = fastmed.optimize(m, channels_last=True)
+    ref = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 32, 32, 24, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    outs = []
+    for net in (ref, o):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = net(xx)
+        out.float().square().mean().backward()
+        outs.append((out.detach().float(), [xx.grad] + [p.grad for p in net.parameters()]))
+    assert triton_conv["n"] >= 8
+    tol = 3e-2 if autocast else 1e-4
+    assert _rel(outs[1][0], outs[0][0]) < tol
+    assert all(_rel(a, b) < tol * 10 for a, b in zip(outs[1][1], outs[0][1]))
