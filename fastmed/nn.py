@@ -31,9 +31,14 @@ computes in plain PyTorch.
 ``optimize(model, channels_last=True)`` also stores 3D convolution weights channels last, so the
 whole network runs on NDHWC activations (the fused norm has a channels-last kernel).
 
-Not here yet (issue #5): an implicit-GEMM convolution with the norm statistics in its epilogue
-(GPU), fusing the convolution on the CPU. The CUDA path is checked under TRITON_INTERPRET=1 only,
-not yet on a GPU.
+With ``FASTMED_TRITON_CONV=1`` on CUDA, ``ConvNormAct`` and the optimized DynUNet blocks run
+convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM
+convolution with the norm statistics in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
+default until a GPU has timed it against cuDNN.
+
+Not here yet (issue #5): the norm + activation in the next convolution's prologue, a fused
+backward, fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1
+only, not yet on a GPU.
 """
 from __future__ import annotations
 
