@@ -144,7 +144,7 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
     if torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         x, w, b = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
-    if CNA._use_triton(x, w) is None:
+    if CNA._use_triton(x, w, conv.stride, conv.padding, conv.dilation) is None:
         return None
     nd = x.ndim - 2
     sp = x.shape[2:]

@@ -1,4 +1,4 @@
-"""fastmed::conv_norm_act on CUDA with FASTMED_TRITON_CONV=1: the Triton implicit-GEMM convolution
+"""fastmed::conv_norm_act on CUDA with FASTMED_TRITON_CONV=force: the Triton implicit-GEMM convolution
 (statistics in its epilogue) + norm_act's merge and elementwise kernels, against the float64
 reference and the eager layers, with gradients; ConvNormAct under bf16 autocast; optimize(DynUNet)
 (skipped without a GPU)."""
@@ -29,7 +29,7 @@ def triton_conv(monkeypatch):
 
     from fastmed.kernels import conv_triton as KC
 
-    monkeypatch.setenv("FASTMED_TRITON_CONV", "1")
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "force")  # every layer, also those cuDNN would get
     calls = {"n": 0}
     orig = KC.conv_fwd
 
@@ -85,6 +85,22 @@ def test_forward_against_float64_and_gradients_against_eager(case, dtype, triton
     # deterministic
     z2 = CN.conv_norm_act(x, w, b, nw, nb, st, pd, 1, 1e-5, "leaky_relu", 0.01)
     assert torch.equal(z.detach(), z2)
+
+
+def test_routing_with_the_plain_switch(triton_conv, monkeypatch):
+    """FASTMED_TRITON_CONV=1 sends layers the kernel is not suited to (full float32, 24 input
+    channels, too few programs) to cuDNN; the others to Triton."""
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "1")
+    torch.backends.cudnn.allow_tf32 = True
+    x = torch.randn(2, 32, 32, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(32, 32, 3, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.05
+    CN.conv_norm_act(x, w, padding=1)
+    assert triton_conv["n"] == 1
+    CN.conv_norm_act(x[:, :24].contiguous(memory_format=torch.channels_last_3d), w[:, :24], padding=1)
+    CN.conv_norm_act(x[:, :, :4, :4, :4], w, padding=1)
+    torch.backends.cudnn.allow_tf32 = False
+    CN.conv_norm_act(x.float(), w.float(), padding=1)
+    assert triton_conv["n"] == 1
 
 
 def test_tf32_follows_cudnn_flag(triton_conv):

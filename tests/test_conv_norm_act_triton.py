@@ -80,7 +80,7 @@ for shape, cout, k, st, pd, dl, cl in CASES:
         for act, code in (("leaky_relu", 2), ("relu", 1), ("none", 0)):
             z, yy, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, list(st), list(pd), list(dl), 1e-5, 0.01, code)
             assert torch.equal(yy, y)
-            assert z.stride() == yy.stride() and (yy.is_contiguous() or not x.is_contiguous())
+            assert z.stride() == yy.stride() and yy.is_contiguous(memory_format=CN._out_format(x, w))
             # norm_act's own kernels on the same y (their own statistics pass, other chunks): for
             # float32 the same mean (float64 sums of float32 values are exact here), rstd to float64
             # rounding, z to float32 rounding (a coefficient may round the other way)
@@ -104,9 +104,27 @@ w = torch.randn(4, 8, 3, 3, 3) * 0.1
 y = torch.empty(1, 4, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
 KC.conv_fwd(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), y, tf32=True)
 torch.testing.assert_close(y, F.conv3d(x, w, None, 1, 1), rtol=1e-2, atol=1e-2)
-# empty batch: nothing to do
+# empty batch: nothing to do, and the op's glue returns empty outputs (no IndexError)
 KC.conv_fwd(torch.randn(0, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3), None, (1,) * 3, (1,) * 3, (1,) * 3,
             torch.empty(0, 3, 4, 4, 4))
+z, yy, mean, rstd = CN._triton_fwd(KC, KN, torch.randn(0, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3), None, None, None,
+                                   [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+assert z.shape == (0, 3, 4, 4, 4) and mean.numel() == 0
+# the 64-bit offset variant (used when a sample passes 2^31 elements) on a small case: the same bits
+x = torch.randn(2, 20, 6, 5, 7, generator=g).contiguous(memory_format=torch.channels_last_3d)
+w = torch.randn(8, 20, 3, 3, 3, generator=g) * 0.1
+ya, yb = (torch.empty(2, 8, 6, 5, 7).contiguous(memory_format=torch.channels_last_3d) for _ in range(2))
+KC.conv_fwd(x, w, None, (1,) * 3, (1,) * 3, (1,) * 3, ya, tf32=False)
+KC.FORCE_INT64 = True
+KC.conv_fwd(x, w, None, (1,) * 3, (1,) * 3, (1,) * 3, yb, tf32=False)
+KC.FORCE_INT64 = False
+assert torch.equal(ya, yb), "int64 offsets"
+# a 1-channel channels-last input (its layouts coincide): the output is channels last, as PyTorch's
+x1 = torch.randn(1, 1, 6, 7, 8, generator=g).contiguous(memory_format=torch.channels_last_3d)
+w1 = torch.randn(16, 1, 3, 3, 3, generator=g).contiguous(memory_format=torch.channels_last_3d)
+z, yy, _, _ = CN._triton_fwd(KC, KN, x1, w1, None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+assert yy.is_contiguous(memory_format=torch.channels_last_3d) and not yy.is_contiguous()
+assert z.stride() == yy.stride()
 for k, v in sorted(worst.items()):
     print(k, v)
 tol = {"torch.float32": 2e-6, "torch.float16": 2e-3, "torch.bfloat16": 2e-2}

@@ -45,12 +45,14 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr,
                      sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
                      KD, KH, KW, std, sth, stw, pd, ph, pw, dd, dh, dw,
                      HAS_BIAS: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, SACC: tl.constexpr,
+                     UPCAST: tl.constexpr, SACC: tl.constexpr, IDX: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    # offsets inside one sample in IDX (int32 unless a sample passes 2^31 elements: fewer registers);
+    # the sample's base offset in int64
+    offs_m = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M).to(IDX)
     mm = offs_m < M
     ow = offs_m % Wo
     t = offs_m // Wo
@@ -79,47 +81,47 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr,
             wi = w0[:, None] + (kw_ * dw)[None, :]
             ok = (mm[:, None] & km[None, :] & (di >= 0) & (di < D) & (hi >= 0) & (hi < H)
                   & (wi >= 0) & (wi < W))
-            a = tl.load(xb + di * sxd + hi * sxh + wi * sxw + ci[None, :].to(tl.int64) * sxc, mask=ok, other=0.0)
-            b = tl.load(w_ptr + ks[:, None].to(tl.int64) * Cout + offs_n[None, :], mask=km[:, None] & nm[None, :],
-                        other=0.0)
+            a = tl.load(xb + di * sxd + hi * sxh + wi * sxw + ci[None, :].to(IDX) * sxc, mask=ok, other=0.0)
+            b = tl.load(w_ptr + ks[:, None] * Cout + offs_n[None, :], mask=km[:, None] & nm[None, :], other=0.0)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
     else:
-        for kd_ in range(0, KD):
+        # one loop over (tap, channel block) steps, so that the loads of the next step are issued
+        # while the current product runs (nested loops over the taps would drain the pipeline per tap)
+        ncb = tl.cdiv(Cin, BLOCK_K)
+        for it in range(0, KD * KH * KW * ncb):
+            tap = it // ncb
+            c0 = (it - tap * ncb) * BLOCK_K
+            kw_ = tap % KW
+            kh_ = (tap // KW) % KH
+            kd_ = tap // (KW * KH)
             di = d0 + kd_ * dd
-            okd = mm & (di >= 0) & (di < D)
-            for kh_ in range(0, KH):
-                hi = h0 + kh_ * dh
-                okh = okd & (hi >= 0) & (hi < H)
-                for kw_ in range(0, KW):
-                    wi = w0 + kw_ * dw
-                    ok = okh & (wi >= 0) & (wi < W)
-                    base = xb + di * sxd + hi * sxh + wi * sxw
-                    krow = ((kd_ * KH + kh_) * KW + kw_) * Cin
-                    for c0 in range(0, Cin, BLOCK_K):
-                        ci = c0 + tl.arange(0, BLOCK_K)
-                        cm = ci < Cin
-                        a = tl.load(base[:, None] + ci[None, :].to(tl.int64) * sxc, mask=ok[:, None] & cm[None, :],
-                                    other=0.0)
-                        b = tl.load(w_ptr + (krow + ci)[:, None].to(tl.int64) * Cout + offs_n[None, :],
-                                    mask=cm[:, None] & nm[None, :], other=0.0)
-                        if UPCAST:
-                            a, b = a.to(tl.float32), b.to(tl.float32)
-                        acc = tl.dot(a, b, acc, input_precision=PREC)
+            hi = h0 + kh_ * dh
+            wi = w0 + kw_ * dw
+            ok = mm & (di >= 0) & (di < D) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            ci = c0 + tl.arange(0, BLOCK_K)
+            cm = ci < Cin
+            a = tl.load(xb + (di * sxd + hi * sxh + wi * sxw)[:, None] + ci[None, :].to(IDX) * sxc,
+                        mask=ok[:, None] & cm[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + offs_n[None, :], mask=cm[:, None] & nm[None, :],
+                        other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=nm, other=0.0)[None, :]
     yv = acc.to(y_ptr.dtype.element_ty)
-    yoff = n * syn + od * syd + oh * syh + ow * syw
-    tl.store(y_ptr + yoff[:, None] + offs_n[None, :].to(tl.int64) * syc, yv, mask=mm[:, None] & nm[None, :])
+    yoff = od * syd + oh * syh + ow * syw
+    tl.store(y_ptr + n * syn + yoff[:, None] + offs_n[None, :].to(IDX) * syc, yv, mask=mm[:, None] & nm[None, :])
     if STATS:
         # the statistics of exactly what was stored (rounded to y's dtype), accumulated as norm_act's
         # (float64 for float32 y, float32 for float16 / bfloat16)
         v = tl.where(mm[:, None], yv.to(SACC), 0.0)
-        cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(SACC)
+        cnt = tl.minimum(M - pid_m.to(IDX) * BLOCK_M, BLOCK_M).to(SACC)
         s = tl.sum(v, 0)
         dv = tl.where(mm[:, None], v - (s / cnt)[None, :], 0.0)
-        po = (n * NT + pid_m) * Cout + offs_n
+        po = (n * NT + pid_m) * Cout + offs_n  # int64 (n is)
         tl.store(psum_ptr + po, s, mask=nm)
         tl.store(pm2_ptr + po, tl.sum(dv * dv, 0), mask=nm)
 
@@ -128,12 +130,40 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr,
 # launcher
 
 _MAX_N = 65535  # the grid's third axis (samples)
+FORCE_INT64 = False  # tests: the 64-bit offset variant on small tensors
 
 
 def supports(x, weight, groups: int) -> bool:
     """What this kernel takes: 4D / 5D float16 / bfloat16 / float32 x, weight of x's dtype, groups 1."""
-    return (x.ndim in (4, 5) and weight.ndim == x.ndim and groups == 1
+    return (x.ndim in (4, 5) and weight.ndim == x.ndim and groups == 1 and weight.numel() < 2 ** 31
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype)
+
+
+def suited(x, weight, out_shape, tf32: bool, sms: int) -> bool:
+    """Where this kernel is expected to be competitive (from its compiled code for sm_90; no GPU has
+    timed it yet): not full-float32 products (they lower to FMAs, not tensor cores), input channels
+    below 16 or a multiple of 16 (others load scalars and spill registers), and enough programs to
+    fill the GPU's ``sms`` multiprocessors (deep layers on small volumes leave most of it idle).
+    Elsewhere cuDNN runs."""
+    if x.dtype == torch.float32 and not tf32:
+        return False
+    cin = x.shape[1]
+    if cin >= SMALL_CIN and cin % 16:
+        return False
+    M = 1
+    for v in out_shape[2:]:
+        M *= v
+    programs = triton.cdiv(M, block_m(M)) * triton.cdiv(out_shape[1], _block_n(out_shape[1])) * out_shape[0]
+    return programs >= sms
+
+
+def _block_n(cout: int) -> int:
+    return min(max(triton.next_power_of_2(cout), 16), 64)
+
+
+def _span(t) -> int:
+    """One past the largest element offset inside one sample of t."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
 
 
 def out_shape(x, weight, stride, padding, dilation):
@@ -174,7 +204,7 @@ def conv_fwd(x, weight, bias, stride, padding, dilation, y, psum=None, pm2=None,
     b32 = bias.detach().float().contiguous() if bias is not None else w2
     flat = Cin < SMALL_CIN
     bm = block_m(M)
-    bn = min(max(triton.next_power_of_2(Cout), 16), 64)
+    bn = _block_n(Cout)
     bk = 16 if flat else min(max(triton.next_power_of_2(Cin), 16), 32 if x.dtype == torch.float32 else 64)
     nt = triton.cdiv(M, bm)
     stats = psum is not None
@@ -186,6 +216,9 @@ def conv_fwd(x, weight, bias, stride, padding, dilation, y, psum=None, pm2=None,
     upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     if upcast:
         prec = "ieee"
+    # int32 offsets inside a sample unless one (with the padding reach) could pass 2^31
+    big = max(_span(x), _span(y), M) + max(padding) * max(abs(v) for v in x.stride()[1:]) >= 2 ** 31 - 2 ** 20
+    idx = tl.int64 if (big or FORCE_INT64) else tl.int32
     sx, sy = x.stride(), y.stride()
     for n0 in range(0, N, _MAX_N):
         n1 = min(n0 + _MAX_N, N)
@@ -197,5 +230,5 @@ def conv_fwd(x, weight, bias, stride, padding, dilation, y, psum=None, pm2=None,
             KD, KH, KW, stride[0], stride[1], stride[2], padding[0], padding[1], padding[2],
             dilation[0], dilation[1], dilation[2],
             HAS_BIAS=bias is not None, STATS=stats, FLAT=flat, PREC=prec, UPCAST=upcast,
-            SACC=tl.float64 if x.dtype == torch.float32 else tl.float32,
+            SACC=tl.float64 if x.dtype == torch.float32 else tl.float32, IDX=idx,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)

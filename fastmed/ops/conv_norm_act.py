@@ -15,6 +15,7 @@ saved convolution output), then the convolution's input / weight / bias gradient
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -28,8 +29,9 @@ __all__ = ["conv_norm_act", "conv_norm_act_reference", "triton_conv_enabled"]
 
 
 def triton_conv_enabled() -> bool:
-    """FASTMED_TRITON_CONV=1: CUDA convolutions of conv_norm_act by the Triton implicit GEMM."""
-    return os.environ.get("FASTMED_TRITON_CONV", "0") == "1"
+    """FASTMED_TRITON_CONV=1: CUDA convolutions of conv_norm_act by the Triton implicit GEMM where it
+    is suited (conv_triton.suited), cuDNN elsewhere; ``force``: wherever it runs at all (tests)."""
+    return os.environ.get("FASTMED_TRITON_CONV", "0") in ("1", "force")
 
 
 _TRITON_CONV = []
@@ -56,18 +58,22 @@ def _cl(nd: int):
     return torch.channels_last_3d if nd == 5 else torch.channels_last
 
 
-def _out_format(x):
-    """y and z are channels last when x is, else contiguous (whatever the convolution preferred)."""
-    return NA._cl_format(x) or torch.contiguous_format
+def _out_format(x, weight):
+    """y and z are channels last when x or the weight is, and for 1-channel inputs (a network's
+    first layer: there the two layouts of x are the same memory, and a channels-last output keeps
+    the layers after it NDHWC); else contiguous. The same on every path, so the fake function knows it."""
+    if NA._cl_format(x) is not None or NA._cl_format(weight) is not None or x.shape[1] == 1:
+        return _cl(x.ndim)
+    return torch.contiguous_format
 
 
 def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act):
     """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
     merge + elementwise kernels; y and z in x's layout (channels last is the fast one)."""
     shape = kc.out_shape(x, weight, stride, padding, dilation)
-    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
     N, C = shape[0], shape[1]
-    M = y[0, 0].numel()
+    M = math.prod(shape[2:])
     bm = kc.block_m(M)
     psum = torch.empty((N, -(-M // bm), C), dtype=kc.stats_dtype(x.dtype), device=x.device)
     pm2 = torch.empty_like(psum)
@@ -81,11 +87,26 @@ def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps,
     return z, y, mean, rstd
 
 
-def _use_triton(x, weight, groups: int = 1):
+_SMS: dict = {}
+
+
+def _sms(device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def _use_triton(x, weight, stride, padding, dilation, groups: int = 1):
+    """(conv_triton, norm_act_triton) when the Triton convolution runs this call, else None:
+    CUDA, FASTMED_TRITON_CONV=1, a layer the kernel takes and is suited to (see conv_triton.suited)."""
     if x.device.type != "cuda" or not triton_conv_enabled():
         return None
     kc, kn = _triton_conv(), NA._triton()
     if kc is None or kn is None or not kc.supports(x, weight, groups):
+        return None
+    shape = kc.out_shape(x, weight, stride, padding, dilation)
+    if os.environ.get("FASTMED_TRITON_CONV") != "force" and not kc.suited(
+            x, weight, shape, torch.backends.cudnn.allow_tf32, _sms(x.device)):
         return None
     return kc, kn
 
@@ -94,7 +115,7 @@ def _use_triton(x, weight, groups: int = 1):
 def conv_norm_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                       norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                       eps: float, slope: float, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    use = _use_triton(x, weight)
+    use = _use_triton(x, weight, stride, padding, dilation)
     if use is not None:
         try:
             return _triton_fwd(*use, x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps,
@@ -107,7 +128,7 @@ def conv_norm_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_we
             warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
                           f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=2)
             _TRITON_CONV[:] = [None]
-    y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_out_format(x))
+    y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_out_format(x, weight))
     z, mean, rstd = NA.norm_act_fwd(y, norm_weight, norm_bias, eps, slope, act)
     return z, y, mean, rstd
 
@@ -118,7 +139,7 @@ def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, s
     ks = weight.shape[2:]
     shape = (x.shape[0], weight.shape[0]) + tuple(
         (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
-    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
     planes = shape[0] * shape[1]
     return torch.empty_like(y), y, x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
 
