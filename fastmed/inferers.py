@@ -678,44 +678,48 @@ def sliding_window_labels(
         groups = {}
         for i in order:
             groups.setdefault(starts[i][slab_dim], []).append(i)
+        # (slab start, window ids) per predictor call, in order
+        plan = [(s, groups[s][j:j + sw_batch_size]) for s in sorted(groups)
+                for j in range(0, len(groups[s]), sw_batch_size)]
+
+        def coords_of(item, b=b):
+            return [[slice(b, b + 1), slice(None)] + [slice(st, st + p) for st, p in zip(starts[i], patch)]
+                    for i in item[1]]
+
         base = None
-        for s in sorted(groups):
+        # windows gathered batch by batch (the next one copied while this one is predicted when the
+        # volume is on the CPU and the network on a GPU)
+        for (s, batch), (_, win, _) in zip(plan, _window_batches(inputs, None, plan, coords_of, sw_device)):
             if base is not None and s > base:
                 finalize(b, base, s)
             base = s
-            ids = groups[s]
-            for j in range(0, len(ids), sw_batch_size):
-                batch = ids[j:j + sw_batch_size]
-                sl = [[slice(b, b + 1), slice(None)] + [slice(st, st + p) for st, p in zip(starts[i], patch)]
-                      for i in batch]
-                win = _gather(inputs, sl).to(sw_device)
-                pred = predictor(win, *args, **kwargs)
-                if not isinstance(pred, Tensor):
-                    raise TypeError(f"predictor: must return one tensor (n, C, *roi), got {type(pred).__name__}")
-                if pred.ndim != nsp + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != patch:
-                    raise ValueError(
-                        f"predictor: returned shape {tuple(pred.shape)}; expected ({len(batch)}, C, *{patch})")
-                pred = pred.to(device)
-                if acc is None:
-                    C = pred.shape[1]
-                    if labels is None:
-                        ldt = labels_dtype or (torch.uint8 if C <= 256 else torch.int16 if C <= 32768 else torch.int32)
-                        labels = torch.empty([batch_size, 1] + list(image_size), dtype=ldt, device=device)
-                    acc = zeros([1, C] + ring_shape, acc_dtype, device)
-                    count = torch.zeros([1, 1] + ring_shape, dtype=acc_dtype, device=device)
-                    chunk = R  # sw_argmax needs no temporaries
-                elif pred.shape[1] != acc.shape[1]:
-                    raise ValueError(f"predictor: returned {pred.shape[1]} channels, earlier {acc.shape[1]}")
-                r0 = s % R
-                n1 = min(patch[slab_dim], R - r0)
-                for boff, soff, n in ((r0, 0, n1), (0, n1, patch[slab_dim] - n1)):
-                    if n <= 0:
-                        continue
-                    st = [[0] + [boff if d == slab_dim else starts[i][d] for d in range(nsp)] for i in batch]
-                    st_t = torch.tensor(st, dtype=torch.int64)
-                    (g0, g1, g2), wm, wmp = weights_for(soff, n)
-                    sw_accumulate(acc, pred.narrow(ax, soff, n), st_t, g0, g1, g2, wm, wmp)
-                    sw_accumulate(count, None, st_t, g0, g1, g2, wm, wmp)  # the weight sum
+            pred = predictor(win, *args, **kwargs)
+            if not isinstance(pred, Tensor):
+                raise TypeError(f"predictor: must return one tensor (n, C, *roi), got {type(pred).__name__}")
+            if pred.ndim != nsp + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != patch:
+                raise ValueError(
+                    f"predictor: returned shape {tuple(pred.shape)}; expected ({len(batch)}, C, *{patch})")
+            pred = pred.to(device)
+            if acc is None:
+                C = pred.shape[1]
+                if labels is None:
+                    ldt = labels_dtype or (torch.uint8 if C <= 256 else torch.int16 if C <= 32768 else torch.int32)
+                    labels = torch.empty([batch_size, 1] + list(image_size), dtype=ldt, device=device)
+                acc = zeros([1, C] + ring_shape, acc_dtype, device)
+                count = torch.zeros([1, 1] + ring_shape, dtype=acc_dtype, device=device)
+                chunk = R  # sw_argmax needs no temporaries
+            elif pred.shape[1] != acc.shape[1]:
+                raise ValueError(f"predictor: returned {pred.shape[1]} channels, earlier {acc.shape[1]}")
+            r0 = s % R
+            n1 = min(patch[slab_dim], R - r0)
+            for boff, soff, n in ((r0, 0, n1), (0, n1, patch[slab_dim] - n1)):
+                if n <= 0:
+                    continue
+                st = [[0] + [boff if d == slab_dim else starts[i][d] for d in range(nsp)] for i in batch]
+                st_t = torch.tensor(st, dtype=torch.int64)
+                (g0, g1, g2), wm, wmp = weights_for(soff, n)
+                sw_accumulate(acc, pred.narrow(ax, soff, n), st_t, g0, g1, g2, wm, wmp)
+                sw_accumulate(count, None, st_t, g0, g1, g2, wm, wmp)  # the weight sum
         finalize(b, base, image_size[slab_dim])
     return _crop_padding(labels, pad_size, image_size_) if any(pad_size) else labels
 
@@ -818,12 +822,14 @@ def nnunet_sliding_window_inference(
     wpred = (wmap / len(combos)).to(device)
     fresh = _fresh_boxes(starts, patch)
     out = count = None
+    plan = [list(range(j, min(j + sw_batch_size, len(starts)))) for j in range(0, len(starts), sw_batch_size)]
     for b in range(inputs.shape[0]):
-        for j in range(0, len(starts), sw_batch_size):
-            ids = list(range(j, min(j + sw_batch_size, len(starts))))
-            win = _gather(inputs, [(slice(b, b + 1), slice(None)) + tuple(slice(s, s + p) for s, p in
-                                                                          zip(starts[i], patch)) for i in ids])
-            win = win.to(sw_device)
+        def coords_of(ids, b=b):
+            return [(slice(b, b + 1), slice(None)) + tuple(slice(s, s + p) for s, p in zip(starts[i], patch))
+                    for i in ids]
+
+        # the next batch copied while this one is predicted (volume on the CPU, network on a GPU)
+        for ids, (_, win, _) in zip(plan, _window_batches(inputs, None, plan, coords_of, sw_device)):
             st = torch.tensor([[b] + starts[i] for i in ids], dtype=torch.int64)
             for n, combo in enumerate(combos):
                 dims = [2 + a for a in combo]
