@@ -536,6 +536,32 @@ class _env:
             os.environ[self.name] = self.old
 
 
+class _count_triton_conv:
+    """Counts the Triton convolution's launches inside a with-block (``.n``), so that a row labelled
+    with it says whether it really ran (layers it is unsuited to go to cuDNN; a compile failure
+    switches it off)."""
+
+    def __enter__(self):
+        self.n = 0
+        try:
+            from .kernels import conv_triton as kc
+        except Exception:  # noqa: BLE001 - no triton
+            self.kc = None
+            return self
+        self.kc, self.orig = kc, kc.conv_fwd
+
+        def counted(*a, **k):
+            self.n += 1
+            return self.orig(*a, **k)
+
+        kc.conv_fwd = counted
+        return self
+
+    def __exit__(self, *exc):
+        if self.kc is not None:
+            self.kc.conv_fwd = self.orig
+
+
 def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, compile: bool = True) -> list:
     """One nnU-Net block (Conv3d 3x3x3 -> InstanceNorm3d(affine) -> LeakyReLU(0.01)) forward +
     backward (input and parameter gradients): eager PyTorch (cuDNN / oneDNN + the two eager
@@ -566,21 +592,24 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
         m.to(memory_format=fmt)
     x = torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_(True)
     dy = torch.randn(shape, device=device, dtype=torch.bfloat16 if cuda else torch.float32).contiguous(memory_format=fmt)
-    rows, times = [], {}
+    rows, times, launches = [], {}, {}
     for name, m in impls.items():
         def step(m=m, tc="1" if name.endswith("triton_conv") else "0"):
             with _env("FASTMED_TRITON_CONV", tc), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 y = m(x)
             y.backward(dy)
         try:
-            times[name] = _time(step, device, reps)  # the warm-up compiles torch.compile's
+            with _count_triton_conv() as cnt:
+                times[name] = _time(step, device, reps)  # the warm-up compiles torch.compile's
+            launches[name] = cnt.n
         except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working compiler
             log(f"  {name}: skipped ({type(exc).__name__}: {exc})")
     case = (f"Conv3d+InstanceNorm+LeakyReLU fwd+bwd {tuple(shape)}"
             + (", bf16 autocast, channels last" if cuda else ", float32"))
     for name, t in times.items():
         rows.append({"op": "conv_block", "case": case, "impl": name, "ms": t * 1e3,
-                     "ratio_vs_eager": times["eager"] / t if "eager" in times else float("nan")})
+                     "ratio_vs_eager": times["eager"] / t if "eager" in times else float("nan"),
+                     "triton_conv_launches": launches[name]})
     return rows
 
 
@@ -643,16 +672,19 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
                 opt.step()
             steps[k] = step
         times = {k: [] for k in nets}
+        launches = dict.fromkeys(nets, 0)
         try:
             for fn in steps.values():
                 fn()
             for _ in range(reps):
                 for k, fn in steps.items():
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    _sync(device)
-                    times[k].append(time.perf_counter() - t0)
+                    with _count_triton_conv() as cnt:
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        fn()
+                        _sync(device)
+                        times[k].append(time.perf_counter() - t0)
+                    launches[k] = cnt.n  # per step
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other rows still count
             log(f"  {name} training step: skipped ({type(exc).__name__}: {exc})")
             del nets, steps, orig
@@ -662,7 +694,7 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
         med = {k: statistics.median(v) for k, v in times.items()}
         case = f"{name} training step {tuple(shape)}" + (", bf16 autocast, channels last" if cuda else ", float32")
         rows += [{"op": "train_step", "case": case, "impl": k, "ms": med[k] * 1e3,
-                  "ratio_vs_eager": med["original"] / med[k]} for k in nets]
+                  "ratio_vs_eager": med["original"] / med[k], "triton_conv_launches": launches[k]} for k in nets]
     return rows
 
 
@@ -672,8 +704,14 @@ def format_optimize_table(report: dict) -> str:
         return ""
     head = ["op", "case", "impl", "ms", "x vs original"]
     names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "MONAI original"}
-    lines = [head] + [[r["op"], r["case"], names.get(r["impl"], r["impl"]) if r["op"] == "optimize" else r["impl"],
-                       f"{r['ms']:.1f}",
+    def impl(r):
+        if r["op"] == "optimize":
+            return names.get(r["impl"], r["impl"])
+        if r["impl"].endswith("triton_conv"):  # did it run? (unsuited layers go to cuDNN)
+            return f"{r['impl']} ({r.get('triton_conv_launches', 0)} Triton conv launches/step)"
+        return r["impl"]
+
+    lines = [head] + [[r["op"], r["case"], impl(r), f"{r['ms']:.1f}",
                        f"{r.get('ratio_vs_monai', r.get('ratio_vs_eager', float('nan'))):.2f}"] for r in rows]
     return _text_table(lines)
 

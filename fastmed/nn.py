@@ -122,10 +122,18 @@ def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
     """The nn.Conv2d / nn.Conv3d that ``m`` is (or that a Sequential holding only it, as MONAI's
     ``Convolution(conv_only=True)``, wraps) when conv_norm_act can run it: groups 1, zero padding
     given as numbers, no hooks on it; else None."""
-    if isinstance(m, nn.Sequential) and len(m) == 1 and not (m._forward_hooks or m._forward_pre_hooks):
+    def hooked(mod):
+        return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                    or getattr(mod, "_backward_pre_hooks", None))
+
+    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not hooked(m):
         m = m[0]
-    if type(m) not in (nn.Conv2d, nn.Conv3d) or m._forward_hooks or m._forward_pre_hooks:
+    if type(m) not in (nn.Conv2d, nn.Conv3d) or hooked(m):
         return None
+    mm = nn.modules.module
+    if any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                          "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return None  # global module hooks must see the convolution run
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         return None
     return m
@@ -141,21 +149,28 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
     if conv is None or x.ndim != conv.weight.ndim or x.ndim != norm._get_no_batch_dim() + 1:
         return None
     w, b = conv.weight, conv.bias
-    if torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
-        x, w, b = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
-    if CNA._use_triton(x, w, conv.stride, conv.padding, conv.dilation) is None:
-        return None
-    nd = x.ndim - 2
+    dt = x.dtype
+    half = (torch.float32, torch.float16, torch.bfloat16)
+    if torch.is_autocast_enabled("cuda") and x.dtype in half and w.dtype in half:
+        dt = torch.get_autocast_dtype("cuda")  # autocast runs the convolution in dt (never float64)
+    elif w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        return None  # the eager convolution says what is wrong
     sp = x.shape[2:]
     out = [(sp[i] + 2 * conv.padding[i] - conv.dilation[i] * (w.shape[2 + i] - 1) - 1) // conv.stride[i] + 1
-           for i in range(nd)]
+           for i in range(x.ndim - 2)]
     if min(out) < 1 or torch.Size(out).numel() < 2:
         return None  # eager's own error (instance norm of one voxel) or an empty output
+    # routing decided on the dtype the convolution will run in, before casting anything
+    probe = torch.empty(x.shape, dtype=dt, device="meta")
+    if CNA._use_triton(probe, w.to("meta", dt), conv.stride, conv.padding, conv.dilation, device=x.device) is None:
+        return None
+    x, w, b = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+    args = (x, w, b, norm.weight if norm.affine else None, norm.bias if norm.affine else None, list(conv.stride),
+            list(conv.padding), list(conv.dilation), spec["eps"], spec["slope"], CNA.NA.ACTS[spec["act"]])
     with torch.autocast("cuda", enabled=False):
-        return CNA.conv_norm_act_fwd(x, w, b, norm.weight if norm.affine else None, norm.bias if norm.affine else None,
-                                     list(conv.stride), list(conv.padding), list(conv.dilation), spec["eps"],
-                                     spec["slope"], CNA.NA.ACTS[spec["act"]])[0]
+        if not torch.is_grad_enabled():  # inference: normalised in place in the convolution's output
+            return CNA.conv_norm_act_infer(*args)
+        return CNA.conv_norm_act_fwd(*args)[0]
 
 
 def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:

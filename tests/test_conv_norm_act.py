@@ -118,3 +118,68 @@ def test_triton_conv_is_off_unless_asked(monkeypatch):
     x, w = torch.randn(1, 2, 5, 6, 7), torch.randn(3, 2, 3, 3, 3)
     torch.testing.assert_close(CN.conv_norm_act(x, w, padding=1), eager(x, w, None, None, None, 1, 1, 1, 1e-5,
                                                                         "leaky_relu", 0.01), rtol=2e-5, atol=2e-5)
+
+
+def test_norm_parameters_and_output_size_are_checked():
+    x, w = torch.randn(1, 3, 5, 5, 5), torch.randn(8, 3, 3, 3, 3)
+    with pytest.raises(ValueError, match="norm_weight"):
+        CN.conv_norm_act(x, w, None, torch.ones(2), None, padding=1)
+    with pytest.raises(ValueError, match="norm_bias"):
+        CN.conv_norm_act(x, w, None, None, torch.zeros(8, dtype=torch.int64), padding=1)
+    with pytest.raises(ValueError, match="norm_weight must be on"):
+        CN.conv_norm_act(x, w, None, torch.ones(8, device="meta"), None, padding=1)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        CN.conv_norm_act(torch.randn(1, 3, 3, 3, 3), w)
+    with pytest.raises(ValueError, match="empty"):
+        CN.conv_norm_act(torch.randn(1, 3, 2, 5, 5), w)
+
+
+def test_inference_op_equals_the_autograd_op():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 6, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(6, 4, 3, 3, 3, generator=g), torch.randn(6, generator=g)
+    nw, nb = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    z = CN.conv_norm_act_fwd(x, w, b, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0]
+    with torch.no_grad():
+        zi = CN.conv_norm_act(x, w, b, nw, nb, 1, 1)
+    assert torch.equal(zi, z) and zi.stride() == z.stride()
+    torch.library.opcheck(CN.conv_norm_act_infer, (x, w, b, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2))
+
+
+def test_statistics_are_not_differentiable_and_double_backward_says_so():
+    x = torch.randn(1, 2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    z, y, mean, rstd = CN.conv_norm_act_fwd(x, w, None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+    assert y.requires_grad and not mean.requires_grad and not rstd.requires_grad
+    with pytest.raises(RuntimeError, match="conv_norm_act: double backward"):
+        torch.autograd.grad(z.square().sum(), x, create_graph=True)
+
+
+def test_only_plain_convolutions_are_taken_over():
+    """A convolution whose module would do more than convolve (a Sequential subclass with its own
+    forward, hooks of any kind) is never run by conv_norm_act."""
+    from torch import nn
+
+    from fastmed.nn import _plain_conv
+
+    conv = nn.Conv3d(2, 4, 3, padding=1)
+    assert _plain_conv(conv) is conv and _plain_conv(nn.Sequential(conv)) is conv
+
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert _plain_conv(Scaled(conv)) is None
+    for register in (conv.register_forward_hook, conv.register_forward_pre_hook, conv.register_full_backward_hook):
+        h = register(lambda *a: None)
+        assert _plain_conv(conv) is None
+        h.remove()
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert _plain_conv(conv) is None
+    finally:
+        h.remove()
+    assert _plain_conv(conv) is conv
+    assert _plain_conv(nn.Conv3d(2, 4, 3, padding="same")) is None
+    assert _plain_conv(nn.Conv3d(2, 4, 3, padding=1, padding_mode="reflect")) is None
+    assert _plain_conv(nn.Conv3d(2, 4, 3, padding=1, groups=2)) is None

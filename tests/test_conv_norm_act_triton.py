@@ -80,6 +80,8 @@ for shape, cout, k, st, pd, dl, cl in CASES:
         for act, code in (("leaky_relu", 2), ("relu", 1), ("none", 0)):
             z, yy, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, list(st), list(pd), list(dl), 1e-5, 0.01, code)
             assert torch.equal(yy, y)
+            zi = CN._triton_fwd(KC, KN, x, w, b, nw, nb, list(st), list(pd), list(dl), 1e-5, 0.01, code, True)[0]
+            assert torch.equal(zi, z) and zi.stride() == z.stride(), "in place"
             assert z.stride() == yy.stride() and yy.is_contiguous(memory_format=CN._out_format(x, w))
             # norm_act's own kernels on the same y (their own statistics pass, other chunks): for
             # float32 the same mean (float64 sums of float32 values are exact here), rstd to float64

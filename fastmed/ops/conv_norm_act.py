@@ -67,7 +67,7 @@ def _out_format(x, weight):
     return torch.contiguous_format
 
 
-def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act):
+def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace=False):
     """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
     merge + elementwise kernels; y and z in x's layout (channels last is the fast one)."""
     shape = kc.out_shape(x, weight, stride, padding, dilation)
@@ -82,7 +82,7 @@ def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps,
                     tf32=torch.backends.cudnn.allow_tf32)
     mean = torch.empty(N * C, dtype=torch.float64, device=x.device)
     rstd = torch.empty_like(mean)
-    z = torch.empty_like(y)
+    z = y if inplace else torch.empty_like(y)  # in place: each element is read, then written once
     kn.finish_fwd(y, psum, pm2, bm, NA._affine_arg(nw, y), NA._affine_arg(nb, y), eps, slope, act, z, mean, rstd)
     return z, y, mean, rstd
 
@@ -96,17 +96,19 @@ def _sms(device) -> int:
     return _SMS[device]
 
 
-def _use_triton(x, weight, stride, padding, dilation, groups: int = 1):
+def _use_triton(x, weight, stride, padding, dilation, groups: int = 1, device=None):
     """(conv_triton, norm_act_triton) when the Triton convolution runs this call, else None:
-    CUDA, FASTMED_TRITON_CONV=1, a layer the kernel takes and is suited to (see conv_triton.suited)."""
-    if x.device.type != "cuda" or not triton_conv_enabled():
+    CUDA, FASTMED_TRITON_CONV=1, a layer the kernel takes and is suited to (see conv_triton.suited).
+    ``device``: x's device when x is a meta-tensor stand-in (shape and dtype only)."""
+    device = device if device is not None else x.device
+    if device.type != "cuda" or not triton_conv_enabled():
         return None
     kc, kn = _triton_conv(), NA._triton()
     if kc is None or kn is None or not kc.supports(x, weight, groups):
         return None
     shape = kc.out_shape(x, weight, stride, padding, dilation)
     if os.environ.get("FASTMED_TRITON_CONV") != "force" and not kc.suited(
-            x, weight, shape, torch.backends.cudnn.allow_tf32, _sms(x.device)):
+            x, weight, shape, torch.backends.cudnn.allow_tf32, _sms(device)):
         return None
     return kc, kn
 
@@ -115,22 +117,36 @@ def _use_triton(x, weight, stride, padding, dilation, groups: int = 1):
 def conv_norm_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                       norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                       eps: float, slope: float, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    use = _use_triton(x, weight, stride, padding, dilation)
-    if use is not None:
-        try:
-            return _triton_fwd(*use, x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps,
-                               slope, act)
-        except (torch.cuda.OutOfMemoryError, IndexError, KeyError, AttributeError, NameError, TypeError):
-            raise  # out of memory, or a bug of ours
-        except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
-            import warnings
-
-            warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
-                          f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=2)
-            _TRITON_CONV[:] = [None]
+    out = _try_triton(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act, False)
+    if out is not None:
+        return out
     y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_out_format(x, weight))
     z, mean, rstd = NA.norm_act_fwd(y, norm_weight, norm_bias, eps, slope, act)
     return z, y, mean, rstd
+
+
+# exceptions that are bugs of ours or the caller's, never a GPU's compile / launch failure
+_OUR_BUGS = (torch.cuda.OutOfMemoryError, IndexError, KeyError, AttributeError, NameError, TypeError, ValueError,
+             AssertionError, ZeroDivisionError)
+
+
+def _try_triton(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace):
+    """_triton_fwd's result where the Triton convolution runs this call, else None. Should it fail to
+    compile or launch on this GPU, one warning, and PyTorch's convolution from then on."""
+    use = _use_triton(x, weight, stride, padding, dilation)
+    if use is None:
+        return None
+    try:
+        return _triton_fwd(*use, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace)
+    except _OUR_BUGS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
+        import warnings
+
+        warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
+                      f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=4)
+        _TRITON_CONV[:] = [None]
+        return None
 
 
 @conv_norm_act_fwd.register_fake
@@ -148,12 +164,15 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act = inputs
     _, y, mean, rstd = output
     ctx.save_for_backward(x, weight, y, nw, nb, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.conf = (stride, padding, dilation, slope, act)
     ctx.bias_shape = None if bias is None else list(bias.shape)
     ctx.has = (bias is not None, nw is not None, nb is not None)
 
 
 def _backward(ctx, dz, dy_, dmean, drstd):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastmed conv_norm_act: double backward (create_graph=True) is not supported")
     x, weight, y, nw, nb, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, slope, act = ctx.conf
     need = ctx.needs_input_grad
@@ -173,6 +192,28 @@ def _backward(ctx, dz, dy_, dmean, drstd):
 
 
 conv_norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastmed::conv_norm_act_infer", mutates_args=())
+def conv_norm_act_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                        norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                        eps: float, slope: float, act: int) -> Tensor:
+    """conv_norm_act_fwd's z without autograd, normalised in place in the convolution's output (one
+    activation buffer per layer instead of two), for inference."""
+    out = _try_triton(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act, True)
+    if out is not None:
+        return out[0]
+    y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_out_format(x, weight))
+    NA.norm_act_inplace_op(y, norm_weight, norm_bias, eps, slope, act)
+    return y
+
+
+@conv_norm_act_infer.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act):
+    sp, ks = x.shape[2:], weight.shape[2:]
+    shape = (x.shape[0], weight.shape[0]) + tuple(
+        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
 
 
 def _triple(v, nd: int, name: str) -> list[int]:
@@ -198,17 +239,33 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     st, pd, dl = _triple(stride, nd, "stride"), _triple(padding, nd, "padding"), _triple(dilation, nd, "dilation")
     if min(st) < 1 or min(dl) < 1 or min(pd) < 0:
         raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {st}, {dl}, {pd}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if x.dtype not in (torch.float32, torch.float64) and not (
             x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)):
         raise TypeError(f"x must be float32 or float64 (float16 / bfloat16 too on CUDA), got {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"weight must have x's dtype and device ({x.dtype}, {x.device}), got "
                         f"{weight.dtype}, {weight.device}")
+    cout = weight.shape[0]
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != (cout,) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({cout},), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
+    out = [(x.shape[2 + i] + 2 * pd[i] - dl[i] * (weight.shape[2 + i] - 1) - 1) // st[i] + 1 for i in range(nd)]
+    if min(out) < 1:
+        raise ValueError(f"the convolution's output would be empty (spatial size {out}): kernel larger than the "
+                         f"padded input")
+    if math.prod(out) < 2:
+        raise ValueError(f"instance norm needs more than 1 spatial element per plane, the convolution gives {out}")
     code = NA._act_code(act)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, norm_bias)):
+        return conv_norm_act_infer(x, weight, bias, norm_weight, norm_bias, st, pd, dl, float(eps), float(slope), code)
     return conv_norm_act_fwd(x, weight, bias, norm_weight, norm_bias, st, pd, dl, float(eps), float(slope), code)[0]
 
 

@@ -183,6 +183,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, slope, act = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.slope, ctx.act = slope, act
     ctx.has_w, ctx.has_b = weight is not None, bias is not None
 
