@@ -146,3 +146,7 @@ def test_optimized_dynunet_uses_it(autocast, triton_conv):
     tol = 3e-2 if autocast else 1e-4
     assert _rel(outs[1][0], outs[0][0]) < tol
     assert all(_rel(a, b) < tol * 10 for a, b in zip(outs[1][1], outs[0][1]))
+    n = triton_conv["n"]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol  # conv_norm_act_infer: in place
+    assert triton_conv["n"] > n
