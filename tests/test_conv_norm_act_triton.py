@@ -100,6 +100,35 @@ for shape, cout, k, st, pd, dl, cl in CASES:
                                                        ((rstd - ro).abs() / ro).max().item())
             zr = NA.norm_act_reference(ref, nw.double(), nb.double(), 1e-5, act, 0.01)
             worst[(key, "z")] = max(worst.get((key, "z"), 0), (z.double() - zr).abs().max().item() / zr.abs().max().item())
+# many tiles per plane: merged in parallel groups before the per-plane finalising loop (forced here
+# with a low threshold; 3 groups of 2 tiles, the last partial); and norm_act's own path likewise
+x = torch.randn(2, 16, 9, 9, 9, generator=g).contiguous(memory_format=torch.channels_last_3d)
+w = torch.randn(24, 16, 3, 3, 3, generator=g) * 0.1
+nw, nb = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
+for dt in (torch.float32, torch.bfloat16):
+    args = (KC, KN, x.to(dt), w.to(dt), None, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+    z0, y0, m0, r0 = CN._triton_fwd(*args)
+    KN.MERGE_ABOVE = 2
+    z1, y1, m1, r1 = CN._triton_fwd(*args)
+    zn = torch.empty_like(y0)
+    mn, rn = torch.empty_like(m0), torch.empty_like(r0)
+    KN.norm_act_fwd(y0[:, :, :, :, :], NA._affine_arg(nw, y0), NA._affine_arg(nb, y0), 1e-5, 0.01, 2, zn, mn, rn)
+    KN.MERGE_ABOVE = 512
+    assert torch.equal(y1, y0)
+    torch.testing.assert_close(m1, m0, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(r1, r0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(z1.float(), z0.float(), rtol=2e-7 if dt == torch.float32 else 1e-2, atol=1e-6 if dt == torch.float32 else 1e-2)
+    torch.testing.assert_close(rn, r0, rtol=1e-6, atol=0)
+ym = torch.randn(1, 3, 30, 30, 30, generator=g)  # norm_act alone: 27000 voxels, 4 chunks, merged in 2 groups
+ya, yb = torch.empty_like(ym), torch.empty_like(ym)
+ma, ra, mb, rb = (torch.empty(3, dtype=torch.float64) for _ in range(4))
+KN.norm_act_fwd(ym, None, None, 1e-5, 0.01, 2, ya, ma, ra)
+KN.MERGE_ABOVE = 2
+KN.norm_act_fwd(ym, None, None, 1e-5, 0.01, 2, yb, mb, rb)
+KN.MERGE_ABOVE = 512
+torch.testing.assert_close(mb, ma, rtol=1e-14, atol=1e-15)
+torch.testing.assert_close(rb, ra, rtol=1e-13, atol=0)
+torch.testing.assert_close(yb, ya, rtol=2e-7, atol=1e-6)
 # float32 with TF32 allowed: the interpreter multiplies in float32, so only a smoke test here
 x = torch.randn(1, 8, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
 w = torch.randn(4, 8, 3, 3, 3) * 0.1

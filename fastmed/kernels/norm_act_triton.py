@@ -306,12 +306,54 @@ def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, 
     _finish_fwd(x, psum, pm2, chunk, weight, bias, prm, act, y, mean, rstd)
 
 
+@triton.jit
+def _merge_chunks_kernel(psum_ptr, pm2_ptr, osum_ptr, om2_ptr, C, S, NCH, NG, CHUNK, G,
+                         BLOCK_C: tl.constexpr):
+    """Groups of G consecutive chunks -> one chunk of G * CHUNK voxels (sum, and squared deviations
+    from the group mean: the exact merge, in float64, chunks in order). (N, NCH, C) -> (N, NG, C)."""
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cm = cs < C
+    k0 = k.to(tl.int64) * G
+    k1 = tl.minimum(k0 + G, NCH)
+    tot = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for j in range(k0, k1):
+        tot += tl.load(psum_ptr + (n * NCH + j) * C + cs, mask=cm, other=0.0).to(tl.float64)
+    v0 = k0 * CHUNK
+    cnt_g = (tl.minimum(v0 + G * CHUNK, S) - v0).to(tl.float64)
+    mean = tot / cnt_g
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for j in range(k0, k1):
+        po = (n * NCH + j) * C + cs
+        cnt = (tl.minimum(j * CHUNK + CHUNK, S) - j * CHUNK).to(tl.float64)
+        d = tl.load(psum_ptr + po, mask=cm, other=0.0).to(tl.float64) / cnt - mean
+        m2 += tl.load(pm2_ptr + po, mask=cm, other=0.0).to(tl.float64) + cnt * d * d
+    oo = (n * NG + k) * C + cs
+    tl.store(osum_ptr + oo, tot, mask=cm)
+    tl.store(om2_ptr + oo, m2, mask=cm)
+
+
+MERGE_ABOVE = 512  # more chunks per plane than this: merged in parallel groups first
+
+
 def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, rstd) -> None:
     """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
     (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
-    the elementwise pass x -> y."""
+    the elementwise pass x -> y. Many small chunks (a convolution's tiles: 16k per 128^3 plane) are
+    first merged in groups by many programs, so that the per-plane finalising loop stays short."""
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
     nch = psum.shape[1]
+    if nch > MERGE_ABOVE:
+        G = triton.next_power_of_2(triton.cdiv(nch, MERGE_ABOVE // 2))
+        ng = triton.cdiv(nch, G)
+        osum = torch.empty((N, ng, C), dtype=torch.float64, device=x.device)
+        om2 = torch.empty_like(osum)
+        mbc = min(triton.next_power_of_2(C), 128)
+        _merge_chunks_kernel[(ng, triton.cdiv(C, mbc), N)](psum, pm2, osum, om2, C, S, nch, ng, chunk, G,
+                                                          BLOCK_C=mbc, **_NOFMA)
+        psum, pm2, chunk, nch = osum, om2, chunk * G, ng
     a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=x.device)
     beta = torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
