@@ -123,9 +123,15 @@ ym = torch.randn(1, 3, 30, 30, 30, generator=g)  # norm_act alone: 27000 voxels,
 ya, yb = torch.empty_like(ym), torch.empty_like(ym)
 ma, ra, mb, rb = (torch.empty(3, dtype=torch.float64) for _ in range(4))
 KN.norm_act_fwd(ym, None, None, 1e-5, 0.01, 2, ya, ma, ra)
+dy = torch.randn(ym.shape, generator=g)
+bw = [[torch.empty_like(ym), torch.empty(3, dtype=torch.float64), torch.empty(3, dtype=torch.float64)] for _ in range(2)]
+KN.norm_act_bwd(dy, ym, None, None, ma, ra, 0.01, 2, *bw[0])
 KN.MERGE_ABOVE = 2
 KN.norm_act_fwd(ym, None, None, 1e-5, 0.01, 2, yb, mb, rb)
+KN.norm_act_bwd(dy, ym, None, None, ma, ra, 0.01, 2, *bw[1])  # the chunk sums added in groups first
 KN.MERGE_ABOVE = 512
+for a, b in zip(*bw):
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 torch.testing.assert_close(mb, ma, rtol=1e-14, atol=1e-15)
 torch.testing.assert_close(rb, ra, rtol=1e-13, atol=0)
 torch.testing.assert_close(yb, ya, rtol=2e-7, atol=1e-6)

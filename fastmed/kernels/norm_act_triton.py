@@ -335,6 +335,27 @@ def _merge_chunks_kernel(psum_ptr, pm2_ptr, osum_ptr, om2_ptr, C, S, NCH, NG, CH
     tl.store(om2_ptr + oo, m2, mask=cm)
 
 
+@triton.jit
+def _sum_chunks_kernel(p0_ptr, p1_ptr, o0_ptr, o1_ptr, C, NCH, NG, G, BLOCK_C: tl.constexpr):
+    """Groups of G consecutive chunks' two sums added in order (float64): (N, NCH, C) -> (N, NG, C)."""
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cm = cs < C
+    k0 = k.to(tl.int64) * G
+    k1 = tl.minimum(k0 + G, NCH)
+    s0 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for j in range(k0, k1):
+        po = (n * NCH + j) * C + cs
+        s0 += tl.load(p0_ptr + po, mask=cm, other=0.0).to(tl.float64)
+        s1 += tl.load(p1_ptr + po, mask=cm, other=0.0).to(tl.float64)
+    oo = (n * NG + k) * C + cs
+    tl.store(o0_ptr + oo, s0, mask=cm)
+    tl.store(o1_ptr + oo, s1, mask=cm)
+
+
 MERGE_ABOVE = 512  # more chunks per plane than this: merged in parallel groups first
 
 
@@ -400,6 +421,14 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
     cb = triton.cdiv(C, bc)
     _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, ps0, ps1, C, S, sN, sC, sS, nch, chunk,
                                       ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
+        G = triton.next_power_of_2(triton.cdiv(nch, MERGE_ABOVE // 2))
+        ng = triton.cdiv(nch, G)
+        o0 = torch.empty((N, ng, C), dtype=torch.float64, device=dev)
+        o1 = torch.empty_like(o0)
+        mbc = min(triton.next_power_of_2(C), 128)
+        _sum_chunks_kernel[(ng, triton.cdiv(C, mbc), N)](ps0, ps1, o0, o1, C, nch, ng, G, BLOCK_C=mbc, **_NOFMA)
+        ps0, ps1, nch = o0, o1, ng
     c0, c1, c2 = (torch.empty(N * C, dtype=torch.float64, device=dev) for _ in range(3))
     _bwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         ps0, ps1, weight if weight is not None else ps0, rstd, db, dw, c0, c1, c2, N * C, C, S, nch,
