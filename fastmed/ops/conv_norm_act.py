@@ -69,7 +69,7 @@ def _out_format(x, weight):
 
 def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace=False):
     """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
-    merge + elementwise kernels; y and z in x's layout (channels last is the fast one)."""
+    merge + elementwise kernels; y and z laid out as _out_format says (channels last is the fast one)."""
     shape = kc.out_shape(x, weight, stride, padding, dilation)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
     N, C = shape[0], shape[1]
