@@ -307,17 +307,33 @@ def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, 
 
 
 @triton.jit
-def _merge_chunks_kernel(psum_ptr, pm2_ptr, osum_ptr, om2_ptr, C, S, NCH, NG, CHUNK, G,
+def _group_slot(C, NCH, G, BLOCK_C: tl.constexpr):
+    """This program's group k of G chunks [k0, k1) of sample n, channels cs (mask cm)."""
+    k = tl.program_id(0)
+    n = tl.program_id(2).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    k0 = k.to(tl.int64) * G
+    return k, n, cs, cs < C, k0, tl.minimum(k0 + G, NCH)
+
+
+def _grouped(kernel, a, b, N: int, C: int, nch: int, *extra):
+    """Runs a group kernel over (N, nch, C) chunk buffers a, b: groups of G chunks, at most
+    MERGE_ABOVE / 2 groups per plane; returns (its two (N, ng, C) float64 outputs, G)."""
+    G = triton.next_power_of_2(triton.cdiv(nch, MERGE_ABOVE // 2))
+    ng = triton.cdiv(nch, G)
+    o0 = torch.empty((N, ng, C), dtype=torch.float64, device=a.device)
+    o1 = torch.empty_like(o0)
+    bc = min(triton.next_power_of_2(C), 128)
+    kernel[(ng, triton.cdiv(C, bc), N)](a, b, o0, o1, C, *extra, nch, ng, G, BLOCK_C=bc, **_NOFMA)
+    return o0, o1, G
+
+
+@triton.jit
+def _merge_chunks_kernel(psum_ptr, pm2_ptr, osum_ptr, om2_ptr, C, S, CHUNK, NCH, NG, G,
                          BLOCK_C: tl.constexpr):
     """Groups of G consecutive chunks -> one chunk of G * CHUNK voxels (sum, and squared deviations
     from the group mean: the exact merge, in float64, chunks in order). (N, NCH, C) -> (N, NG, C)."""
-    k = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    cm = cs < C
-    k0 = k.to(tl.int64) * G
-    k1 = tl.minimum(k0 + G, NCH)
+    k, n, cs, cm, k0, k1 = _group_slot(C, NCH, G, BLOCK_C)
     tot = tl.zeros([BLOCK_C], dtype=tl.float64)
     for j in range(k0, k1):
         tot += tl.load(psum_ptr + (n * NCH + j) * C + cs, mask=cm, other=0.0).to(tl.float64)
@@ -338,13 +354,7 @@ def _merge_chunks_kernel(psum_ptr, pm2_ptr, osum_ptr, om2_ptr, C, S, NCH, NG, CH
 @triton.jit
 def _sum_chunks_kernel(p0_ptr, p1_ptr, o0_ptr, o1_ptr, C, NCH, NG, G, BLOCK_C: tl.constexpr):
     """Groups of G consecutive chunks' two sums added in order (float64): (N, NCH, C) -> (N, NG, C)."""
-    k = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    cm = cs < C
-    k0 = k.to(tl.int64) * G
-    k1 = tl.minimum(k0 + G, NCH)
+    k, n, cs, cm, k0, k1 = _group_slot(C, NCH, G, BLOCK_C)
     s0 = tl.zeros([BLOCK_C], dtype=tl.float64)
     s1 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for j in range(k0, k1):
@@ -367,14 +377,8 @@ def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, 
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
     nch = psum.shape[1]
     if nch > MERGE_ABOVE:
-        G = triton.next_power_of_2(triton.cdiv(nch, MERGE_ABOVE // 2))
-        ng = triton.cdiv(nch, G)
-        osum = torch.empty((N, ng, C), dtype=torch.float64, device=x.device)
-        om2 = torch.empty_like(osum)
-        mbc = min(triton.next_power_of_2(C), 128)
-        _merge_chunks_kernel[(ng, triton.cdiv(C, mbc), N)](psum, pm2, osum, om2, C, S, nch, ng, chunk, G,
-                                                          BLOCK_C=mbc, **_NOFMA)
-        psum, pm2, chunk, nch = osum, om2, chunk * G, ng
+        psum, pm2, G = _grouped(_merge_chunks_kernel, psum, pm2, N, C, nch, S, chunk)
+        chunk, nch = chunk * G, psum.shape[1]
     a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=x.device)
     beta = torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
@@ -422,13 +426,8 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
     _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, ps0, ps1, C, S, sN, sC, sS, nch, chunk,
                                       ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
-        G = triton.next_power_of_2(triton.cdiv(nch, MERGE_ABOVE // 2))
-        ng = triton.cdiv(nch, G)
-        o0 = torch.empty((N, ng, C), dtype=torch.float64, device=dev)
-        o1 = torch.empty_like(o0)
-        mbc = min(triton.next_power_of_2(C), 128)
-        _sum_chunks_kernel[(ng, triton.cdiv(C, mbc), N)](ps0, ps1, o0, o1, C, nch, ng, G, BLOCK_C=mbc, **_NOFMA)
-        ps0, ps1, nch = o0, o1, ng
+        ps0, ps1, _ = _grouped(_sum_chunks_kernel, ps0, ps1, N, C, nch)
+        nch = ps0.shape[1]
     c0, c1, c2 = (torch.empty(N * C, dtype=torch.float64, device=dev) for _ in range(3))
     _bwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         ps0, ps1, weight if weight is not None else ps0, rstd, db, dw, c0, c1, c2, N * C, C, S, nch,
