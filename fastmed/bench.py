@@ -487,36 +487,69 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
     return rows
 
 
-def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
-    """fastmed.optimize on MONAI's DynUNet (nnU-Net-like 6 levels, instance norm + LeakyReLU): eval
-    forward on 1x1x96^3, original and optimized, alternating in the same run."""
+def _optimize_models(quick: bool):
+    """(name, constructor) of the networks whose eval forward run_optimize times: MONAI's DynUNet
+    (the issue's case); in the full run also nnU-Net's PlainConvUNet (3d_fullres-like) and MONAI's
+    UNet (residual units, instance norm, PReLU: nothing to fuse, the convolutions alone)."""
+    from torch import nn
+
+    out = []
+    from monai.networks.nets import DynUNet, UNet
+
+    out.append(("DynUNet (6 levels, instance norm + LeakyReLU)", lambda: DynUNet(
+        3, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
+        norm_name=("instance", {"affine": True}))))
+    if quick:
+        return out
     try:
-        from monai.networks.nets import DynUNet
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        out.append(("nnU-Net PlainConvUNet (6 stages, 32..320)", lambda: PlainConvUNet(
+            1, 6, (32, 64, 128, 256, 320, 320), nn.Conv3d, 3, (1, 2, 2, 2, 2, 2), (2,) * 6, 3, (2,) * 5,
+            conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})))
+    except ImportError:
+        pass
+    out.append(("MONAI UNet (16..256, 2 residual units, instance norm + PReLU)", lambda: UNet(
+        3, 1, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="instance")))
+    return out
+
+
+def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
+    """fastmed.optimize on MONAI's DynUNet (nnU-Net-like 6 levels, instance norm + LeakyReLU), and in
+    the full run nnU-Net's PlainConvUNet and MONAI's UNet: eval forward on 1x1x96^3, original and
+    optimized (planar and channels last), alternating in the same run."""
+    try:
+        models = _optimize_models(quick)
     except ImportError as exc:
         log(f"  optimize: skipped ({exc})")
         return []
     from .nn import optimize
 
-    torch.manual_seed(0)
-    m = DynUNet(3, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
-                norm_name=("instance", {"affine": True})).to(device).eval()
-    nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_cl": optimize(m, channels_last=True).eval()}
+    rows = []
     x = torch.randn(1, 1, 96, 96, 96, device=device)
-    times = {k: [] for k in nets}
-    with torch.no_grad():
-        for net in nets.values():  # warm-up
-            net(x)
-        for _ in range(reps):
-            for name, net in nets.items():
-                _sync(device)
-                t0 = time.perf_counter()
+    for name, ctor in models:
+        torch.manual_seed(0)
+        m = ctor().to(device).eval()
+        nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_cl": optimize(m, channels_last=True).eval()}
+        times = {k: [] for k in nets}
+        with torch.no_grad():
+            for net in nets.values():  # warm-up
                 net(x)
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    case = "DynUNet eval forward 1x1x96^3 (6 levels, instance norm + LeakyReLU)"
-    return [{"op": "optimize", "case": case, "impl": k, "ms": med[k] * 1e3, "ratio_vs_monai": med["monai"] / med[k],
-             "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0} for k in nets]
+            for _ in range(reps):
+                for k, net in nets.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    net(x)
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        case = f"{name} eval forward 1x1x96^3"
+        rows += [{"op": "optimize", "case": case, "impl": k, "ms": med[k] * 1e3, "ratio_vs_monai": med["monai"] / med[k],
+                  "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0,
+                  "onednn_convs": len(nets[k]._fastmed_report["onednn"]) if k != "monai" else 0} for k in nets]
+        del nets, m
+    return rows
 
 
 class _env:
@@ -703,7 +736,7 @@ def format_optimize_table(report: dict) -> str:
     if not rows:
         return ""
     head = ["op", "case", "impl", "ms", "x vs original"]
-    names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "MONAI original"}
+    names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "original model"}
     def impl(r):
         if r["op"] == "optimize":
             return names.get(r["impl"], r["impl"])

@@ -31,6 +31,12 @@ computes in plain PyTorch.
 ``optimize(model, channels_last=True)`` also stores 3D convolution weights channels last, so the
 whole network runs on NDHWC activations (the fused norm has a channels-last kernel).
 
+``optimize(model)`` also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d`` (same
+parameters and state_dict; ``onednn=False`` to keep them): PyTorch runs a float32 CPU convolution
+of a batch of one in a generic loop when C * D * H of its input is at most 20480 (the first layer,
+the deep layers, sliding-window patches), up to 4x slower than oneDNN and turning channels-last
+data contiguous; ``OneDNNConv3d`` calls oneDNN there. ``ConvNormAct`` uses it for 3D.
+
 With ``FASTMED_TRITON_CONV=1`` on CUDA, ``ConvNormAct`` and the optimized DynUNet blocks run
 convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM
 convolution with the norm statistics in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
@@ -52,7 +58,7 @@ from torch import Tensor, nn
 from .ops import conv_norm_act as CNA
 from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
 
-__all__ = ["ConvNormAct", "optimize"]
+__all__ = ["ConvNormAct", "OneDNNConv3d", "optimize"]
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -118,6 +124,20 @@ def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: 
     return _eager_act(spec, norm_forward(norm, x))
 
 
+class OneDNNConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters, state_dict and outputs to float32 rounding) whose float32 CPU
+    convolutions call oneDNN directly where PyTorch's own choice would not: a batch of one whose
+    C * D * H is at most 20480 (a network's first and deepest layers, patches of sliding-window
+    inference) takes PyTorch's generic loop, up to 4x slower, which also turns channels-last data
+    contiguous (see ``fastmed.ops.conv_norm_act.onednn_suits``). Everywhere else it is
+    ``nn.Conv3d``. ``optimize()`` gives every plain ``nn.Conv3d`` of a model this class."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return CNA.conv_nd(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
 def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
     """The nn.Conv2d / nn.Conv3d that ``m`` is (or that a Sequential holding only it, as MONAI's
     ``Convolution(conv_only=True)``, wraps) when conv_norm_act can run it: groups 1, zero padding
@@ -128,7 +148,7 @@ def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
 
     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not hooked(m):
         m = m[0]
-    if type(m) not in (nn.Conv2d, nn.Conv3d) or hooked(m):
+    if type(m) not in (nn.Conv2d, nn.Conv3d, OneDNNConv3d) or hooked(m):
         return None
     mm = nn.modules.module
     if any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
@@ -266,7 +286,7 @@ class ConvNormAct(nn.Module):
             raise ValueError(f"kernel_size and dilation need {spatial_dims} entries, got {kernel_size}, {dilation}")
         if padding is None:
             padding = tuple((k - 1) // 2 * d for k, d in zip(ks, dl))
-        conv_t = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        conv_t = OneDNNConv3d if spatial_dims == 3 else nn.Conv2d
         self.conv = conv_t(in_channels, out_channels, ks, stride=stride, padding=padding, dilation=dl,
                            groups=groups, bias=bias)
         nk = dict(norm_kwargs or {})
@@ -379,7 +399,8 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 
 
-def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, channels_last: bool = False) -> nn.Module:
+def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, channels_last: bool = False,
+             onednn: bool = True) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) with the supported
     norm -> activation patterns fused; see the module docstring. Parameters, buffers and state_dict
     keys are unchanged. ``model._fastmed_report`` lists what was fused and what was skipped (why).
@@ -387,7 +408,12 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``channels_last=True`` also stores the 3D convolution weights channels last
     (``torch.channels_last_3d``), so that oneDNN's convolutions and the fused norm run on NDHWC
     activations (faster on CPUs; the norm has a channels-last kernel). Values are unchanged; the
-    model's outputs may then come out channels last (call ``.contiguous()`` before ``.view``)."""
+    model's outputs may then come out channels last (call ``.contiguous()`` before ``.view``).
+
+    ``onednn=True`` (default) also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d``
+    (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
+    which PyTorch runs in a generic loop, go to oneDNN (outputs equal to float32 rounding; 1.1-4x
+    on whole networks at batch 1 on our 2-core CPU). ``onednn=False`` leaves convolutions alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -414,15 +440,29 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         mod._fm_specs = [sp for sp, _ in specs]
         mod.__class__ = target
         fused.append(name or type(model).__name__)
+    onednn_convs = []
+    if onednn:
+        for name, mod in model.named_modules():
+            if type(mod) is nn.Conv3d:
+                mod.__class__ = OneDNNConv3d
+                onednn_convs.append(name)
     if channels_last:
         for mod in model.modules():
             if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
-                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    model._fastmed_report = {"fused": fused, "skipped": skipped}
+                w = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
+                if w.shape[1] == 1 and isinstance(mod, nn.Conv3d):
+                    # one input channel: both layouts are the same memory, but oneDNN writes a
+                    # channels-last output only when the weight's strides say so
+                    w = w.as_strided(w.shape, (w.shape[2] * w.shape[3] * w.shape[4], 1,
+                                               w.shape[3] * w.shape[4], w.shape[4], 1))
+                mod.weight.data = w
+    model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs}
     if verbose:
         print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")
         for n in fused:
             print(f"  fused   {n}")
         for n, why in skipped:
             print(f"  skipped {n}: {why}")
+        if onednn_convs:
+            print(f"  {len(onednn_convs)} Conv3d -> OneDNNConv3d (batch-1 float32 CPU convolutions to oneDNN)")
     return model

@@ -25,7 +25,73 @@ from torch import Tensor
 
 from . import norm_act as NA
 
-__all__ = ["conv_norm_act", "conv_norm_act_reference", "triton_conv_enabled"]
+__all__ = ["conv_norm_act", "conv_norm_act_reference", "triton_conv_enabled", "onednn_suits", "conv_nd"]
+
+# PyTorch sends a float32 CPU convolution to oneDNN only when the batch has more than one sample or
+# C * D * H of the input exceeds this (a threshold made for 2D images); below it, a batch-1 3D input
+# (a network's first layer, its deep layers, patches) takes a generic loop that is up to 4x slower
+# here and returns contiguous output for channels-last input (one more copy per layer).
+_ATEN_ONEDNN_MIN = 20480
+# below this many multiply-adds (or for 1x1x1 kernels) the generic loop is as fast or faster
+_ONEDNN_MIN_MACS = 2_000_000
+
+
+def onednn_suits(x: Tensor, weight: Tensor, stride=(1, 1, 1), groups: int = 1) -> bool:
+    """True where fastmed calls oneDNN's convolution directly for this float32 CPU 3D convolution
+    because PyTorch would not (batch 1, small C * D * H) and oneDNN is the faster choice: kernels
+    larger than 1x1x1 with at least 2M multiply-adds, or channels-last data or weights (which the
+    other loop would turn contiguous; a weight with one input channel is channels last when its
+    channel stride is 1). Never under CPU autocast or torch.compile. Same numbers to float32
+    rounding (another summation order)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim != 5
+            or weight.ndim != 5 or x.is_mkldnn or weight.is_mkldnn or x.numel() == 0):
+        return False
+    if x.shape[0] != 1 or x.shape[1] * x.shape[2] * x.shape[3] > _ATEN_ONEDNN_MIN:
+        return False  # PyTorch already runs oneDNN here
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False  # the compiler picks its own kernels; autocast casts F.conv3d's inputs
+    kvol = weight.shape[2] * weight.shape[3] * weight.shape[4]
+    cl = torch.channels_last_3d
+    if (x.is_contiguous(memory_format=cl) and not x.is_contiguous()) or (kvol > 1 and weight.stride(1) == 1):
+        return True  # channels-last data, or a channels-last weight (1 input channel: its strides say so)
+    out_vox = math.prod(max(1, s // st) for s, st in zip(x.shape[2:], stride))
+    return kvol > 1 and out_vox * weight.shape[0] * weight.shape[1] * kvol >= _ONEDNN_MIN_MACS
+
+
+class _OneDNNConv(torch.autograd.Function):
+    """oneDNN's convolution forward; backward by PyTorch's ``convolution_backward`` (itself
+    differentiable, so double backward works as through F.conv3d)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (list(stride), list(padding), list(dilation), groups, bias is not None)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
+            [0] * (x.ndim - 2), groups, [nx, nw, nb and has_bias])
+        return dx, dw, db, None, None, None, None
+
+
+def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int = 1,
+            autograd: bool = True) -> Tensor:
+    """F.conv2d / F.conv3d (zero padding given as numbers), with oneDNN called directly where
+    ``onednn_suits``; autograd as F.conv3d's (``autograd=False``: inside an op with its own)."""
+    if onednn_suits(x, weight, stride, groups):
+        if autograd and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNConv.apply(x, weight, bias, stride, padding, dilation, groups)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
+    fn = F.conv3d if weight.ndim == 5 else F.conv2d  # x may be unbatched
+    return fn(x, weight, bias, stride, padding, dilation, groups)
 
 
 def triton_conv_enabled() -> bool:
@@ -50,8 +116,7 @@ def _triton_conv():
 
 
 def _conv(x, weight, bias, stride, padding, dilation):
-    fn = F.conv3d if x.ndim == 5 else F.conv2d
-    return fn(x, weight, bias, stride, padding, dilation)
+    return conv_nd(x, weight, bias, stride, padding, dilation, autograd=False)
 
 
 def _cl(nd: int):
