@@ -490,26 +490,16 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
 def _optimize_models(quick: bool):
     """(name, constructor) of the networks whose eval forward run_optimize times: MONAI's DynUNet
     (the issue's case); in the full run also nnU-Net's PlainConvUNet (3d_fullres-like) and MONAI's
-    UNet (residual units, instance norm, PReLU: nothing to fuse, the convolutions alone)."""
-    from torch import nn
+    UNet (residual units, instance norm, PReLU: nothing to fuse, the convolutions alone). The first
+    two are the training-step networks of run_train_steps."""
+    from monai.networks.nets import UNet
 
-    out = []
-    from monai.networks.nets import DynUNet, UNet
-
-    out.append(("DynUNet (6 levels, instance norm + LeakyReLU)", lambda: DynUNet(
-        3, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
-        norm_name=("instance", {"affine": True}))))
+    ctors = dict(_train_models(quick))
+    out = [("DynUNet (6 levels, instance norm + LeakyReLU)", ctors["DynUNet"])]
     if quick:
         return out
-    try:
-        from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-        out.append(("nnU-Net PlainConvUNet (6 stages, 32..320)", lambda: PlainConvUNet(
-            1, 6, (32, 64, 128, 256, 320, 320), nn.Conv3d, 3, (1, 2, 2, 2, 2, 2), (2,) * 6, 3, (2,) * 5,
-            conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})))
-    except ImportError:
-        pass
+    if "PlainConvUNet" in ctors:
+        out.append(("nnU-Net PlainConvUNet (6 stages, 32..320)", ctors["PlainConvUNet"]))
     out.append(("MONAI UNet (16..256, 2 residual units, instance norm + PReLU)", lambda: UNet(
         3, 1, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="instance")))
     return out
