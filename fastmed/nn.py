@@ -413,7 +413,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``onednn=True`` (default) also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d``
     (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
     which PyTorch runs in a generic loop, go to oneDNN (outputs equal to float32 rounding; MONAI's
-    UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU). ``onednn=False`` leaves convolutions alone."""
+    UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU). ``onednn=False``
+    leaves convolutions alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
