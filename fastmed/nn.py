@@ -261,10 +261,11 @@ class ConvNormAct(nn.Module):
             ``act_kwargs`` go to the torch.nn activation.
 
     Submodules ``conv``, ``norm`` (absent without norm) and ``act`` (absent without act) are the
-    torch.nn modules themselves, so parameter names, shapes, state_dicts and train / eval
-    semantics are torch.nn's. Instance norm without running statistics + LeakyReLU / ReLU / none
-    runs fused on the CPU (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too);
-    everything else runs the eager modules.
+    torch.nn modules themselves (the 3D convolution is ``OneDNNConv3d``, an ``nn.Conv3d``
+    subclass), so parameter names, shapes, state_dicts and train / eval semantics are torch.nn's.
+    Instance norm without running statistics + LeakyReLU / ReLU / none runs fused on the CPU
+    (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too); everything else runs the
+    eager modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
