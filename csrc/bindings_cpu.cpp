@@ -9,6 +9,8 @@
 #include "norm_act/norm_act.h"
 #include "dice_ce/dice_ce.h"
 #include "sliding_window/sliding_window.h"
+#include "common/upconv_params_binding.h"
+#include "upconv/upconv.h"
 
 namespace py = pybind11;
 using namespace fastmed;
@@ -107,6 +109,15 @@ PYBIND11_MODULE(_C, m) {
       s = sw_argmax_cpu(p);
     }
     check_status(s, "sw_argmax");
+  });
+  bind_upconv_params(m);
+  m.def("upconv", [](const UpConvParams& p) {
+    int s;
+    {
+      py::gil_scoped_release nogil;
+      s = upconv_cpu(p);
+    }
+    check_status(s, "upconv");
   });
   m.def("advise_huge_pages", [](uintptr_t ptr, size_t bytes) { prefer_huge_pages((void*)ptr, bytes); },
         "madvise(MADV_HUGEPAGE) on a fresh buffer about to be filled (advisory)");

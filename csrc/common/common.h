@@ -15,6 +15,14 @@
 #include <sys/mman.h>
 #endif
 
+// CPU kernel files are compiled once per instruction set with FM_ISA = base / avx2 / avx512, each
+// build in its own namespace fastmed::FM_CAT(isa_, FM_ISA); the dispatcher picks one at run time.
+#ifndef FM_ISA
+#define FM_ISA base
+#endif
+#define FM_CAT2(a, b) a##b
+#define FM_CAT(a, b) FM_CAT2(a, b)
+
 namespace fastmed {
 
 // Ask Linux for transparent huge pages on a freshly allocated output that a kernel is about to fill

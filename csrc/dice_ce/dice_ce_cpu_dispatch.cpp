@@ -1,4 +1,4 @@
-// Picks the best instruction-set build of the CPU kernels (dice_ce, resample, sliding window) at
+// Picks the best instruction-set build of the CPU kernels (dice_ce, resample, sliding window, upconv) at
 // run time.
 #include <cstdlib>
 #include <cstring>
@@ -6,6 +6,7 @@
 #include "dice_ce.h"
 #include "../resample/resample.h"
 #include "../sliding_window/sliding_window.h"
+#include "../upconv/upconv.h"
 #include "../common/common.h"
 
 namespace fastmed {
@@ -20,6 +21,7 @@ namespace fastmed {
   int sw_stitch(const SWAccParams& p);             \
   int sw_normalize(const SWNormParams& p);         \
   int sw_argmax(const SWArgmaxParams& p);          \
+  int upconv(const UpConvParams& p);               \
   }
 FM_DECLARE_ISA(base)
 #if defined(FASTMED_HAVE_AVX2)
@@ -174,6 +176,17 @@ int sw_argmax_cpu(const SWArgmaxParams& p) {
     case kAvx2: return isa_avx2::sw_argmax(p);
 #endif
     default: return isa_base::sw_argmax(p);
+  }
+}
+int upconv_cpu(const UpConvParams& p) {
+  switch (isa()) {
+#if defined(FASTMED_HAVE_AVX512)
+    case kAvx512: return isa_avx512::upconv(p);
+#endif
+#if defined(FASTMED_HAVE_AVX2)
+    case kAvx2: return isa_avx2::upconv(p);
+#endif
+    default: return isa_base::upconv(p);
   }
 }
 }  // namespace fastmed

@@ -12,12 +12,6 @@
 #include "../common/common.h"
 #include "sliding_window.h"
 
-#ifndef FM_ISA
-#define FM_ISA base
-#endif
-#define FM_CAT2(a, b) a##b
-#define FM_CAT(a, b) FM_CAT2(a, b)
-
 namespace fastmed {
 namespace FM_CAT(isa_, FM_ISA) {
 namespace {

@@ -1,0 +1,152 @@
+"""fastmed::upconv_fwd (kernel == stride transposed convolution, optionally written into the skip
+concatenation) against PyTorch's ConvTranspose in float64, with gradients, and its bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmed.ops import upconv as U
+
+CASES = [  # (x shape, kernel)
+    ((1, 64, 12, 12, 12), (2, 2, 2)),
+    ((2, 13, 5, 7, 37), (2, 2, 2)),  # odd sizes, channels no multiple of the register block
+    ((1, 3, 4, 5, 50), (1, 2, 2)),  # anisotropic (nnU-Net's (1, 2, 2))
+    ((1, 4, 3, 4, 19), (2, 2, 1)),
+    ((2, 5, 3, 2, 3), (3, 1, 2)),
+    ((1, 1, 2, 2, 2), (2, 2, 2)),  # one input channel
+    ((2, 6, 9, 53), (2, 2)),  # 2D
+    ((1, 3, 5, 48), (3, 1)),
+]
+
+
+def _data(shape, k, cout, bias, g):
+    x = torch.randn(shape, generator=g) * 2
+    w = torch.randn((shape[1], cout) + k, generator=g) / shape[1] ** 0.5
+    b = torch.randn(cout, generator=g) if bias else None
+    return x, w, b
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("shape,k", CASES)
+@pytest.mark.parametrize("cout", [1, 7, 32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_float64_as_well_as_pytorch(shape, k, cout, bias):
+    g = torch.Generator().manual_seed(len(shape) * 100 + cout)
+    x, w, b = _data(shape, k, cout, bias, g)
+    assert U.upconv_suits(x, w, k)
+    y = U.upconv(x, w, b)
+    ref = U.upconv_reference(x, w, b)
+    fn = F.conv_transpose3d if x.ndim == 5 else F.conv_transpose2d
+    torch_y = fn(x, w, b, stride=k)
+    assert y.shape == torch_y.shape and y.dtype == torch.float32 and y.is_contiguous()
+    # each output is a dot product over the input channels: as close to float64 as PyTorch's
+    assert _err(y, ref) <= 3 * _err(torch_y, ref) + 1e-6
+    assert _err(y, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+@pytest.mark.parametrize("n", [1, 3])
+def test_concatenation_with_skip_and_gradients(skip_first, n):
+    g = torch.Generator().manual_seed(n)
+    x, w, b = _data((n, 10, 3, 5, 6), (2, 2, 2), 9, True, g)
+    skip = torch.randn(n, 4, 6, 10, 12, generator=g)
+    ins = [t.clone().requires_grad_(True) for t in (x, w, b, skip)]
+    refs = [t.double().requires_grad_(True) for t in (x, w, b, skip)]
+    y = U.upconv(*ins, skip_first=skip_first)
+    up = F.conv_transpose3d(refs[0], refs[1], refs[2], stride=2)
+    ref = torch.cat((refs[3], up) if skip_first else (up, refs[3]), 1)
+    assert y.shape == ref.shape
+    assert _err(y, ref.detach()) < 1e-5
+    cs = 4
+    sk = y[:, :cs] if skip_first else y[:, 9:]
+    assert torch.equal(sk, skip)  # the skip is copied exactly
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for a, r, name in zip(ins, refs, ("x", "weight", "bias", "skip")):
+        scale = r.grad.abs().max().item()
+        assert _err(a.grad, r.grad) <= 1e-5 * scale, name
+
+
+def test_double_backward_and_gradcheck_through_the_op():
+    # float64 takes PyTorch's path inside the op; float32 the kernel. gradcheck on the op itself.
+    x = torch.randn(2, 3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 2, 4, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: U.upconv_fwd(*a, False), (x, w, b, s))
+    assert torch.autograd.gradgradcheck(lambda *a: U.upconv_fwd(*a, True), (x, w, b, s))
+
+
+def test_opcheck():
+    x, w, b = _data((2, 5, 3, 4, 6), (2, 2, 2), 3, True, torch.Generator().manual_seed(1))
+    skip = torch.randn(2, 2, 6, 8, 12)
+    for args in ((x, w, b, None, False), (x, w, None, skip, True), (x.double(), w.double(), None, None, False)):
+        torch.library.opcheck(torch.ops.fastmed.upconv_fwd.default, args)
+
+
+def test_paths_pytorch_keeps():
+    x = torch.randn(1, 4, 6, 6, 6)
+    w = torch.randn(4, 3, 2, 2, 2)
+    assert U.upconv_suits(x, w, 2) and U.upconv_suits(x, w, (2, 2, 2))
+    assert not U.upconv_suits(x, w, 1)  # stride != kernel: overlapping windows
+    assert not U.upconv_suits(x, w, 2, padding=1)
+    assert not U.upconv_suits(x, w, 2, output_padding=1)
+    assert not U.upconv_suits(x, w, 2, groups=2)
+    assert not U.upconv_suits(x.double(), w.double(), 2)
+    assert not U.upconv_suits(x.contiguous(memory_format=torch.channels_last_3d), w, 2)
+    assert not U.upconv_suits(x, torch.randn(4, 3, 3, 3, 3), 3)  # last kernel size 3
+    assert not U.upconv_suits(x[0], w, 2)  # unbatched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not U.upconv_suits(x, w, 2)
+    # where it does not suit, upconv is PyTorch's own result
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(U.upconv(xc, w), F.conv_transpose3d(xc, w, stride=2))
+    assert torch.equal(U.upconv(x.double(), w.double()), F.conv_transpose3d(x.double(), w.double(), stride=2))
+
+
+def test_compile():
+    x = torch.randn(1, 4, 6, 6, 6)
+    w = torch.randn(4, 3, 2, 2, 2)
+    s = torch.randn(1, 2, 12, 12, 12)
+
+    def f(x, s):
+        return U.upconv_fwd(x, w, None, s, False) * 2
+
+    got = torch.compile(f, backend="eager", fullgraph=True)(x, s)
+    torch.testing.assert_close(got, f(x, s))
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(1, 4, 3, 3, 3)
+    w = torch.randn(4, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match="x must be"):
+        U.upconv(torch.randn(4, 3), w)
+    with pytest.raises(ValueError, match="weight must be"):
+        U.upconv(x, torch.randn(5, 2, 2, 2, 2))
+    with pytest.raises(ValueError, match="weight must be"):
+        U.upconv(x, torch.randn(4, 2, 2, 2))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        U.upconv(x, w, torch.randn(3))
+    with pytest.raises(TypeError, match="share a dtype"):
+        U.upconv(x, w.double())
+    with pytest.raises(ValueError, match="skip must be"):
+        U.upconv(x, w, skip=torch.randn(1, 2, 6, 6, 5))
+    with pytest.raises(ValueError, match="skip must be"):
+        U.upconv(x, w, skip=torch.randn(2, 2, 6, 6, 6))
+
+
+def test_large_output_streaming_stores():
+    # outputs over 16 MB are written with non-temporal stores (AVX-512 build), the rest normally
+    g = torch.Generator().manual_seed(7)
+    x, w, b = _data((1, 8, 32, 32, 48), (2, 2, 2), 16, True, g)
+    skip = torch.randn(1, 3, 64, 64, 96, generator=g)
+    for s in (None, skip):
+        y = U.upconv(x, w, b, s)
+        ref = U.upconv_reference(x, w, b, s)
+        assert y.numel() * 4 > 16e6
+        assert _err(y, ref) <= 1e-5 * ref.abs().max().item()
