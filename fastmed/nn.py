@@ -56,9 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import conv_norm_act as CNA
+from .ops import upconv as UC
 from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
 
-__all__ = ["ConvNormAct", "OneDNNConv3d", "optimize"]
+__all__ = ["ConvNormAct", "OneDNNConv3d", "FastConvTranspose2d", "FastConvTranspose3d", "optimize"]
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -138,21 +139,75 @@ class OneDNNConv3d(nn.Conv3d):
         return super()._conv_forward(input, weight, bias)
 
 
+class _FastConvTranspose:
+    """forward of FastConvTranspose2d / 3d: fastmed::upconv_fwd where ``upconv_suits``."""
+
+    def forward(self, input: Tensor, output_size: Optional[list] = None) -> Tensor:
+        if output_size is None and self.padding_mode == "zeros" and UC.upconv_suits(
+                input, self.weight, self.stride, self.padding, self.output_padding, self.dilation, self.groups):
+            return UC.upconv_fwd(input, self.weight, self.bias, None, False)
+        return super().forward(input, output_size)
+
+
+class FastConvTranspose3d(_FastConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` (same parameters, state_dict and outputs to float32 rounding) whose
+    planar float32 CPU upsampling with kernel == stride (U-Net decoders: k = s = 2, or (1, 2, 2))
+    runs fastmed's kernel (``fastmed.ops.upconv``): PyTorch computes it channels last and then
+    transposes the whole output, which on our 2-core CPU took longer than the convolution. Everywhere
+    else it is ``nn.ConvTranspose3d``. ``optimize()`` gives every plain ``nn.ConvTranspose3d`` this class."""
+
+
+class FastConvTranspose2d(_FastConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with the same kernel == stride fast path as ``FastConvTranspose3d``."""
+
+
+_FAST_TRANSPOSED = {nn.ConvTranspose2d: FastConvTranspose2d, nn.ConvTranspose3d: FastConvTranspose3d}
+
+
+def _hooked(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                or getattr(mod, "_backward_pre_hooks", None))
+
+
+def _global_hooks() -> bool:
+    mm = nn.modules.module
+    return any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                              "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _plain_upconv(m: nn.Module, x: Tensor) -> Optional[nn.Module]:
+    """The nn.ConvTranspose2d / 3d that ``m`` is (or that a Sequential holding only it wraps, as
+    MONAI's ``Convolution(is_transposed=True, conv_only=True)``) when fastmed::upconv_fwd computes it
+    for ``x`` exactly as its forward would (kernel == stride, no padding, no hooks); else None."""
+    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not _hooked(m):
+        m = m[0]
+    if type(m) not in (nn.ConvTranspose2d, nn.ConvTranspose3d, FastConvTranspose2d, FastConvTranspose3d):
+        return None
+    if _hooked(m) or _global_hooks() or m.padding_mode != "zeros":
+        return None
+    if not UC.upconv_suits(x, m.weight, m.stride, m.padding, m.output_padding, m.dilation, m.groups):
+        return None
+    return m
+
+
+def _upsample_cat(upsample: nn.Module, x: Tensor, skip: Tensor) -> Tensor:
+    """``torch.cat((upsample(x), skip), 1)`` with the upsampled channels written straight into the
+    concatenation where fastmed's kernel computes ``upsample`` (only the skip is copied)."""
+    m = _plain_upconv(upsample, x)
+    if m is not None and skip.dtype == x.dtype and skip.device == x.device:
+        return UC.upconv_fwd(x, m.weight, m.bias, skip, False)
+    return torch.cat((upsample(x), skip), 1)
+
+
 def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
     """The nn.Conv2d / nn.Conv3d that ``m`` is (or that a Sequential holding only it, as MONAI's
     ``Convolution(conv_only=True)``, wraps) when conv_norm_act can run it: groups 1, zero padding
     given as numbers, no hooks on it; else None."""
-    def hooked(mod):
-        return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-                    or getattr(mod, "_backward_pre_hooks", None))
-
-    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not hooked(m):
+    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not _hooked(m):
         m = m[0]
-    if type(m) not in (nn.Conv2d, nn.Conv3d, OneDNNConv3d) or hooked(m):
+    if type(m) not in (nn.Conv2d, nn.Conv3d, OneDNNConv3d) or _hooked(m):
         return None
-    mm = nn.modules.module
-    if any(getattr(mm, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                          "_global_backward_hooks", "_global_backward_pre_hooks")):
+    if _global_hooks():
         return None  # global module hooks must see the convolution run
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         return None
@@ -360,6 +415,67 @@ else:  # pragma: no cover
     _FUSED = {}
 
 
+# decoder blocks whose "upsample, then concatenate with the skip" runs as one fastmed::upconv_fwd
+_UPCAT = {}
+try:
+    from monai.networks.blocks.dynunet_block import UnetUpBlock
+except ImportError:  # pragma: no cover
+    UnetUpBlock = None
+if UnetUpBlock is not None:
+
+    class FusedUnetUpBlock(UnetUpBlock):
+        """MONAI's UnetUpBlock (DynUNet's decoder) whose transposed convolution writes straight into
+        the concatenation with the skip (fastmed.optimize)."""
+
+        def forward(self, inp, skip):
+            return self.conv_block(_upsample_cat(self.transp_conv, inp, skip))
+
+    _UPCAT[UnetUpBlock] = FusedUnetUpBlock
+
+try:
+    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+except ImportError:  # pragma: no cover
+    UNetDecoder = None
+
+
+def _nnunet_decoder_as_expected() -> bool:
+    """Whether this dynamic-network-architectures' UNetDecoder.forward is the loop FusedUNetDecoder
+    repeats (transposed convolution, cat with the skip, stage, segmentation layers)."""
+    import inspect
+
+    try:
+        src = inspect.getsource(UNetDecoder.forward)
+    except (OSError, TypeError):  # pragma: no cover
+        return False
+    return all(t in src.replace(" ", "") for t in (
+        "x=self.transpconvs[s](lres_input)", "x=torch.cat((x,skips[-(s+2)]),1)", "x=self.stages[s](x)",
+        "seg_outputs.append(self.seg_layers[s](x))", "seg_outputs.append(self.seg_layers[-1](x))",
+        "seg_outputs=seg_outputs[::-1]"))
+
+
+if UNetDecoder is not None and _nnunet_decoder_as_expected():
+
+    class FusedUNetDecoder(UNetDecoder):
+        """nnU-Net's UNetDecoder (PlainConvUNet, ResidualEncoderUNet) whose transposed convolutions
+        write straight into the concatenation with the skips (fastmed.optimize)."""
+
+        def forward(self, skips):
+            lres_input = skips[-1]
+            seg_outputs = []
+            for s in range(len(self.stages)):
+                x = _upsample_cat(self.transpconvs[s], lres_input, skips[-(s + 2)])
+                x = self.stages[s](x)
+                if self.deep_supervision:
+                    seg_outputs.append(self.seg_layers[s](x))
+                elif s == (len(self.stages) - 1):
+                    seg_outputs.append(self.seg_layers[-1](x))
+                lres_input = x
+            seg_outputs = seg_outputs[::-1]
+            return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+    _UPCAT[UNetDecoder] = FusedUNetDecoder
+
+
 # parents whose forward calls their Sequential only, though they also register its norm (nnU-Net)
 _SEQUENTIAL_ONLY_PARENTS = ("ConvDropoutNormReLU",)
 
@@ -401,7 +517,7 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
 
 
 def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, channels_last: bool = False,
-             onednn: bool = True) -> nn.Module:
+             onednn: bool = True, upconv: bool = True) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) with the supported
     norm -> activation patterns fused; see the module docstring. Parameters, buffers and state_dict
     keys are unchanged. ``model._fastmed_report`` lists what was fused and what was skipped (why).
@@ -415,7 +531,14 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
     which PyTorch runs in a generic loop, go to oneDNN (outputs equal to float32 rounding; MONAI's
     UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU). ``onednn=False``
-    leaves convolutions alone."""
+    leaves convolutions alone.
+
+    ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
+    ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``) and nnU-Net
+    (``UNetDecoder``) a forward that writes the upsampled channels straight into the concatenation
+    with the skip: on planar float32 CPU data with kernel == stride the upsampling is fastmed's kernel
+    (``fastmed.ops.upconv``), which PyTorch computes channels last and then transposes. The report's
+    ``"upconv"`` lists both. ``upconv=False`` leaves them alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -448,6 +571,15 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
             if type(mod) is nn.Conv3d:
                 mod.__class__ = OneDNNConv3d
                 onednn_convs.append(name)
+    upconvs = []
+    if upconv:
+        for name, mod in model.named_modules():
+            if type(mod) in _FAST_TRANSPOSED:
+                mod.__class__ = _FAST_TRANSPOSED[type(mod)]
+                upconvs.append(name)
+            elif type(mod) in _UPCAT:
+                mod.__class__ = _UPCAT[type(mod)]
+                upconvs.append(f"{name} (upsampling written into the skip concatenation)")
     if channels_last:
         for mod in model.modules():
             if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
@@ -458,7 +590,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                     w = w.as_strided(w.shape, (w.shape[2] * w.shape[3] * w.shape[4], 1,
                                                w.shape[3] * w.shape[4], w.shape[4], 1))
                 mod.weight.data = w
-    model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs}
+    model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "upconv": upconvs}
     if verbose:
         print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")
         for n in fused:
@@ -467,4 +599,6 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
             print(f"  skipped {n}: {why}")
         if onednn_convs:
             print(f"  {len(onednn_convs)} Conv3d -> OneDNNConv3d (batch-1 float32 CPU convolutions to oneDNN)")
+        for n in upconvs:
+            print(f"  upconv  {n}")
     return model

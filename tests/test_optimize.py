@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastmed
-from fastmed.nn import ConvNormAct, OneDNNConv3d
+from fastmed.nn import _FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConvTranspose3d, OneDNNConv3d
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -71,6 +71,8 @@ def _check_model(m, x, train, factor=3.0, floor=2e-6, **kw):
         for mod in m.modules():
             if type(mod) is nn.Conv3d:
                 mod.__class__ = OneDNNConv3d
+            if kw.get("upconv", True):  # and the same upsampling kernel
+                mod.__class__ = _FAST_TRANSPOSED.get(type(mod)) or _UPCAT.get(type(mod)) or type(mod)
         m_plain.train(train)
         others.append(_grads(m_plain, x)[1])
     for mod in (m, o, m64):
@@ -88,9 +90,16 @@ def _check_model(m, x, train, factor=3.0, floor=2e-6, **kw):
     return o
 
 
+def _swapped_class(a):
+    """The class optimize() gives module a when it fuses nothing (convolutions, upsampling)."""
+    t = type(a)
+    return OneDNNConv3d if t is nn.Conv3d else _FAST_TRANSPOSED.get(t) or _UPCAT.get(t) or t
+
+
 def _assert_same_but_convs(m, o):
-    """Every module of o has its counterpart's class in m, except nn.Conv3d -> OneDNNConv3d."""
-    ta = [OneDNNConv3d if type(a) is nn.Conv3d else type(a) for a in m.modules()]
+    """Every module of o has its counterpart's class in m, except nn.Conv3d -> OneDNNConv3d and the
+    upsampling (ConvTranspose -> FastConvTranspose, decoder blocks -> their upconv forward)."""
+    ta = [_swapped_class(a) for a in m.modules()]
     assert ta == [type(b) for b in o.modules()]
     assert len(o._fastmed_report["onednn"]) == sum(type(a) is nn.Conv3d for a in m.modules())
 
@@ -222,7 +231,7 @@ def test_monai_basicunet_and_unet(train):
     assert not o._fastmed_report["fused"]
     assert all("PReLU" in why for _, why in o._fastmed_report["skipped"])
     _assert_same_but_convs(m, o)
-    o = fastmed.optimize(m, onednn=False)
+    o = fastmed.optimize(m, onednn=False, upconv=False)
     assert [type(a) for a in m.modules()] == [type(b) for b in o.modules()]
     _check_model(m, x, train)
 
@@ -454,3 +463,80 @@ def test_optimize_onednn_option_and_channels_last_stem():
     m2 = _dynunet(False)
     m2.load_state_dict(sd)  # loads into the original class unchanged
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), m.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# upsampling: FastConvTranspose2d / 3d and the decoders' upsample-into-concatenation
+
+def test_upconv_option_report_and_state_dict():
+    m = _dynunet(False).eval()
+    o = fastmed.optimize(m)
+    rep = o._fastmed_report["upconv"]
+    n_tc = sum(isinstance(a, nn.ConvTranspose3d) for a in m.modules())
+    assert n_tc == 3 and sum("concatenation" in r for r in rep) == 3 and len(rep) == 6
+    assert all(type(a) is FastConvTranspose3d for a in o.modules() if isinstance(a, nn.ConvTranspose3d))
+    o2 = fastmed.optimize(m, upconv=False)
+    assert not o2._fastmed_report["upconv"]
+    assert not any(isinstance(a, FastConvTranspose3d) for a in o2.modules())
+    m2 = _dynunet(False)
+    m2.load_state_dict(o.state_dict())  # loads into the original classes unchanged
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        _assert_output_close(o(x), m(x), copy.deepcopy(m).double()(x.double()))
+
+
+def test_fast_conv_transpose_keeps_pytorch_semantics_elsewhere():
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 5, 6, 7)
+    for kw in (dict(kernel_size=3, stride=2, padding=1, output_padding=1), dict(kernel_size=2, stride=1),
+               dict(kernel_size=2, stride=2, groups=2), dict(kernel_size=(1, 3, 3), stride=(1, 3, 3))):
+        ref = nn.ConvTranspose3d(4, 6, **kw)
+        fast = copy.deepcopy(ref)
+        fast.__class__ = FastConvTranspose3d
+        assert torch.equal(fast(x), ref(x)), kw  # not kernel == stride (last size <= 2): PyTorch's
+    ref = nn.ConvTranspose3d(4, 6, 2, 2)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastConvTranspose3d
+    y64 = copy.deepcopy(ref).double()(x.double())
+    _assert_output_close(fast(x), ref(x), y64)
+    assert torch.equal(fast(x, output_size=[10, 12, 14]), ref(x, output_size=[10, 12, 14]))
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(fast(xc), ref(xc))
+    # 2D and unbatched input
+    r2 = nn.ConvTranspose2d(3, 5, 2, 2)
+    f2 = fastmed.optimize(nn.Sequential(r2))[0]
+    assert type(f2) is fastmed.nn.FastConvTranspose2d
+    x2 = torch.randn(2, 3, 9, 11)
+    _assert_output_close(f2(x2), r2(x2), copy.deepcopy(r2).double()(x2.double()))
+    assert torch.equal(fast(x[0]), ref(x[0]))
+
+
+def test_upconv_leaves_hooked_upsampling_to_its_module():
+    m = _dynunet(False).eval()
+    o = fastmed.optimize(m)
+    seen = []
+    o.upsamples[0].transp_conv.conv.register_forward_hook(lambda mod, i, out: seen.append(out.shape))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        y = o(x)
+        _assert_output_close(y, m(x), copy.deepcopy(m).double()(x.double()))
+    assert len(seen) == 1  # the hook saw its module run
+
+
+def test_nnunet_deep_supervision_outputs_with_upconv():
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    from fastmed.nn import FusedUNetDecoder
+
+    torch.manual_seed(4)
+    common = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    m = dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), deep_supervision=True,
+                          **common).eval()
+    o = fastmed.optimize(m)
+    assert type(o.decoder) is FusedUNetDecoder
+    x = torch.randn(2, 1, 12, 16, 20)  # a batch of two: the kernel writes samples a concatenation apart
+    with torch.no_grad():
+        ys, yfs, y64s = m(x), o(x), copy.deepcopy(m).double()(x.double())
+    assert isinstance(yfs, list) and len(yfs) == len(ys) == 2
+    for yf, y, y64 in zip(yfs, ys, y64s):
+        _assert_output_close(yf, y, y64)
