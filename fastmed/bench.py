@@ -537,7 +537,8 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
         case = f"{name} eval forward 1x1x96^3"
         rows += [{"op": "optimize", "case": case, "impl": k, "ms": med[k] * 1e3, "ratio_vs_monai": med["monai"] / med[k],
                   "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0,
-                  "onednn_convs": len(nets[k]._fastmed_report["onednn"]) if k != "monai" else 0} for k in nets]
+                  "onednn_convs": len(nets[k]._fastmed_report["onednn"]) if k != "monai" else 0,
+                  "upconv": len(nets[k]._fastmed_report["upconv"]) if k != "monai" else 0} for k in nets]
         del nets, m
     return rows
 

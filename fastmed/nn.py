@@ -190,13 +190,17 @@ def _plain_upconv(m: nn.Module, x: Tensor) -> Optional[nn.Module]:
     return m
 
 
-def _upsample_cat(upsample: nn.Module, x: Tensor, skip: Tensor) -> Tensor:
-    """``torch.cat((upsample(x), skip), 1)`` with the upsampled channels written straight into the
-    concatenation where fastmed's kernel computes ``upsample`` (only the skip is copied)."""
+def _upsample_cat(upsample: nn.Module, x: Tensor, skip: Tensor, skip_first: bool = False) -> Optional[Tensor]:
+    """``torch.cat((upsample(x), skip), 1)`` (``(skip, upsample(x))`` with ``skip_first``) with the
+    upsampled channels written straight into the concatenation (only the skip is copied), where
+    fastmed's kernel computes ``upsample`` and the shapes fit; else None (the caller's own code)."""
     m = _plain_upconv(upsample, x)
-    if m is not None and skip.dtype == x.dtype and skip.device == x.device:
-        return UC.upconv_fwd(x, m.weight, m.bias, skip, False)
-    return torch.cat((upsample(x), skip), 1)
+    if m is None or not isinstance(skip, Tensor) or skip.dtype != x.dtype or skip.device != x.device:
+        return None
+    if skip.ndim != x.ndim or skip.shape[0] != x.shape[0] or \
+            list(skip.shape[2:]) != [s * k for s, k in zip(x.shape[2:], m.weight.shape[2:])]:
+        return None
+    return UC.upconv_fwd(x, m.weight, m.bias, skip, skip_first)
 
 
 def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
@@ -428,9 +432,31 @@ if UnetUpBlock is not None:
         the concatenation with the skip (fastmed.optimize)."""
 
         def forward(self, inp, skip):
-            return self.conv_block(_upsample_cat(self.transp_conv, inp, skip))
+            out = _upsample_cat(self.transp_conv, inp, skip)
+            if out is None:
+                return UnetUpBlock.forward(self, inp, skip)
+            return self.conv_block(out)
 
     _UPCAT[UnetUpBlock] = FusedUnetUpBlock
+
+try:
+    from monai.networks.nets.basic_unet import UpCat
+except ImportError:  # pragma: no cover
+    UpCat = None
+if UpCat is not None:
+
+    class FusedUpCat(UpCat):
+        """MONAI's UpCat (BasicUNet's decoder) whose "deconv" upsampling writes straight into the
+        concatenation with the encoder's features, where no padding is needed (fastmed.optimize)."""
+
+        def forward(self, x: Tensor, x_e: Optional[Tensor]):
+            if isinstance(x_e, Tensor):
+                out = _upsample_cat(self.upsample, x, x_e, skip_first=True)
+                if out is not None:
+                    return self.convs(out)
+            return UpCat.forward(self, x, x_e)
+
+    _UPCAT[UpCat] = FusedUpCat
 
 try:
     from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -464,6 +490,8 @@ if UNetDecoder is not None and _nnunet_decoder_as_expected():
             seg_outputs = []
             for s in range(len(self.stages)):
                 x = _upsample_cat(self.transpconvs[s], lres_input, skips[-(s + 2)])
+                if x is None:
+                    x = torch.cat((self.transpconvs[s](lres_input), skips[-(s + 2)]), 1)
                 x = self.stages[s](x)
                 if self.deep_supervision:
                     seg_outputs.append(self.seg_layers[s](x))
@@ -534,8 +562,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     leaves convolutions alone.
 
     ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
-    ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``) and nnU-Net
-    (``UNetDecoder``) a forward that writes the upsampled channels straight into the concatenation
+    ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``), BasicUNet
+    (``UpCat``) and nnU-Net (``UNetDecoder``) a forward that writes the upsampled channels straight into the concatenation
     with the skip: on planar float32 CPU data with kernel == stride the upsampling is fastmed's kernel
     (``fastmed.ops.upconv``), which PyTorch computes channels last and then transposes. The report's
     ``"upconv"`` lists both. ``upconv=False`` leaves them alone."""

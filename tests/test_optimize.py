@@ -540,3 +540,35 @@ def test_nnunet_deep_supervision_outputs_with_upconv():
     assert isinstance(yfs, list) and len(yfs) == len(ys) == 2
     for yf, y, y64 in zip(yfs, ys, y64s):
         _assert_output_close(yf, y, y64)
+
+
+def test_basicunet_upcat_with_and_without_padding():
+    from fastmed.nn import FusedUpCat
+
+    torch.manual_seed(6)
+    m = monai_nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)).eval()
+    o = fastmed.optimize(m)
+    assert sum(type(a) is FusedUpCat for a in o.modules()) == 4
+    calls = []
+    orig = fastmed.nn.UC.upconv_fwd
+
+    def counting(*a):
+        calls.append(a[4])
+        return orig(*a)
+
+    fastmed.nn.UC.upconv_fwd = counting
+    try:
+        with torch.no_grad():
+            for shape in ((1, 1, 32, 32, 32), (1, 1, 32, 32, 34)):  # the second needs MONAI's padding
+                calls.clear()
+                x = torch.randn(shape)
+                _assert_output_close(o(x), m(x), copy.deepcopy(m).double()(x.double()))
+                # True: written into the concatenation, encoder's features first; False: the
+                # upsampling alone (FastConvTranspose3d) where MONAI pads it (8 -> 16, padded to 17)
+                assert calls == ([True] * 4 if shape[-1] == 32 else [True, True, False, True])
+    finally:
+        fastmed.nn.UC.upconv_fwd = orig
+    # a skip of the wrong size fails as in MONAI (its own code path), not inside fastmed
+    d = fastmed.optimize(_dynunet(False)).eval()
+    with pytest.raises(RuntimeError):
+        d.upsamples[0](torch.randn(1, 64, 3, 3, 3), torch.randn(1, 32, 5, 6, 6))
