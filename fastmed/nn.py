@@ -42,9 +42,17 @@ convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's T
 convolution with the norm statistics in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
 default until a GPU has timed it against cuDNN.
 
+``optimize(model)`` also gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
+``FastConvTranspose2d`` / ``3d``, and the decoders of DynUNet (``UnetUpBlock``), BasicUNet (``UpCat``,
+where MONAI does not pad) and nnU-Net (``UNetDecoder``) a forward that writes the upsampled channels
+straight into the concatenation with the skip (``upconv=False`` to keep them): planar float32 CPU
+upsampling with kernel == stride is fastmed's kernel (``fastmed.ops.upconv``; PyTorch computes it
+channels last and then transposes the whole output). Channels-last data keeps PyTorch's path and
+``torch.cat``.
+
 Not here yet (issue #5): the norm + activation in the next convolution's prologue, a fused
-backward, fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1
-only, not yet on a GPU.
+backward, fusing the convolution on the CPU, a copy-free concatenation for channels-last data. The
+CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
 """
 from __future__ import annotations
 
