@@ -151,3 +151,70 @@ def test_triton_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(NA, "_TRITON", [])
     monkeypatch.setenv("FASTMED_TRITON", "0")
     assert NA._triton() is None
+
+
+# ---- PReLU (MONAI UNet's activation): one weight for all channels, or one per channel -------------
+
+
+@pytest.mark.parametrize("npw", [1, 4])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last_3d])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prelu_equals_eager_with_gradients(npw, fmt, dtype):
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn((2, 4, 6, 7, 5), generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w, b = (torch.rand(4, generator=g) + 0.5).to(dtype), torch.randn(4, generator=g).to(dtype)
+    pw = (torch.rand(npw, generator=g) - 0.3).to(dtype)  # negative slopes too
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    ins = [t.clone().requires_grad_(True) for t in (x, w, b, pw)]
+    ref_ins = [t.clone().requires_grad_(True) for t in (x, w, b, pw)]
+    y = NA.norm_act(ins[0], ins[1], ins[2], 1e-5, "prelu", prelu=ins[3])
+    ref = F.prelu(F.instance_norm(ref_ins[0], weight=ref_ins[1], bias=ref_ins[2], eps=1e-5), ref_ins[3])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, ref, **tol)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt)
+    y.backward(dy)
+    ref.backward(dy)
+    for name, a, r in zip(("x", "weight", "bias", "prelu"), ins, ref_ins):
+        assert a.grad.shape == r.grad.shape, name
+        torch.testing.assert_close(a.grad, r.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10, msg=name)
+    # in place, and the float64 reference
+    xc = x.clone()
+    NA.norm_act_(xc, w, b, 1e-5, "prelu", prelu=pw)
+    assert torch.equal(xc, y.detach())
+    torch.testing.assert_close(NA.norm_act_reference(x.double(), w.double(), b.double(), 1e-5, "prelu",
+                                                     prelu=pw.double()), ref.detach().double(), **tol)
+
+
+def test_prelu_gradcheck_opcheck_compile():
+    x = torch.randn(2, 3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for pw in (torch.tensor([0.25], dtype=torch.float64, requires_grad=True),
+               torch.tensor([0.1, -0.4, 0.7], dtype=torch.float64, requires_grad=True)):
+        assert torch.autograd.gradcheck(lambda x, w, b, p: NA.norm_act(x, w, b, 1e-5, "prelu", prelu=p), (x, w, b, pw))
+        torch.library.opcheck(NA.norm_act_fwd, (x, w, b, 1e-5, 0.01, 3, pw))
+    xf, pf = x.detach().float(), torch.tensor([0.25])
+    f = torch.compile(lambda x: NA.norm_act(x * 2, act="prelu", prelu=pf) + 1, backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(xf), NA.norm_act(xf * 2, act="prelu", prelu=pf) + 1)
+
+
+def test_prelu_bad_inputs_name_the_argument():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act(x, act="prelu")  # no weights
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act(x, act="prelu", prelu=torch.ones(2))
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act(x, act="prelu", prelu=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act(x, act="leaky_relu", prelu=torch.ones(3))
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act(x, act="prelu", prelu=torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="prelu"):
+        NA.norm_act_(x, act="prelu", prelu=torch.ones(5))
+    from fastmed.ops.conv_norm_act import conv_norm_act
+    with pytest.raises(ValueError, match="prelu"):
+        conv_norm_act(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), act="prelu")

@@ -20,6 +20,8 @@ inline void bind_norm_act_params(py::module_& m) {
   c.def_readwrite("slope", &NormActParams::slope).def_readwrite("act", &NormActParams::act);
   c.def_readwrite("num_threads", &NormActParams::num_threads);
   c.def_readwrite("channels_last", &NormActParams::channels_last);
+  c.def_readwrite("prelu_n", &NormActParams::prelu_n);
+  FM_NA_PTR(c, prelu, const void*); FM_NA_PTR(c, dprelu, double*);
   FM_NA_PTR(c, x, const void*); FM_NA_PTR(c, y, void*); FM_NA_PTR(c, weight, const void*);
   FM_NA_PTR(c, bias, const void*); FM_NA_PTR(c, mean, double*); FM_NA_PTR(c, rstd, double*);
   FM_NA_PTR(c, dy, const void*); FM_NA_PTR(c, dx, void*); FM_NA_PTR(c, dweight, double*);

@@ -1,9 +1,11 @@
 // Instance normalisation fused with its activation (nnU-Net's InstanceNorm + LeakyReLU), forward and
 // backward, on N*C planes of S contiguous elements (NC + flattened spatial dims).
 //   forward:  mean, rstd = 1 / sqrt(var + eps) per plane (biased variance, in double)
-//             y = act((x - mean) * rstd * w[c] + b[c])          act: 0 none, 1 ReLU, 2 LeakyReLU(slope)
+//             y = act((x - mean) * rstd * w[c] + b[c])          act: 0 none, 1 ReLU, 2 LeakyReLU(slope),
+//             3 PReLU (slope prelu[c], or prelu[0] for all channels when prelu_n == 1)
 //   backward: dz = dy * (z > 0 ? 1 : act slope) (z recomputed, never stored)
 //             dw_part[n, c] = sum dz * xhat, db_part[n, c] = sum dz (summed over n in Python, in order)
+//             PReLU: dprelu_part[n, c] = sum over z <= 0 of dy * z (torch's d prelu / d weight)
 //             dx = rstd * (w dz - mean(w dz) - xhat * mean(w dz * xhat))
 // Channels-last tensors (N, S, C) are reduced over fixed blocks of spatial positions whose partial
 // sums are added in block order (deterministic for any thread count).
@@ -20,6 +22,8 @@ struct NormActParams {
   const void* x; void* y;
   const void* weight; const void* bias;
   double eps, slope; int act;
+  const void* prelu; int64_t prelu_n;  // act 3: the PReLU weights (x's dtype), 1 or C of them
+  double* dprelu;                      // act 3, backward: per-plane partial sums (N * C)
   double* mean; double* rstd;
   const void* dy; void* dx; double* dweight; double* dbias;
   // 0: planes of S contiguous elements (N, C, S); 1: channels last (N, S, C), each spatial position's

@@ -19,11 +19,24 @@ inline T act_of(T z, int act, T slope) {
   return z > 0 ? z : (act == 1 ? (T)0 : z * slope);
 }
 
+// the negative slope of channel c: LeakyReLU's one, or PReLU's weight (act 3 then runs as act 2)
+template <typename T>
+inline T slope_of(const NormActParams& p, int64_t c) {
+  if (p.act != 3) return (T)p.slope;
+  return ((const T*)p.prelu)[p.prelu_n == 1 ? 0 : c];
+}
+
+template <typename T>
+std::vector<T> slopes_of(const NormActParams& p) {
+  std::vector<T> sl((size_t)p.C);
+  for (int64_t c = 0; c < p.C; ++c) sl[c] = slope_of<T>(p, c);
+  return sl;
+}
+
 template <typename T>
 void forward(const NormActParams& p) {
   const int64_t planes = p.N * p.C;
   const int64_t S = p.S;
-  const T slope = (T)p.slope;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const int64_t c = pl % p.C;
@@ -49,7 +62,8 @@ void forward(const NormActParams& p) {
     // and eager networks round alike. Computing (x - mean) * a + b instead is as accurate per plane,
     // but in a whole DynUNet it moved float32 gradients 1% away from float64 (eager: 0.02%).
     const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);
-    const int act = p.act;
+    const int act = p.act == 3 ? 2 : p.act;
+    const T slope = slope_of<T>(p, c);
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
   }
@@ -59,11 +73,11 @@ template <typename T>
 void backward(const NormActParams& p) {
   const int64_t planes = p.N * p.C;
   const int64_t S = p.S;
-  const T slope = (T)p.slope;
-  const int act = p.act;
+  const int act = p.act == 3 ? 2 : p.act;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const int64_t c = pl % p.C;
+    const T slope = slope_of<T>(p, c);
     const T* x = (const T*)p.x + pl * S;
     const T* dy = (const T*)p.dy + pl * S;
     T* dx = (T*)p.dx + pl * S;
@@ -83,6 +97,15 @@ void backward(const NormActParams& p) {
     }
     p.dbias[pl] = sdz;
     p.dweight[pl] = sdzx;
+    if (p.act == 3) {  // PReLU's weight: sum of dy * z where z <= 0
+      double sdp = 0;
+#pragma omp simd reduction(+ : sdp)
+      for (int64_t i = 0; i < S; ++i) {
+        const T z = x[i] * a + bb;
+        sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
+      }
+      p.dprelu[pl] = sdp;
+    }
     // pass 2: dx = rstd w (dz - mean(dz) - xhat mean(dz xhat))
     const T c0 = (T)(rstd * w), c1 = (T)(sdz / (double)S), c2 = (T)(sdzx / (double)S);
 #pragma omp simd
@@ -152,8 +175,9 @@ void forward_cl(const NormActParams& p) {
     bb[k] = (T)(b - mean[k] * rstd * w);
   }
   T* y = (T*)p.y;
-  const T slope = (T)p.slope;
-  const int act = p.act;
+  const std::vector<T> sl = slopes_of<T>(p);
+  const T* slope = sl.data();
+  const int act = p.act == 3 ? 2 : p.act;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
   for (int64_t t = 0; t < N * S; ++t) {
     const int64_t n = t / S;
@@ -162,7 +186,7 @@ void forward_cl(const NormActParams& p) {
     const T* an = a.data() + n * C;
     const T* bn = bb.data() + n * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = act_of<T>(r[c] * an[c] + bn[c], act, slope);
+    for (int64_t c = 0; c < C; ++c) o[c] = act_of<T>(r[c] * an[c] + bn[c], act, slope[c]);
   }
 }
 
@@ -171,8 +195,10 @@ void backward_cl(const NormActParams& p) {
   const int64_t N = p.N, C = p.C, S = p.S;
   const T* x = (const T*)p.x;
   const T* dy = (const T*)p.dy;
-  const T slope = (T)p.slope;
-  const int act = p.act;
+  const std::vector<T> sl = slopes_of<T>(p);
+  const T* slope = sl.data();
+  const int act = p.act == 3 ? 2 : p.act;
+  const bool prelu = p.act == 3;
   std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C)), m((size_t)(N * C)), r((size_t)(N * C));
   for (int64_t k = 0; k < N * C; ++k) {
     const int64_t c = k % C;
@@ -183,17 +209,26 @@ void backward_cl(const NormActParams& p) {
     m[k] = (T)p.mean[k];
     r[k] = (T)p.rstd[k];
   }
-  std::vector<double> sums;  // per n: C sums of g, then C sums of g * xhat
-  cl_reduce(p, 2, [&](int64_t n, int64_t s, double* acc) {
+  // per n: C sums of g, C sums of g * xhat, and (PReLU) C sums of dy * z over z <= 0
+  const int nacc = prelu ? 3 : 2;
+  std::vector<double> sums;
+  cl_reduce(p, nacc, [&](int64_t n, int64_t s, double* acc) {
     const T* xr = x + (n * S + s) * C;
     const T* dr = dy + (n * S + s) * C;
     const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T z = xr[c] * an[c] + bn[c];
-      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope);
+      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope[c]);
       acc[c] += (double)g;
       acc[C + c] += (double)g * (double)((xr[c] - mn[c]) * rn[c]);
+    }
+    if (prelu) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T z = xr[c] * an[c] + bn[c];
+        acc[2 * C + c] += z > 0 ? 0.0 : (double)dr[c] * (double)z;
+      }
     }
   }, sums);
   std::vector<T> c0((size_t)(N * C)), c1((size_t)(N * C)), c2((size_t)(N * C));
@@ -201,9 +236,10 @@ void backward_cl(const NormActParams& p) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t k = n * C + c;
       const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-      const double sdz = sums[n * 2 * C + c], sdzx = sums[n * 2 * C + C + c];
+      const double sdz = sums[n * nacc * C + c], sdzx = sums[n * nacc * C + C + c];
       p.dbias[k] = sdz;
       p.dweight[k] = sdzx;
+      if (prelu) p.dprelu[k] = sums[n * nacc * C + 2 * C + c];
       c0[k] = (T)(p.rstd[k] * w);
       c1[k] = (T)(sdz / (double)S);
       c2[k] = (T)(sdzx / (double)S);
@@ -220,7 +256,7 @@ void backward_cl(const NormActParams& p) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T z = xr[c] * an[c] + bn[c];
-      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope);
+      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope[c]);
       o[c] = k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
     }
   }
@@ -228,8 +264,16 @@ void backward_cl(const NormActParams& p) {
 
 }  // namespace
 
+namespace {
+bool bad(const NormActParams& p, bool backward) {
+  if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 3) return true;
+  if (p.act == 3 && (!p.prelu || (p.prelu_n != 1 && p.prelu_n != p.C) || (backward && !p.dprelu))) return true;
+  return false;
+}
+}  // namespace
+
 int norm_act_fwd_cpu(const NormActParams& p) {
-  if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 2) return kBadArgument;
+  if (bad(p, false)) return kBadArgument;
   if (p.channels_last) {
     if (p.dtype == kF32) forward_cl<float>(p);
     else if (p.dtype == kF64) forward_cl<double>(p);
@@ -243,7 +287,7 @@ int norm_act_fwd_cpu(const NormActParams& p) {
 }
 
 int norm_act_bwd_cpu(const NormActParams& p) {
-  if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 2) return kBadArgument;
+  if (bad(p, true)) return kBadArgument;
   if (p.channels_last) {
     if (p.dtype == kF32) backward_cl<float>(p);
     else if (p.dtype == kF64) backward_cl<double>(p);

@@ -1,4 +1,4 @@
-"""Triton kernels for ``fastmed::norm_act`` (instance norm fused with ReLU / LeakyReLU / none) on
+"""Triton kernels for ``fastmed::norm_act`` (instance norm fused with ReLU / LeakyReLU / PReLU / none) on
 GPUs: the same arithmetic as ``csrc/norm_act/norm_act_cpu.cpp``, spread over the whole GPU.
 
 ``x`` is seen as (N, C, S) with strides (sN, sC, sS): a contiguous (N, C, *spatial) tensor
@@ -17,7 +17,8 @@ voxels is split over 108 statistics programs instead of one.
 - backward, 3 launches: (1) per chunk ``sum g`` and ``sum g * xhat`` with ``g = dy * act'(z)``
   (z recomputed as in the forward); (2) per (n, c) the chunk sums added in order (float64), kept per
   plane for dweight / dbias (the caller sums over n in order); (3) elementwise
-  ``dx = rstd w (g - mean(g) - xhat mean(g xhat))``.
+  ``dx = rstd w (g - mean(g) - xhat mean(g xhat))``. PReLU (act 3) also sums ``dy * z`` over
+  ``z <= 0`` per chunk and plane, for its weight's gradient.
 Partial sums go to buffers and are added in a fixed order (no atomics): the same input gives the
 same bits. float32 / float64 accumulate in float64, float16 / bfloat16 in float32 (the merges are
 float64 always).
@@ -41,7 +42,7 @@ BLOCK_P = 128      # planes per finalising program
 def _act(z, slope, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
+    elif ACT >= 2:  # LeakyReLU (a scalar slope) or PReLU (a [1, BLOCK_C] row of slopes)
         z = tl.where(z > 0, z, z * slope.to(z.dtype))
     return z
 
@@ -50,9 +51,19 @@ def _act(z, slope, ACT: tl.constexpr):
 def _dact(z, dy, slope, ACT: tl.constexpr):
     if ACT == 1:
         dy = tl.where(z > 0, dy, 0.0)
-    elif ACT == 2:
+    elif ACT >= 2:
         dy = tl.where(z > 0, dy, dy * slope.to(dy.dtype))
     return dy
+
+
+@triton.jit
+def _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT: tl.constexpr):
+    """The negative slope: LeakyReLU's scalar, or PReLU's weights of channels cs as a [1, BLOCK_C]
+    row (pw_stride 0: one weight for all channels)."""
+    if ACT == 3:
+        return tl.load(pw_ptr + cs * pw_stride, mask=cm, other=0.0)[None, :]
+    else:
+        return tl.load(prm_ptr + 1)
 
 
 @triton.jit
@@ -126,7 +137,7 @@ def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rst
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, prm_ptr, C, S, sN, sC, sS, ACT: tl.constexpr,
+def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, prm_ptr, pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     sb = tl.program_id(0)
     cb = tl.program_id(1)
@@ -136,12 +147,13 @@ def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, prm_ptr, C, S, sN, sC, sS, 
     beta = tl.load(beta_ptr + n * C + cs, mask=cs < C, other=0.0)
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
     z = v.to(a.dtype) * a[None, :] + beta[None, :]
-    tl.store(y_ptr + offs, _act(z, tl.load(prm_ptr + 1), ACT).to(y_ptr.dtype.element_ty), mask=m)
+    slope = _slope(prm_ptr, pw_ptr, pw_stride, cs, cs < C, ACT)
+    tl.store(y_ptr + offs, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_ptr, ps0_ptr, ps1_ptr,
-                        C, S, sN, sC, sS, NCH, CHUNK, ACT: tl.constexpr, ACC: tl.constexpr,
+def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_ptr, pw_ptr, pw_stride, ps0_ptr,
+                        ps1_ptr, ps2_ptr, C, S, sN, sC, sS, NCH, CHUNK, ACT: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -154,35 +166,46 @@ def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_
     beta = tl.load(beta_ptr + n * C + cs, mask=cm, other=0.0)
     mean = tl.load(mean_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
-    slope = tl.load(prm_ptr + 1)
+    slope = _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT)
     sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
     sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sdp = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
     for start in range(s0, s1, BLOCK_S):
         offs, m, cs = _tile(n, cb, start, C, s1, sN, sC, sS, BLOCK_S, BLOCK_C)
         v = tl.load(x_ptr + offs, mask=m, other=0.0)
         z = v.to(a.dtype) * a[None, :] + beta[None, :]
-        g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), slope, ACT)
+        d = tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC)
+        g = _dact(z, d, slope, ACT)
         g = tl.where(m, g, 0.0)
         sdz += g
         sdzx += g * ((v.to(ACC) - mean[None, :]) * rstd[None, :])
+        if ACT == 3:  # PReLU's weight: dy * z where z <= 0
+            sdp += tl.where(m & (z <= 0), d * z.to(ACC), 0.0)
     po = (n * NCH + k) * C + cs
     tl.store(ps0_ptr + po, tl.sum(sdz, 0), mask=cm)
     tl.store(ps1_ptr + po, tl.sum(sdzx, 0), mask=cm)
+    if ACT == 3:
+        tl.store(ps2_ptr + po, tl.sum(sdp, 0), mask=cm)
 
 
 @triton.jit
-def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, w_ptr, rstd_ptr, db_ptr, dw_ptr, c0_ptr, c1_ptr, c2_ptr,
-                         NC, C, S, NCH, HAS_W: tl.constexpr, BLOCK_P: tl.constexpr):
+def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, ps2_ptr, w_ptr, rstd_ptr, db_ptr, dw_ptr, dp_ptr, c0_ptr, c1_ptr, c2_ptr,
+                         NC, C, S, NCH, HAS_W: tl.constexpr, PRELU: tl.constexpr, BLOCK_P: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     pm = p < NC
     n = p // C
     c = p % C
     s0 = tl.zeros([BLOCK_P], dtype=tl.float64)
     s1 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    s2 = tl.zeros([BLOCK_P], dtype=tl.float64)
     for k in range(0, NCH):
         po = (n * NCH + k) * C + c
         s0 += tl.load(ps0_ptr + po, mask=pm, other=0.0).to(tl.float64)
         s1 += tl.load(ps1_ptr + po, mask=pm, other=0.0).to(tl.float64)
+        if PRELU:
+            s2 += tl.load(ps2_ptr + po, mask=pm, other=0.0).to(tl.float64)
+    if PRELU:
+        tl.store(dp_ptr + p, s2, mask=pm)
     if HAS_W:
         w = tl.load(w_ptr + c, mask=pm, other=1.0).to(tl.float64)
     else:
@@ -197,7 +220,7 @@ def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, w_ptr, rstd_ptr, db_ptr, dw_ptr, c0_p
 
 @triton.jit
 def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, c0_ptr, c1_ptr, c2_ptr, prm_ptr,
-                      C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
+                      pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     sb = tl.program_id(0)
     cb = tl.program_id(1)
@@ -214,7 +237,8 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr
     c2 = tl.load(c2_ptr + pc, mask=cm, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
     z = v.to(a.dtype) * a[None, :] + beta[None, :]
-    g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), tl.load(prm_ptr + 1), ACT)
+    g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT),
+              ACT)
     xhat = (v.to(ACC) - mean[None, :]) * rstd[None, :]
     dx = c0[None, :] * (g - c1[None, :] - xhat * c2[None, :])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
@@ -286,7 +310,7 @@ def _chunks(S: int, block_s: int, block_c: int = 1):
     return chunk, triton.cdiv(S, chunk)
 
 
-def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
+def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
     """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
     weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
     if x.numel() == 0:
@@ -303,7 +327,7 @@ def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, 
     cb = triton.cdiv(C, bc)
     _fwd_partial_kernel[(nch, cb, N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
                                       ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
-    _finish_fwd(x, psum, pm2, chunk, weight, bias, prm, act, y, mean, rstd)
+    _finish_fwd(x, psum, pm2, chunk, weight, bias, prm, act, y, mean, rstd, prelu)
 
 
 @triton.jit
@@ -369,7 +393,14 @@ def _sum_chunks_kernel(p0_ptr, p1_ptr, o0_ptr, o1_ptr, C, NCH, NG, G, BLOCK_C: t
 MERGE_ABOVE = 512  # more chunks per plane than this: merged in parallel groups first
 
 
-def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, rstd) -> None:
+def _pw(prelu, prm):
+    """(PReLU weights or a dummy pointer, their stride over channels: 0 for one shared weight)."""
+    if prelu is None:
+        return prm, 0
+    return prelu, int(prelu.numel() > 1)
+
+
+def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, rstd, prelu=None) -> None:
     """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
     (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
     the elementwise pass x -> y. Many small chunks (a convolution's tiles: 16k per 128^3 plane) are
@@ -384,8 +415,8 @@ def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, 
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
         a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P, **_NOFMA)
-    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, C, S, sN, sC, sS,
-                                                                  ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, *_pw(prelu, prm), C, S, sN, sC,
+                                                                  sS, ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
 
 
 def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
@@ -402,9 +433,9 @@ def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float,
                         y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
 
 
-def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
+def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
     """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
-    dw, db: float64 (N * C,) per-plane sums, filled."""
+    dw, db (and dp for PReLU): float64 (N * C,) per-plane sums, filled."""
     if x.numel() == 0:
         return
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
@@ -422,17 +453,24 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
     acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
     ps0 = torch.empty((N, nch, C), dtype=acc_t, device=dev)
     ps1 = torch.empty_like(ps0)
+    prelu_on = int(act) == 3
+    ps2 = torch.empty_like(ps0) if prelu_on else ps0
+    pw = _pw(prelu, prm)
     cb = triton.cdiv(C, bc)
-    _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, ps0, ps1, C, S, sN, sC, sS, nch, chunk,
-                                      ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, *pw, ps0, ps1, ps2, C, S, sN, sC, sS, nch,
+                                      chunk, ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
-        ps0, ps1, _ = _grouped(_sum_chunks_kernel, ps0, ps1, N, C, nch)
+        n0 = nch
+        ps0, ps1, _ = _grouped(_sum_chunks_kernel, ps0, ps1, N, C, n0)
+        if prelu_on:
+            ps2 = _grouped(_sum_chunks_kernel, ps2, ps2, N, C, n0)[0]
         nch = ps0.shape[1]
     c0, c1, c2 = (torch.empty(N * C, dtype=torch.float64, device=dev) for _ in range(3))
     _bwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
-        ps0, ps1, weight if weight is not None else ps0, rstd, db, dw, c0, c1, c2, N * C, C, S, nch,
-        HAS_W=weight is not None, BLOCK_P=BLOCK_P, **_NOFMA)
-    _bwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm,
+        ps0, ps1, ps2 if prelu_on else ps0, weight if weight is not None else ps0, rstd, db, dw,
+        dp if prelu_on else db, c0, c1, c2, N * C, C, S, nch, HAS_W=weight is not None, PRELU=prelu_on,
+        BLOCK_P=BLOCK_P, **_NOFMA)
+    _bwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, *pw,
                                                   C, S, sN, sC, sS, ACT=int(act), ACC=_acc(x.dtype),
                                                   BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
 
@@ -440,22 +478,25 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
 _MAX_N = 65535  # the grid's third axis (samples)
 
 
-def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
+def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
     """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
-    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
+    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled; prelu:
+    act 3's weights (1 or C, contiguous)."""
     C = x.shape[1]
     with _guard(x.device):
         for n0 in range(0, max(x.shape[0], 1), _MAX_N):
             n1 = min(n0 + _MAX_N, x.shape[0])
-            _norm_act_fwd(x[n0:n1], weight, bias, eps, slope, act, y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
+            _norm_act_fwd(x[n0:n1], weight, bias, eps, slope, act, y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C],
+                          prelu)
 
 
-def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db) -> None:
+def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
     """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
-    dw, db: float64 (N * C,) per-plane sums, filled."""
+    dw, db (and dp, act 3): float64 (N * C,) per-plane sums, filled."""
     C = x.shape[1]
     with _guard(x.device):
         for n0 in range(0, max(x.shape[0], 1), _MAX_N):
             n1 = min(n0 + _MAX_N, x.shape[0])
             sl = slice(n0 * C, n1 * C)
-            _norm_act_bwd(dy[n0:n1], x[n0:n1], weight, bias, mean[sl], rstd[sl], slope, act, dx[n0:n1], dw[sl], db[sl])
+            _norm_act_bwd(dy[n0:n1], x[n0:n1], weight, bias, mean[sl], rstd[sl], slope, act, dx[n0:n1], dw[sl], db[sl],
+                          prelu, dp[sl] if dp is not None and dp.numel() else None)

@@ -241,7 +241,7 @@ def _backward(ctx, dz, dy_, dmean, drstd):
     x, weight, y, nw, nb, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, slope, act = ctx.conf
     need = ctx.needs_input_grad
-    dy, dnw, dnb = NA.norm_act_bwd(dz, y, nw, nb, mean, rstd, slope, act)
+    dy, dnw, dnb, _ = NA.norm_act_bwd(dz, y, nw, nb, mean, rstd, slope, act)
     if dy_ is not None:  # y is an output too (rarely used): its gradient adds
         dy = dy + dy_
     dx = dw = db = None
@@ -326,6 +326,9 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     if math.prod(out) < 2:
         raise ValueError(f"instance norm needs more than 1 spatial element per plane, the convolution gives {out}")
     code = NA._act_code(act)
+    if code == NA.ACTS["prelu"]:
+        raise ValueError("act='prelu' is not taken by conv_norm_act (use norm_act(conv(x), ..., act='prelu', "
+                         "prelu=weight))")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if not torch.is_grad_enabled() or not any(

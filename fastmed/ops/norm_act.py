@@ -1,11 +1,13 @@
 """``fastmed::norm_act_fwd`` / ``fastmed::norm_act_bwd``: instance normalisation fused with its
 activation (nnU-Net's ``InstanceNorm3d(affine=True) -> LeakyReLU(0.01)``), forward and backward.
 
-``norm_act(x, weight, bias, eps, act, slope)`` on ``x`` (N, C, *spatial): per (n, c) plane the mean
-and biased variance (in float64), ``y = act((x - mean) / sqrt(var + eps) * weight[c] + bias[c])``
-with ``act`` "none", "relu" or "leaky_relu" (negative slope ``slope``), in one read-twice, write-once
-pass; the backward recomputes the pre-activation instead of storing it and returns dx, dweight,
-dbias (per-plane partial sums added over n in a fixed order: deterministic). CPU kernel in C++;
+``norm_act(x, weight, bias, eps, act, slope, prelu)`` on ``x`` (N, C, *spatial): per (n, c) plane the
+mean and biased variance (in float64), ``y = act((x - mean) / sqrt(var + eps) * weight[c] + bias[c])``
+with ``act`` "none", "relu", "leaky_relu" (negative slope ``slope``) or "prelu" (negative slope
+``prelu[c]``, or ``prelu[0]`` for every channel: ``nn.PReLU``'s weight, MONAI's UNet activation), in
+one read-twice, write-once pass; the backward recomputes the pre-activation instead of storing it
+and returns dx, dweight, dbias and dprelu (per-plane partial sums added over n in a fixed order:
+deterministic). CPU kernel in C++;
 on CUDA Triton kernels (``fastmed/kernels/norm_act_triton.py``: contiguous or channels-last data
 read as it is, each plane split over many programs; checked under TRITON_INTERPRET=1, not yet on a
 GPU; float16 / bfloat16 too, accumulating in float32); without Triton, on other devices, and
@@ -24,10 +26,11 @@ from .. import _ext
 
 __all__ = ["norm_act", "norm_act_", "norm_act_reference", "ACTS"]
 
-ACTS = {"none": 0, "relu": 1, "leaky_relu": 2}
+ACTS = {"none": 0, "relu": 1, "leaky_relu": 2, "prelu": 3}
 
 
-def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float, act: int):
+def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float, act: int,
+            prelu: Optional[Tensor] = None):
     mod = _ext.require(x.device, "norm_act")
     p = mod.NormActParams()
     p.N, p.C = x.shape[0], x.shape[1]
@@ -37,6 +40,8 @@ def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     p.weight = weight.data_ptr() if weight is not None else 0
     p.bias = bias.data_ptr() if bias is not None else 0
     p.eps, p.slope, p.act = float(eps), float(slope), int(act)
+    if act == 3:
+        p.prelu, p.prelu_n = prelu.data_ptr(), prelu.numel()
     p.channels_last = int(_cl_format(x) is not None)
     p.num_threads = _ext.num_threads()
     return mod, p
@@ -96,18 +101,32 @@ def _affine_arg(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.detach().to(dtype=dt).contiguous()
 
 
-def _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd) -> Optional[Tensor]:
+def _prelu_arg(prelu: Optional[Tensor], x: Tensor, act: int) -> Optional[Tensor]:
+    """PReLU's weights for the kernels (act 3): x's dtype (float32 for half x), contiguous."""
+    return _affine_arg(prelu, x) if act == 3 else None
+
+
+def _prelu_grad(dp: Tensor, prelu: Optional[Tensor], N: int, C: int, act: int) -> Tensor:
+    """Per-plane PReLU sums (N * C, float64) -> the weight's gradient (float64, prelu's shape);
+    an empty tensor without PReLU."""
+    if act != 3:
+        return dp.new_empty(0)
+    g = dp.view(N, C).sum(0)
+    return g.sum().reshape(1) if prelu.numel() == 1 else g
+
+
+def _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu=None) -> Optional[Tensor]:
     """y by the Triton kernels (x planar or channels last read as it is, y in x's layout; mean and
     rstd filled), or None when they failed (see _run_triton)."""
     xp = x if tri.is_supported_layout(x) else x.contiguous()
     y = _like(xp)
     ok = _run_triton(tri.norm_act_fwd, xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
-                     y, mean, rstd)
+                     y, mean, rstd, _prelu_arg(prelu, x, act))
     return y if ok else None
 
 
-def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act):
-    """(dx in x's layout, dweight, dbias in float64) by the Triton kernels, or None."""
+def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
+    """(dx in x's layout, dweight, dbias, dprelu in float64) by the Triton kernels, or None."""
     N, C = x.shape[0], x.shape[1]
     xp = x if tri.is_supported_layout(x) else x.contiguous()
     fmt = _cl_format(xp)
@@ -115,84 +134,96 @@ def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act):
     dx = _like(xp)
     dw = torch.empty(N * C, dtype=torch.float64, device=x.device)
     db = torch.empty(N * C, dtype=torch.float64, device=x.device)
+    dp = torch.empty(N * C if act == 3 else 0, dtype=torch.float64, device=x.device)
     if not _run_triton(tri.norm_act_bwd, dyp, xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
-                       slope, act, dx, dw, db):
+                       slope, act, dx, dw, db, _prelu_arg(prelu, x, act), dp):
         return None
-    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)
+    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0), _prelu_grad(dp, prelu, N, C, act)
 
 
 @torch.library.custom_op("fastmed::norm_act_fwd", mutates_args=())
 def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
-                 act: int) -> tuple[Tensor, Tensor, Tensor]:
+                 act: int, prelu: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     planes = x.shape[0] * x.shape[1]
     mean = torch.empty(planes, dtype=torch.float64, device=x.device)
     rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
-        y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd) if tri is not None else None
+        y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu) if tri is not None else None
         if y is not None:
             return y, mean, rstd
-        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act)
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu)
         return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
     y = _like(x)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, eps, slope, act)
+        pw = _prelu_arg(prelu, x, act)
+        mod, p = _params(x, w, b, eps, slope, act, pw)
         p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         mod.norm_act_fwd(p)
     return y, mean, rstd
 
 
 @norm_act_fwd.register_fake
-def _(x, weight, bias, eps, slope, act):
+def _(x, weight, bias, eps, slope, act, prelu=None):
     planes = x.shape[0] * x.shape[1]
     return _like(x), x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
 
 
 @torch.library.custom_op("fastmed::norm_act_bwd", mutates_args=())
 def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                 slope: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
+                 slope: float, act: int, prelu: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dprelu): the parameters' gradients in float64, dprelu empty unless act 3."""
     N, C = x.shape[0], x.shape[1]
     fmt = _cl_format(x)
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
-        out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act) if tri is not None else None
+        out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu) if tri is not None else None
         if out is not None:
             return out
-        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act)
+        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu)
     dy = dy.contiguous(memory_format=fmt) if fmt else dy.contiguous()  # x's layout
     dx = _like(x)
     dw = torch.empty(N * C, dtype=torch.float64)
     db = torch.empty(N * C, dtype=torch.float64)
+    dp = torch.zeros(N * C if act == 3 else 0, dtype=torch.float64)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, 0.0, slope, act)
+        mod, p = _params(x, w, b, 0.0, slope, act, _prelu_arg(prelu, x, act))
         p.dy, p.dx, p.mean, p.rstd = dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         p.dweight, p.dbias = dw.data_ptr(), db.data_ptr()
+        if act == 3:
+            p.dprelu = dp.data_ptr()
         mod.norm_act_bwd(p)
-    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0)  # float64 (a float16 sum would overflow)
+    # float64 (a float16 sum would overflow)
+    return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0), _prelu_grad(dp, prelu, N, C, act)
 
 
 @norm_act_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, slope, act):
+def _(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
     C = x.shape[1]
-    return _like(x), x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64)
+    npr = 0 if act != 3 or prelu is None else prelu.numel()
+    return (_like(x), x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64),
+            x.new_empty(npr, dtype=torch.float64))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, slope, act = inputs
+    x, weight, bias, eps, slope, act = inputs[:6]
+    prelu = inputs[6] if len(inputs) > 6 else None
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, prelu)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.slope, ctx.act = slope, act
     ctx.has_w, ctx.has_b = weight is not None, bias is not None
 
 
 def _backward(ctx, dy, dmean, drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act)
+    x, weight, bias, mean, rstd, prelu = ctx.saved_tensors
+    dx, dw, db, dp = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act, prelu)
+    dprelu = dp.view(prelu.shape).to(prelu.dtype) if prelu is not None and ctx.act == 3 and ctx.needs_input_grad[6] \
+        else None
     return (dx, dw.to(weight.dtype) if ctx.has_w and ctx.needs_input_grad[1] else None,
-            db.to(bias.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None, None, None, None)
+            db.to(bias.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None, None, None, None, dprelu)
 
 
 norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -207,15 +238,16 @@ def _act_code(act) -> int:
 
 
 def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
-             act="leaky_relu", slope: float = 0.01) -> Tensor:
-    """Instance norm (+ optional per-channel affine) fused with an activation; see the module docstring."""
-    code = _check(x, weight, bias, eps, act)
+             act="leaky_relu", slope: float = 0.01, prelu: Optional[Tensor] = None) -> Tensor:
+    """Instance norm (+ optional per-channel affine) fused with an activation; see the module docstring.
+    ``act="prelu"`` takes ``prelu``, ``nn.PReLU``'s weight (1 or C values; differentiable)."""
+    code = _check(x, weight, bias, eps, act, prelu)
     if not x.is_contiguous() and _cl_format(x) is None:  # channels last is taken as it is
         x = x.contiguous()
-    return norm_act_fwd(x, weight, bias, float(eps), float(slope), code)[0]
+    return norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None)[0]
 
 
-def _check(x, weight, bias, eps, act) -> int:
+def _check(x, weight, bias, eps, act, prelu=None) -> int:
     """Validates norm_act's arguments (naming the bad one); returns the activation code."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -233,12 +265,21 @@ def _check(x, weight, bias, eps, act) -> int:
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    return _act_code(act)
+    code = _act_code(act)
+    if code == 3:
+        if not isinstance(prelu, Tensor) or prelu.ndim != 1 or prelu.numel() not in (1, C):
+            raise ValueError(f"prelu must be nn.PReLU's weight, a tensor of shape (1,) or ({C},) for act='prelu', got "
+                             f"{tuple(prelu.shape) if isinstance(prelu, Tensor) else type(prelu).__name__}")
+        if not prelu.is_floating_point() or prelu.device != x.device:
+            raise ValueError(f"prelu must be a floating-point tensor on {x.device}, got {prelu.dtype} on {prelu.device}")
+    elif prelu is not None:
+        raise ValueError(f"prelu is only taken with act='prelu', got act={act!r}")
+    return code
 
 
 @torch.library.custom_op("fastmed::norm_act_", mutates_args=("x",))
 def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
-                        act: int) -> None:
+                        act: int, prelu: Optional[Tensor] = None) -> None:
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
         if tri is not None and tri.is_supported_layout(x):
@@ -246,13 +287,13 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
             mean = torch.empty(planes, dtype=torch.float64, device=x.device)
             rstd = torch.empty_like(mean)
             if _run_triton(tri.norm_act_fwd, x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
-                           x, mean, rstd):  # each tile is read for the statistics first, then written once
-                return
-        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act)[0])
+                           x, mean, rstd, _prelu_arg(prelu, x, act)):  # each tile is read for the statistics
+                return  # first, then written once
+        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act, prelu)[0])
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, eps, slope, act)
+        mod, p = _params(x, w, b, eps, slope, act, _prelu_arg(prelu, x, act))
         mean = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64)
         rstd = torch.empty_like(mean)
         p.y, p.mean, p.rstd = x.data_ptr(), mean.data_ptr(), rstd.data_ptr()  # y = x: each voxel is
@@ -260,24 +301,30 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 
 @norm_act_inplace_op.register_fake
-def _(x, weight, bias, eps, slope, act):
+def _(x, weight, bias, eps, slope, act, prelu=None):
     return None
 
 
 def norm_act_(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
-              act="leaky_relu", slope: float = 0.01) -> Tensor:
+              act="leaky_relu", slope: float = 0.01, prelu: Optional[Tensor] = None) -> Tensor:
     """norm_act in place, for inference: overwrites the contiguous ``x`` with the result (no new
     buffer: on the CPU a fresh activation costs as much in page faults as the pass itself).
     Not differentiable; returns ``x``."""
-    code = _check(x, weight, bias, eps, act)
+    code = _check(x, weight, bias, eps, act, prelu)
     if not x.is_contiguous() and _cl_format(x) is None:
         raise ValueError("x must be contiguous (or channels last) to be normalised in place")
     with torch.no_grad():
-        norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code)
+        norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None)
     return x
 
 
-def _reference_fwd(x, weight, bias, eps, slope, act):
+def _prelu_ref(z: Tensor, prelu: Tensor) -> Tensor:
+    """PReLU in z's dtype with 1 or C weights."""
+    w = prelu.to(z.dtype).view((1, -1) + (1,) * (z.ndim - 2))
+    return torch.where(z > 0, z, z * w)
+
+
+def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None):
     dims = tuple(range(2, x.ndim))
     x64 = x.double()
     mean = x64.mean(dims, keepdim=True)
@@ -289,11 +336,14 @@ def _reference_fwd(x, weight, bias, eps, slope, act):
         z = z * weight.double().view(shape)
     if bias is not None:
         z = z + bias.double().view(shape)
-    y = z if act == 0 else torch.relu(z) if act == 1 else torch.nn.functional.leaky_relu(z, slope)
+    if act == 3:
+        y = _prelu_ref(z, prelu)
+    else:
+        y = z if act == 0 else torch.relu(z) if act == 1 else torch.nn.functional.leaky_relu(z, slope)
     return y.to(x.dtype), mean, rstd
 
 
-def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act):
+def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
     """The backward formula of norm_act_bwd in float64 plain PyTorch (non-CPU devices)."""
     N, C = x.shape[0], x.shape[1]
     dims = tuple(range(2, x.ndim))
@@ -307,13 +357,18 @@ def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act):
         g = torch.where(z > 0, g, torch.zeros_like(g))
     elif act == 2:
         g = torch.where(z > 0, g, g * slope)
+    dp = x.new_empty(0, dtype=torch.float64)
+    if act == 3:
+        dp = torch.where(z > 0, torch.zeros_like(g), g * z).sum(dims).sum(0)  # per channel
+        dp = dp.sum().reshape(1) if prelu.numel() == 1 else dp
+        g = torch.where(z > 0, g, g * prelu.double().view((1, -1) + (1,) * (x.ndim - 2)))
     sdz, sdzx = g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)
     S = x[0, 0].numel()
     dx = rstd.view(shape) * w * (g - sdz / S - xhat * sdzx / S)
-    return dx.to(x.dtype), sdzx.sum(0).flatten(), sdz.sum(0).flatten()  # float64, as the kernels
+    return dx.to(x.dtype), sdzx.sum(0).flatten(), sdz.sum(0).flatten(), dp  # float64, as the kernels
 
 
 def norm_act_reference(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                       act="leaky_relu", slope: float = 0.01) -> Tensor:
+                       act="leaky_relu", slope: float = 0.01, prelu: Optional[Tensor] = None) -> Tensor:
     """float64 plain PyTorch: ``act(instance_norm(x) * weight + bias)`` (differentiable)."""
-    return _reference_fwd(x, weight, bias, eps, slope, _act_code(act))[0].double()
+    return _reference_fwd(x, weight, bias, eps, slope, _act_code(act), prelu)[0].double()
