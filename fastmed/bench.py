@@ -490,7 +490,7 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
 def _optimize_models(quick: bool):
     """(name, constructor) of the networks whose eval forward run_optimize times: MONAI's DynUNet
     (the issue's case); in the full run also nnU-Net's PlainConvUNet (3d_fullres-like) and MONAI's
-    UNet (residual units, instance norm, PReLU: nothing to fuse, the convolutions alone). The first
+    UNet (residual units, instance norm + PReLU, fused since the eighth session). The first
     two are the training-step networks of run_train_steps."""
     from monai.networks.nets import UNet
 

@@ -3,10 +3,11 @@
 ``ConvNormAct`` is convolution -> normalisation -> activation with its parts named ``conv``, ``norm``
 and ``act`` (plain ``torch.nn`` modules, so a state_dict of
 ``nn.Sequential(OrderedDict(conv=..., norm=..., act=...))`` loads unchanged). Where the norm is an
-``InstanceNorm`` without running statistics and the activation is ``LeakyReLU`` / ``ReLU`` / none,
-norm and activation run as one call of ``fastmed::norm_act_fwd`` (one read-twice, write-once pass;
-the backward recomputes the pre-activation). Every other combination (BatchNorm, GroupNorm, PReLU,
-instance norm with running statistics) runs the eager modules, with their train / eval semantics.
+``InstanceNorm`` without running statistics and the activation is ``LeakyReLU`` / ``ReLU`` /
+``PReLU`` / none, norm and activation run as one call of ``fastmed::norm_act_fwd`` (one read-twice,
+write-once pass; the backward recomputes the pre-activation and gives PReLU's weight its gradient).
+Every other combination (BatchNorm, GroupNorm, instance norm with running statistics) runs the
+eager modules, with their train / eval semantics.
 
 ``optimize(model)`` finds norm -> activation pairs in existing models and fuses them the same way,
 keeping every module, parameter and state_dict key:
@@ -16,9 +17,12 @@ keeping every module, parameter and state_dict key:
   filling a new buffer (a forward hook on such a convolution would see its output normalised);
 - in any ``nn.Sequential`` (MONAI's ``Convolution`` / ``ADN`` as used by ``UNet`` and ``BasicUNet``,
   nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
-  ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` (a ``Dropout`` with p = 0 between
-  them is allowed) becomes a fused instance norm, and the activation's slot holds ``nn.Identity``
-  (activations have no parameters, so the state_dict is unchanged).
+  ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` / ``PReLU`` (a ``Dropout`` with
+  p = 0 between them is allowed) becomes a fused instance norm. A LeakyReLU's / ReLU's slot then
+  holds ``nn.Identity`` (no parameters: the state_dict is unchanged); a PReLU stays in its slot
+  with its weight (same state_dict key, same optimizer parameter) as ``_AppliedPReLU``, whose
+  forward passes its input through because the fused norm already applied it (MONAI's default
+  ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block).
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 kernels do not take (CPU float16 / bfloat16, CPU autocast, devices other than CPU and CUDA, CUDA
@@ -84,8 +88,11 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
         spec = dict(act="relu", slope=0.0)
     elif type(act) is nn.Identity:
         spec = dict(act="none", slope=0.0)
+    elif type(act) is nn.PReLU and act.weight.ndim == 1 \
+            and act.weight.numel() in (1, norm.num_features):
+        spec = dict(act="prelu", slope=0.0, prelu=act)  # the module: its weight is read at each call
     else:
-        return None, f"activation is {type(act).__name__} (LeakyReLU / ReLU are fused)"
+        return None, f"activation is {type(act).__name__} (LeakyReLU / ReLU / PReLU are fused)"
     spec["eps"] = float(norm.eps)
     return spec, ""
 
@@ -115,20 +122,32 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
     output inside the block), so without autograd it is normalised in place (no new buffer)."""
     w = norm.weight if norm.affine else None
     b = norm.bias if norm.affine else None
+    pw = spec["prelu"].weight if spec["act"] == "prelu" else None
     if fresh and not torch.is_grad_enabled() and (x.is_contiguous() or _cl_format(x) is not None):
-        return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"])
-    return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"])
+        return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
+    return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
 
 
 def _eager_act(spec: dict, x: Tensor) -> Tensor:
     if spec["act"] == "leaky_relu":
         return F.leaky_relu(x, spec["slope"])
+    if spec["act"] == "prelu":
+        return F.prelu(x, spec["prelu"].weight)
     return F.relu(x) if spec["act"] == "relu" else x
+
+
+def _act_ok(spec: dict, x: Tensor) -> bool:
+    """PReLU is fused when its weight has x's dtype and device (else, e.g. float16 under CUDA
+    autocast with a float32 weight, eager PyTorch decides the result's dtype, or raises)."""
+    if spec["act"] != "prelu":
+        return True
+    pw = spec["prelu"].weight
+    return pw.device == x.device and pw.dtype == x.dtype
 
 
 def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tensor:
     """norm + activation: the fused kernel where it takes x, else the eager norm then activation."""
-    if _kernel_ok(x, norm):
+    if _kernel_ok(x, norm) and _act_ok(spec, x):
         return _fused(norm, spec, x, fresh)
     return _eager_act(spec, norm_forward(norm, x))
 
@@ -230,7 +249,7 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
     """conv -> norm -> act as one ``fastmed::conv_norm_act_fwd`` (the Triton implicit GEMM with the
     norm statistics in its epilogue) where it applies: CUDA, ``FASTMED_TRITON_CONV=1``, a plain
     convolution; CUDA autocast runs it in the autocast dtype. None: the caller runs the usual path."""
-    if x.device.type != "cuda" or not CNA.triton_conv_enabled():
+    if x.device.type != "cuda" or not CNA.triton_conv_enabled() or spec["act"] == "prelu":
         return None
     conv = _plain_conv(conv_mod)
     if conv is None or x.ndim != conv.weight.ndim or x.ndim != norm._get_no_batch_dim() + 1:
@@ -265,6 +284,18 @@ def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor)
     if z is not None:
         return z
     return _norm_then_act(type(norm).forward, norm, spec, conv(x), fresh=True)
+
+
+class _AppliedPReLU(nn.PReLU):
+    """An ``nn.PReLU`` whose activation the fused instance norm before it already applied
+    (fastmed.optimize): its forward passes its input through. It stays in its slot so that its
+    weight keeps its place, name and gradient in the model."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", applied by the fused norm before it"
 
 
 class _FusedInstanceNorm:
@@ -330,9 +361,9 @@ class ConvNormAct(nn.Module):
     Submodules ``conv``, ``norm`` (absent without norm) and ``act`` (absent without act) are the
     torch.nn modules themselves (the 3D convolution is ``OneDNNConv3d``, an ``nn.Conv3d``
     subclass), so parameter names, shapes, state_dicts and train / eval semantics are torch.nn's.
-    Instance norm without running statistics + LeakyReLU / ReLU / none runs fused on the CPU
-    (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too); everything else runs the
-    eager modules.
+    Instance norm without running statistics + LeakyReLU / ReLU / PReLU / none runs fused on the
+    CPU (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too; PReLU where its weight has
+    the input's dtype); everything else runs the eager modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
@@ -548,7 +579,10 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
             continue
         norm.__class__ = _FUSED_NORM[type(norm)]
         norm._fm_spec = spec
-        seq._modules[names[j]] = nn.Identity()
+        if spec["act"] == "prelu":  # its weight stays where it was (state_dict, optimizer)
+            act.__class__ = _AppliedPReLU
+        else:
+            seq._modules[names[j]] = nn.Identity()
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 
 

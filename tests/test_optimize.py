@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import fastmed
-from fastmed.nn import _FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConvTranspose3d, OneDNNConv3d
+from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
+                        _AppliedPReLU)
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -125,6 +126,9 @@ CASES = [
     (3, 5, 1, 0, 1, True, "instance", {"affine": True, "track_running_stats": True}, "leakyrelu", {}),
     (3, 3, 1, None, 1, False, "batch", {}, "leakyrelu", {}),
     (3, 3, 1, None, 1, False, "group", {"num_groups": 2}, "prelu", {}),
+    (3, 3, 1, None, 1, True, "instance", {"affine": False}, "prelu", {}),
+    (3, 3, 2, None, 1, False, "instance", {"affine": True}, "prelu", {"num_parameters": 4, "init": -0.1}),
+    (2, 3, 1, None, 1, False, "instance", {"affine": True}, "prelu", {"num_parameters": 4}),
     (3, 3, 1, None, 1, True, None, None, "relu", {}),
     (2, 3, 1, None, 1, False, "instance", {"affine": True}, "leakyrelu", {}),
     (2, 3, 2, None, 1, True, "batch", {"affine": False}, "relu", {}),
@@ -214,6 +218,21 @@ def test_dynunet_same_outputs_and_gradients(res_block, train):
     assert o._fastmed_report["fused"] and not o._fastmed_report["skipped"]
 
 
+@pytest.mark.parametrize("res_block", [False, True])
+def test_dynunet_with_prelu(res_block):
+    """DynUNet's blocks with PReLU (one module per block, used for both activations of a residual
+    block: the fused first one and the eager last one share its weight and its gradient)."""
+    torch.manual_seed(3)
+    m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                           res_block=res_block, act_name=("prelu", {"init": 0.1}))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.PReLU):
+                mod.weight.uniform_(-0.3, 0.4)
+    o = _check_model(m, torch.randn(1, 1, 20, 20, 20), True)
+    assert o._fastmed_report["fused"] and not o._fastmed_report["skipped"]
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_monai_basicunet_and_unet(train):
     torch.manual_seed(1)
@@ -224,16 +243,21 @@ def test_monai_basicunet_and_unet(train):
                             act=("leakyrelu", {"negative_slope": 0.01}))
     o = _check_model(leaky, x, train)
     assert o._fastmed_report["fused"]
-    # MONAI's default UNet uses PReLU: nothing fused, every module left as it was but the
-    # convolutions' class (onednn=True); with onednn=False not even that
-    m = monai_nets.UNet(3, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=2)
-    o = fastmed.optimize(m)
-    assert not o._fastmed_report["fused"]
-    assert all("PReLU" in why for _, why in o._fastmed_report["skipped"])
-    _assert_same_but_convs(m, o)
+    # MONAI's default UNet: InstanceNorm -> Dropout(0) -> PReLU in every ADN, fused; the PReLU keeps
+    # its slot and weight (its class says the norm applies it), the convolutions go to oneDNN
+    for nru in (0, 2):
+        m = monai_nets.UNet(3, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=nru)
+        o = _check_model(m, x, train)
+        rep = o._fastmed_report
+        n_prelu = sum(type(a) is nn.PReLU for a in m.modules())
+        assert len(rep["fused"]) == n_prelu and not rep["skipped"], rep
+        expect = [FusedInstanceNorm3d if type(a) is nn.InstanceNorm3d else _AppliedPReLU if type(a) is nn.PReLU
+                  else _swapped_class(a) for a in m.modules()]
+        assert expect == [type(b) for b in o.modules()]
+        assert all("prelu" in name.lower() or ".A" in name for name in [f.split(" + ")[1] for f in rep["fused"]])
+    # without the fusion's other options, only norms and PReLUs change class
     o = fastmed.optimize(m, onednn=False, upconv=False)
-    assert [type(a) for a in m.modules()] == [type(b) for b in o.modules()]
-    _check_model(m, x, train)
+    assert sum(type(a) is not type(b) for a, b in zip(m.modules(), o.modules())) == 2 * n_prelu
 
 
 @pytest.mark.parametrize("train", [False, True])
