@@ -218,3 +218,119 @@ def test_prelu_bad_inputs_name_the_argument():
     from fastmed.ops.conv_norm_act import conv_norm_act
     with pytest.raises(ValueError, match="prelu"):
         conv_norm_act(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), act="prelu")
+
+
+# ---- group norm and batch norm through the same kernels (statistics shared by several planes) -----
+
+
+def _bn_gn_case(seed, shape, fmt, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    C = shape[1]
+    w, b = (torch.rand(C, generator=g) + 0.5).to(dtype), torch.randn(C, generator=g).to(dtype)
+    pw = (torch.rand(C, generator=g) - 0.3).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    return x, w, b, pw, dy
+
+
+def _act_eager(z, act, pw):
+    return {"leaky_relu": lambda: F.leaky_relu(z, 0.02), "relu": lambda: F.relu(z), "none": lambda: z,
+            "prelu": lambda: F.prelu(z, pw)}[act]()
+
+
+def _compare(fn, ref, ins, dy, dtype):
+    a = [t.clone().requires_grad_(True) for t in ins]
+    r = [t.clone().requires_grad_(True) for t in ins]
+    y, yr = fn(*a), ref(*r)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, yr, **tol)
+    ga = torch.autograd.grad(y, a, dy, allow_unused=True)
+    gr = torch.autograd.grad(yr, r, dy, allow_unused=True)
+    for k, (u, v) in enumerate(zip(ga, gr)):
+        if v is None:
+            continue
+        torch.testing.assert_close(u, v, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * max(1.0, v.abs().max().item()),
+                                   msg=f"gradient {k}")
+    return y
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 6, 5, 7, 4), 3), ((3, 4, 9, 8), 1), ((1, 8, 3, 4, 5), 8)])
+@pytest.mark.parametrize("fmt", [None, "cl"])
+@pytest.mark.parametrize("act", ["leaky_relu", "prelu", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_norm_act_equals_eager(shape, groups, fmt, act, dtype):
+    f = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if fmt else None
+    x, w, b, pw, dy = _bn_gn_case(11, shape, f, dtype)
+    y = _compare(lambda x, w, b, pw: NA.group_norm_act(x, groups, w, b, 1e-5, act, 0.02, pw if act == "prelu" else None),
+                 lambda x, w, b, pw: _act_eager(F.group_norm(x, groups, w, b, 1e-5), act, pw), (x, w, b, pw), dy, dtype)
+    if f is not None:
+        assert y.is_contiguous(memory_format=f)
+    ref = NA._reference_fwd(x, w, b, 1e-5, 0.02, NA.ACTS[act], pw, 1, groups)[0]
+    torch.testing.assert_close(y.detach(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 4), (3, 4, 9, 8), (1, 3, 2, 3, 4)])
+@pytest.mark.parametrize("fmt", [None, "cl"])
+@pytest.mark.parametrize("act", ["relu", "prelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_act_equals_eager_train_and_eval(shape, fmt, act, dtype):
+    f = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if fmt else None
+    x, w, b, pw, dy = _bn_gn_case(12, shape, f, dtype)
+    C = shape[1]
+    r0 = (torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5)
+    stats = {k: (r0[0].clone(), r0[1].clone()) for k in ("fm", "ref")}
+    for training, momentum in ((True, 0.1), (True, 0.3), (False, 0.1)):
+        (rm, rv), (rm2, rv2) = stats["fm"], stats["ref"]
+        _compare(lambda x, w, b, pw: NA.batch_norm_act(x, rm, rv, w, b, training, momentum, 1e-5, act, 0.02,
+                                                       pw if act == "prelu" else None),
+                 lambda x, w, b, pw: _act_eager(F.batch_norm(x, rm2, rv2, w, b, training, momentum, 1e-5), act, pw),
+                 (x, w, b, pw), dy, dtype)
+        # running statistics updated as F.batch_norm updates them (the comparison ran each once)
+        torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv, rv2, rtol=1e-6, atol=1e-6)
+    # in place (inference), and without running statistics (batch statistics)
+    y = NA.batch_norm_act(x, rm, rv, w, b, False, act="relu")
+    xc = x.clone()
+    assert NA.batch_norm_act(xc, rm, rv, w, b, False, act="relu", inplace=True) is xc and torch.equal(xc, y)
+    torch.testing.assert_close(NA.batch_norm_act(x, None, None, w, b, True, act="none"),
+                               F.batch_norm(x, None, None, w, b, True), rtol=2e-5, atol=2e-5)
+
+
+def test_group_and_batch_norm_gradcheck_opcheck_and_reference_backward():
+    x = torch.randn(2, 4, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda x, w, b: NA.group_norm_act(x, 2, w, b, act="relu"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: NA.batch_norm_act(x, None, None, w, b, True), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: NA.batch_norm_act(x, rm, rv, w, b, False), (x, w, b))
+    for kind, groups, r in ((1, 2, (None, None)), (2, 1, (None, None)), (3, 1, (rm, rv))):
+        torch.library.opcheck(NA.norm_act_fwd, (x, w, b, 1e-5, 0.01, 2, None, kind, groups, *r))
+        # the plain-PyTorch backward (other devices) equals the kernel's
+        y, mean, rstd = NA.norm_act_fwd(x.detach(), w, b, 1e-5, 0.01, 2, None, kind, groups, *r)
+        dy = torch.randn_like(y)
+        k = NA.norm_act_bwd(dy, x.detach(), w, b, mean, rstd, 0.01, 2, None, kind, groups)
+        ref = NA._reference_bwd(dy, x.detach(), w, b, mean, rstd, 0.01, 2, None, kind, groups)
+        for u, v in zip(k, ref):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    xc = x.detach().clone()
+    torch.library.opcheck(torch.ops.fastmed.norm_act_.default, (xc, w.detach(), b.detach(), 1e-5, 0.01, 2, None, 3, 1,
+                                                               rm, rv, None, None))
+
+
+def test_group_and_batch_norm_bad_inputs_name_the_argument():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="num_groups"):
+        NA.group_norm_act(x, 3)
+    with pytest.raises(ValueError, match="num_groups"):
+        NA.group_norm_act(x, 0)
+    with pytest.raises(ValueError, match="running_mean"):
+        NA.batch_norm_act(x, None, None, training=False)
+    with pytest.raises(ValueError, match="running_var"):
+        NA.batch_norm_act(x, torch.zeros(4), torch.ones(3))
+    with pytest.raises(ValueError, match="x: batch norm needs more than 1"):
+        NA.batch_norm_act(torch.randn(1, 4, 1, 1), None, None, training=True)
+    with pytest.raises(ValueError, match="weight"):
+        NA.batch_norm_act(x, torch.zeros(4), torch.ones(4), torch.ones(3))

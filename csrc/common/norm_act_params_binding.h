@@ -21,6 +21,7 @@ inline void bind_norm_act_params(py::module_& m) {
   c.def_readwrite("num_threads", &NormActParams::num_threads);
   c.def_readwrite("channels_last", &NormActParams::channels_last);
   c.def_readwrite("prelu_n", &NormActParams::prelu_n);
+  c.def_readwrite("kind", &NormActParams::kind).def_readwrite("groups", &NormActParams::groups);
   FM_NA_PTR(c, prelu, const void*); FM_NA_PTR(c, dprelu, double*);
   FM_NA_PTR(c, x, const void*); FM_NA_PTR(c, y, void*); FM_NA_PTR(c, weight, const void*);
   FM_NA_PTR(c, bias, const void*); FM_NA_PTR(c, mean, double*); FM_NA_PTR(c, rstd, double*);

@@ -26,6 +26,13 @@ struct NormActParams {
   double* dprelu;                      // act 3, backward: per-plane partial sums (N * C)
   double* mean; double* rstd;
   const void* dy; void* dx; double* dweight; double* dbias;
+  // statistics: 0 instance norm (per plane), 1 group norm (per sample and group of C / groups
+  // channels), 2 batch norm in training (per channel over all samples), 3 given (batch norm in eval:
+  // its running statistics). mean / rstd are per plane (N * C) either way: outputs of the forward for
+  // 0-2 (each plane holds its group's or channel's values), inputs for 3. The backward of 1 and 2
+  // differentiates through the shared statistics, that of 3 treats them as constants:
+  //   dx = rstd * (w dz - M1 - xhat * M2), M1 / M2: the means of w dz and w dz xhat over the set
+  int kind; int64_t groups;
   // 0: planes of S contiguous elements (N, C, S); 1: channels last (N, S, C), each spatial position's
   // C channels contiguous (torch.channels_last / channels_last_3d); x, y, dy, dx alike
   int channels_last;

@@ -33,6 +33,69 @@ std::vector<T> slopes_of(const NormActParams& p) {
   return sl;
 }
 
+// ---- statistics shared by several planes (group norm, batch norm) ----------------------------------
+// plane pl = n * C + c belongs to set: group norm n * G + c / (C / G); batch norm c
+inline int64_t set_of(const NormActParams& p, int64_t pl) {
+  const int64_t c = pl % p.C;
+  if (p.kind == 1) return (pl / p.C) * p.groups + c / (p.C / p.groups);
+  return c;
+}
+
+inline int64_t num_sets(const NormActParams& p) { return p.kind == 1 ? p.N * p.groups : p.C; }
+
+// per-plane means and squared deviations (S voxels each) -> each plane's set mean and rstd in
+// p.mean / p.rstd: the exact merge M2 = sum(M2_k + S (m_k - m)^2), planes in order (deterministic)
+void merge_sets(const NormActParams& p, const std::vector<double>& pmean, const std::vector<double>& pm2) {
+  const int64_t planes = p.N * p.C, ns = num_sets(p);
+  std::vector<double> tot((size_t)ns, 0.0), cnt((size_t)ns, 0.0), m2((size_t)ns, 0.0);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const int64_t k = set_of(p, pl);
+    tot[k] += pmean[pl] * (double)p.S;
+    cnt[k] += (double)p.S;
+  }
+  for (int64_t k = 0; k < ns; ++k) tot[k] /= cnt[k];  // the set's mean
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const int64_t k = set_of(p, pl);
+    const double d = pmean[pl] - tot[k];
+    m2[k] += pm2[pl] + (double)p.S * d * d;
+  }
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const int64_t k = set_of(p, pl);
+    p.mean[pl] = tot[k];
+    p.rstd[pl] = 1.0 / std::sqrt(m2[k] / cnt[k] + p.eps);
+  }
+}
+
+// the backward's per-plane coefficients of dx = c0 dz - c1 - xhat c2 from the per-plane sums in
+// p.dbias (dz) and p.dweight (dz xhat): c0 = rstd w, c1 = rstd mean_set(w dz), c2 = rstd mean_set(w dz xhat)
+template <typename T>
+void set_coefficients(const NormActParams& p, std::vector<T>& c0, std::vector<T>& c1, std::vector<T>& c2) {
+  const int64_t planes = p.N * p.C, ns = num_sets(p);
+  std::vector<double> s1((size_t)ns, 0.0), s2((size_t)ns, 0.0), cnt((size_t)ns, 0.0);
+  auto wt = [&](int64_t c) { return p.weight ? (double)((const T*)p.weight)[c] : 1.0; };
+  if (p.kind != 3) {
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const int64_t k = set_of(p, pl);
+      const double w = wt(pl % p.C);
+      s1[k] += w * p.dbias[pl];
+      s2[k] += w * p.dweight[pl];
+      cnt[k] += (double)p.S;
+    }
+  }
+  c0.resize((size_t)planes), c1.resize((size_t)planes), c2.resize((size_t)planes);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const double r = p.rstd[pl];
+    c0[pl] = (T)(r * wt(pl % p.C));
+    if (p.kind == 3) {  // fixed statistics: no gradient through them
+      c1[pl] = c2[pl] = (T)0;
+    } else {
+      const int64_t k = set_of(p, pl);
+      c1[pl] = (T)(r * s1[k] / cnt[k]);
+      c2[pl] = (T)(r * s2[k] / cnt[k]);
+    }
+  }
+}
+
 template <typename T>
 void forward(const NormActParams& p) {
   const int64_t planes = p.N * p.C;
@@ -66,6 +129,100 @@ void forward(const NormActParams& p) {
     const T slope = slope_of<T>(p, c);
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+  }
+}
+
+// planar, statistics per set (kind 1-3): per-plane statistics, merged, then the elementwise pass
+template <typename T>
+void forward_sets(const NormActParams& p) {
+  const int64_t planes = p.N * p.C, S = p.S;
+  const int nt = std::max(1, p.num_threads);
+  if (p.kind != 3) {
+    std::vector<double> pmean((size_t)planes), pm2((size_t)planes);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const T* x = (const T*)p.x + pl * S;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < S; ++i) s += (double)x[i];
+      const double mean = s / (double)S;
+      double ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < S; ++i) {
+        const double d = (double)x[i] - mean;
+        ss += d * d;
+      }
+      pmean[pl] = mean;
+      pm2[pl] = ss;
+    }
+    merge_sets(p, pmean, pm2);
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const int64_t c = pl % p.C;
+    const T* x = (const T*)p.x + pl * S;
+    T* y = (T*)p.y + pl * S;
+    const double mean = p.mean[pl], rstd = p.rstd[pl];
+    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+    const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);  // as the instance-norm pass
+    const int act = p.act == 3 ? 2 : p.act;
+    const T slope = slope_of<T>(p, c);
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+  }
+}
+
+// planar backward, statistics per set: per-plane sums, set coefficients, then dx
+template <typename T>
+void backward_sets(const NormActParams& p) {
+  const int64_t planes = p.N * p.C, S = p.S;
+  const int nt = std::max(1, p.num_threads);
+  const int act = p.act == 3 ? 2 : p.act;
+  auto coef = [&](int64_t pl, T& a, T& bb, T& m, T& r) {
+    const int64_t c = pl % p.C;
+    const double mean = p.mean[pl], rstd = p.rstd[pl];
+    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+    a = (T)(rstd * w), bb = (T)(b - mean * rstd * w), m = (T)mean, r = (T)rstd;
+  };
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* x = (const T*)p.x + pl * S;
+    const T* dy = (const T*)p.dy + pl * S;
+    T a, bb, m, r;
+    coef(pl, a, bb, m, r);
+    const T slope = slope_of<T>(p, pl % p.C);
+    double sdz = 0, sdzx = 0, sdp = 0;
+#pragma omp simd reduction(+ : sdz, sdzx, sdp)
+    for (int64_t i = 0; i < S; ++i) {
+      const T z = x[i] * a + bb;
+      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      sdz += (double)g;
+      sdzx += (double)g * (double)((x[i] - m) * r);
+      sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
+    }
+    p.dbias[pl] = sdz;
+    p.dweight[pl] = sdzx;
+    if (p.act == 3) p.dprelu[pl] = sdp;
+  }
+  std::vector<T> c0, c1, c2;
+  set_coefficients<T>(p, c0, c1, c2);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const T* x = (const T*)p.x + pl * S;
+    const T* dy = (const T*)p.dy + pl * S;
+    T* dx = (T*)p.dx + pl * S;
+    T a, bb, m, r;
+    coef(pl, a, bb, m, r);
+    const T slope = slope_of<T>(p, pl % p.C);
+    const T k0 = c0[pl], k1 = c1[pl], k2 = c2[pl];
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) {
+      const T z = x[i] * a + bb;
+      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      dx[i] = k0 * g - k1 - (x[i] - m) * r * k2;
+    }
   }
 }
 
@@ -142,9 +299,16 @@ void cl_reduce(const NormActParams& p, int nacc, F&& f, std::vector<double>& out
 }
 
 template <typename T>
+void apply_cl(const NormActParams& p);
+
+template <typename T>
 void forward_cl(const NormActParams& p) {
   const int64_t N = p.N, C = p.C, S = p.S;
   const T* x = (const T*)p.x;
+  if (p.kind == 3) {  // given statistics: the elementwise pass only
+    apply_cl<T>(p);
+    return;
+  }
   std::vector<double> sums;
   cl_reduce(p, 1, [&](int64_t n, int64_t s, double* acc) {
     const T* r = x + (n * S + s) * C;
@@ -163,16 +327,30 @@ void forward_cl(const NormActParams& p) {
       acc[c] += d * d;
     }
   }, sq);
+  if (p.kind != 0) {
+    merge_sets(p, mean, sq);
+  } else {
+    for (int64_t k = 0; k < N * C; ++k) {
+      p.mean[k] = mean[k];
+      p.rstd[k] = 1.0 / std::sqrt(sq[k] / (double)S + p.eps);
+    }
+  }
+  apply_cl<T>(p);
+}
+
+// channels last: y = act(x * a + bb) with each plane's coefficients from p.mean / p.rstd
+template <typename T>
+void apply_cl(const NormActParams& p) {
+  const int64_t N = p.N, C = p.C, S = p.S;
+  const T* x = (const T*)p.x;
   std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C));
   for (int64_t k = 0; k < N * C; ++k) {
     const int64_t c = k % C;
-    const double rstd = 1.0 / std::sqrt(sq[k] / (double)S + p.eps);
-    p.mean[k] = mean[k];
-    p.rstd[k] = rstd;
+    const double rstd = p.rstd[k];
     const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
     const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
     a[k] = (T)(rstd * w);  // as the planar kernel: x * a + (b - mean * a)
-    bb[k] = (T)(b - mean[k] * rstd * w);
+    bb[k] = (T)(b - p.mean[k] * rstd * w);
   }
   T* y = (T*)p.y;
   const std::vector<T> sl = slopes_of<T>(p);
@@ -244,6 +422,8 @@ void backward_cl(const NormActParams& p) {
       c1[k] = (T)(sdz / (double)S);
       c2[k] = (T)(sdzx / (double)S);
     }
+  const bool sets = p.kind != 0;  // dx = c0 g - c1 - xhat c2 (set coefficients) instead
+  if (sets) set_coefficients<T>(p, c0, c1, c2);
   T* dx = (T*)p.dx;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
   for (int64_t t = 0; t < N * S; ++t) {
@@ -257,7 +437,8 @@ void backward_cl(const NormActParams& p) {
     for (int64_t c = 0; c < C; ++c) {
       const T z = xr[c] * an[c] + bn[c];
       const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope[c]);
-      o[c] = k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
+      o[c] = sets ? k0[c] * g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]
+                  : k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
     }
   }
 }
@@ -267,6 +448,7 @@ void backward_cl(const NormActParams& p) {
 namespace {
 bool bad(const NormActParams& p, bool backward) {
   if (p.N < 0 || p.C < 1 || p.S < 1 || p.act < 0 || p.act > 3) return true;
+  if (p.kind < 0 || p.kind > 3 || (p.kind == 1 && (p.groups < 1 || p.C % p.groups != 0))) return true;
   if (p.act == 3 && (!p.prelu || (p.prelu_n != 1 && p.prelu_n != p.C) || (backward && !p.dprelu))) return true;
   return false;
 }
@@ -277,6 +459,12 @@ int norm_act_fwd_cpu(const NormActParams& p) {
   if (p.channels_last) {
     if (p.dtype == kF32) forward_cl<float>(p);
     else if (p.dtype == kF64) forward_cl<double>(p);
+    else return kBadDtype;
+    return kOk;
+  }
+  if (p.kind != 0) {
+    if (p.dtype == kF32) forward_sets<float>(p);
+    else if (p.dtype == kF64) forward_sets<double>(p);
     else return kBadDtype;
     return kOk;
   }
@@ -291,6 +479,12 @@ int norm_act_bwd_cpu(const NormActParams& p) {
   if (p.channels_last) {
     if (p.dtype == kF32) backward_cl<float>(p);
     else if (p.dtype == kF64) backward_cl<double>(p);
+    else return kBadDtype;
+    return kOk;
+  }
+  if (p.kind != 0) {
+    if (p.dtype == kF32) backward_sets<float>(p);
+    else if (p.dtype == kF64) backward_sets<double>(p);
     else return kBadDtype;
     return kOk;
   }

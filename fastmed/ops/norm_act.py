@@ -24,13 +24,16 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["norm_act", "norm_act_", "norm_act_reference", "ACTS"]
+__all__ = ["norm_act", "norm_act_", "batch_norm_act", "group_norm_act", "norm_act_reference", "ACTS"]
 
 ACTS = {"none": 0, "relu": 1, "leaky_relu": 2, "prelu": 3}
 
 
+KINDS = {"instance": 0, "group": 1, "batch": 2, "batch_eval": 3}
+
+
 def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float, act: int,
-            prelu: Optional[Tensor] = None):
+            prelu: Optional[Tensor] = None, kind: int = 0, groups: int = 1):
     mod = _ext.require(x.device, "norm_act")
     p = mod.NormActParams()
     p.N, p.C = x.shape[0], x.shape[1]
@@ -42,6 +45,7 @@ def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     p.eps, p.slope, p.act = float(eps), float(slope), int(act)
     if act == 3:
         p.prelu, p.prelu_n = prelu.data_ptr(), prelu.numel()
+    p.kind, p.groups = int(kind), int(groups)
     p.channels_last = int(_cl_format(x) is not None)
     p.num_threads = _ext.num_threads()
     return mod, p
@@ -143,10 +147,19 @@ def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
 
 @torch.library.custom_op("fastmed::norm_act_fwd", mutates_args=())
 def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
-                 act: int, prelu: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 act: int, prelu: Optional[Tensor] = None, kind: int = 0, groups: int = 1,
+                 run_mean: Optional[Tensor] = None, run_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); mean / rstd per plane (N * C, float64): each plane's statistics, or its group's
+    (kind 1) or channel's (kind 2); kind 3 normalises with the given run_mean / run_var (batch norm
+    in eval) and returns them per plane."""
     planes = x.shape[0] * x.shape[1]
     mean = torch.empty(planes, dtype=torch.float64, device=x.device)
     rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
+    if kind == 3:
+        _given_stats(x, run_mean, run_var, eps, mean, rstd)
+    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):  # the C++ kernel only, yet
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
+        return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
         y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu) if tri is not None else None
@@ -158,24 +171,34 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
         pw = _prelu_arg(prelu, x, act)
-        mod, p = _params(x, w, b, eps, slope, act, pw)
+        mod, p = _params(x, w, b, eps, slope, act, pw, kind, groups)
         p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         mod.norm_act_fwd(p)
     return y, mean, rstd
 
 
+def _given_stats(x: Tensor, run_mean: Tensor, run_var: Tensor, eps: float, mean: Tensor, rstd: Tensor) -> None:
+    """Batch norm in eval: the running statistics per plane (float64), rstd = 1 / sqrt(var + eps)."""
+    N, C = x.shape[0], x.shape[1]
+    mean.copy_(run_mean.to(torch.float64).expand(N, C).flatten())
+    rstd.copy_((1.0 / torch.sqrt(run_var.to(torch.float64) + eps)).expand(N, C).flatten())
+
+
 @norm_act_fwd.register_fake
-def _(x, weight, bias, eps, slope, act, prelu=None):
+def _(x, weight, bias, eps, slope, act, prelu=None, kind=0, groups=1, run_mean=None, run_var=None):
     planes = x.shape[0] * x.shape[1]
     return _like(x), x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
 
 
 @torch.library.custom_op("fastmed::norm_act_bwd", mutates_args=())
 def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                 slope: float, act: int, prelu: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 slope: float, act: int, prelu: Optional[Tensor] = None, kind: int = 0,
+                 groups: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dprelu): the parameters' gradients in float64, dprelu empty unless act 3."""
     N, C = x.shape[0], x.shape[1]
     fmt = _cl_format(x)
+    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):
+        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu, kind, groups)
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
         out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu) if tri is not None else None
@@ -189,7 +212,7 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     dp = torch.zeros(N * C if act == 3 else 0, dtype=torch.float64)
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, 0.0, slope, act, _prelu_arg(prelu, x, act))
+        mod, p = _params(x, w, b, 0.0, slope, act, _prelu_arg(prelu, x, act), kind, groups)
         p.dy, p.dx, p.mean, p.rstd = dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         p.dweight, p.dbias = dw.data_ptr(), db.data_ptr()
         if act == 3:
@@ -200,7 +223,7 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
 
 
 @norm_act_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
+def _(dy, x, weight, bias, mean, rstd, slope, act, prelu=None, kind=0, groups=1):
     C = x.shape[1]
     npr = 0 if act != 3 or prelu is None else prelu.numel()
     return (_like(x), x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64),
@@ -209,21 +232,22 @@ def _(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, slope, act = inputs[:6]
-    prelu = inputs[6] if len(inputs) > 6 else None
+    prelu, kind, groups = (list(inputs[6:9]) + [None, 0, 1][len(inputs[6:9]):])
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd, prelu)
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.slope, ctx.act = slope, act
+    ctx.slope, ctx.act, ctx.kind, ctx.groups = slope, act, kind, groups
     ctx.has_w, ctx.has_b = weight is not None, bias is not None
 
 
 def _backward(ctx, dy, dmean, drstd):
     x, weight, bias, mean, rstd, prelu = ctx.saved_tensors
-    dx, dw, db, dp = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act, prelu)
+    dx, dw, db, dp = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act, prelu, ctx.kind, ctx.groups)
     dprelu = dp.view(prelu.shape).to(prelu.dtype) if prelu is not None and ctx.act == 3 and ctx.needs_input_grad[6] \
         else None
     return (dx, dw.to(weight.dtype) if ctx.has_w and ctx.needs_input_grad[1] else None,
-            db.to(bias.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None, None, None, None, dprelu)
+            db.to(bias.dtype) if ctx.has_b and ctx.needs_input_grad[2] else None, None, None, None, dprelu,
+            None, None, None, None)
 
 
 norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -247,14 +271,14 @@ def norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] 
     return norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None)[0]
 
 
-def _check(x, weight, bias, eps, act, prelu=None) -> int:
+def _check(x, weight, bias, eps, act, prelu=None, norm="instance norm") -> int:
     """Validates norm_act's arguments (naming the bad one); returns the activation code."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 3:
         raise ValueError(f"x must be (N, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
     if x.numel() and x[0, 0].numel() == 1:
-        raise ValueError(f"x: instance norm needs more than 1 spatial element (as torch's), got shape {tuple(x.shape)}")
+        raise ValueError(f"x: {norm} needs more than 1 spatial element here, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64) and not (
             x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)):
         raise TypeError(f"x must be float32 or float64 (float16 / bfloat16 too on CUDA), got {x.dtype}")
@@ -277,9 +301,77 @@ def _check(x, weight, bias, eps, act, prelu=None) -> int:
     return code
 
 
-@torch.library.custom_op("fastmed::norm_act_", mutates_args=("x",))
+def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5, act="leaky_relu", slope: float = 0.01, prelu: Optional[Tensor] = None) -> Tensor:
+    """``act(F.group_norm(x, num_groups, weight, bias, eps))`` in one read-twice, write-once pass
+    (statistics per sample and group of C / num_groups channels); differentiable. CPU kernel; other
+    devices compute it in float64 plain PyTorch."""
+    code = _check(x, weight, bias, eps, act, prelu, "group norm")
+    C = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the {C} channels, got {num_groups!r}")
+    if not x.is_contiguous() and _cl_format(x) is None:
+        x = x.contiguous()
+    return norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None, 1,
+                        num_groups)[0]
+
+
+def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, act="leaky_relu", slope: float = 0.01,
+                   prelu: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+    """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))`` in
+    one pass (training: statistics per channel over the batch and space, and the running statistics
+    updated in place as F.batch_norm does: momentum-weighted, unbiased variance); differentiable.
+    ``inplace=True`` (inference only) writes the result over x."""
+    code = _check(x, weight, bias, eps, act, prelu, "batch norm")
+    N, C = x.shape[0], x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({C},), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are needed when training=False")
+    if training and N * x[0, 0].numel() <= 1:
+        raise ValueError(f"x: batch norm in training needs more than 1 value per channel, got shape {tuple(x.shape)}")
+    if not x.is_contiguous() and _cl_format(x) is None:
+        if inplace:
+            raise ValueError("x must be contiguous (or channels last) to be normalised in place")
+        x = x.contiguous()
+    pw = prelu if code == 3 else None
+    kind = 2 if training else 3
+    rm, rv = (running_mean, running_var) if kind == 3 else (None, None)
+    if inplace:
+        mean = torch.empty(N * C, dtype=torch.float64, device=x.device)
+        rstd = torch.empty_like(mean)
+        with torch.no_grad():
+            norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code, pw, kind, 1, rm, rv, mean, rstd)
+        y = x
+    else:
+        y, mean, rstd = norm_act_fwd(x, weight, bias, float(eps), float(slope), code, pw, kind, 1, rm, rv)
+    if training and running_mean is not None and running_var is not None:
+        n = N * x[0, 0].numel()
+        with torch.no_grad():  # as F.batch_norm: r = momentum * batch + (1 - momentum) * r, variance unbiased
+            bm, bv = mean[:C], 1.0 / rstd[:C].square() - eps
+            running_mean.copy_(momentum * bm + (1 - momentum) * running_mean.double())
+            running_var.copy_(momentum * bv * (n / (n - 1)) + (1 - momentum) * running_var.double())
+    return y
+
+
+@torch.library.custom_op("fastmed::norm_act_", mutates_args=("x", "mean_out", "rstd_out"))
 def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float,
-                        act: int, prelu: Optional[Tensor] = None) -> None:
+                        act: int, prelu: Optional[Tensor] = None, kind: int = 0, groups: int = 1,
+                        run_mean: Optional[Tensor] = None, run_var: Optional[Tensor] = None,
+                        mean_out: Optional[Tensor] = None, rstd_out: Optional[Tensor] = None) -> None:
+    """norm_act_fwd's y written over x; mean_out / rstd_out (float64, N * C) receive the statistics
+    when given (batch norm in training updates its running statistics from them)."""
+    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):
+        y, m, r = norm_act_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
+        x.copy_(y)
+        for o, v in ((mean_out, m), (rstd_out, r)):
+            if o is not None:
+                o.copy_(v)
+        return
     if x.device.type != "cpu":
         tri = _triton() if x.device.type == "cuda" else None
         if tri is not None and tri.is_supported_layout(x):
@@ -293,15 +385,18 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, eps, slope, act, _prelu_arg(prelu, x, act))
-        mean = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64)
-        rstd = torch.empty_like(mean)
+        mod, p = _params(x, w, b, eps, slope, act, _prelu_arg(prelu, x, act), kind, groups)
+        mean = mean_out if mean_out is not None else torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64)
+        rstd = rstd_out if rstd_out is not None else torch.empty_like(mean)
+        if kind == 3:
+            _given_stats(x, run_mean, run_var, eps, mean, rstd)
         p.y, p.mean, p.rstd = x.data_ptr(), mean.data_ptr(), rstd.data_ptr()  # y = x: each voxel is
         mod.norm_act_fwd(p)  # read for the statistics first, then written once
 
 
 @norm_act_inplace_op.register_fake
-def _(x, weight, bias, eps, slope, act, prelu=None):
+def _(x, weight, bias, eps, slope, act, prelu=None, kind=0, groups=1, run_mean=None, run_var=None, mean_out=None,
+      rstd_out=None):
     return None
 
 
@@ -324,12 +419,29 @@ def _prelu_ref(z: Tensor, prelu: Tensor) -> Tensor:
     return torch.where(z > 0, z, z * w)
 
 
-def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None):
-    dims = tuple(range(2, x.ndim))
+def _reference_stats(x64: Tensor, eps: float, kind: int = 0, groups: int = 1, run_mean=None, run_var=None):
+    """(mean, rstd) of shape (N, C, 1, ...) in float64: per plane (kind 0), per sample and group of
+    channels (1), per channel over the batch (2), or the given running statistics (3)."""
+    N, C = x64.shape[0], x64.shape[1]
+    one = (1,) * (x64.ndim - 2)
+    dims = tuple(range(2, x64.ndim))
+    if kind == 0:
+        mean, var = x64.mean(dims, keepdim=True), x64.var(dims, unbiased=False, keepdim=True)
+    elif kind == 1:
+        xg = x64.reshape(N, groups, -1)
+        mean = xg.mean(-1, keepdim=True).repeat_interleave(C // groups, 1).view((N, C) + one)
+        var = xg.var(-1, unbiased=False, keepdim=True).repeat_interleave(C // groups, 1).view((N, C) + one)
+    elif kind == 2:
+        bd = (0,) + dims
+        mean, var = x64.mean(bd, keepdim=True), x64.var(bd, unbiased=False, keepdim=True)
+    else:
+        mean, var = run_mean.double().view((1, C) + one), run_var.double().view((1, C) + one)
+    return mean.expand((N, C) + one), (1.0 / torch.sqrt(var + eps)).expand((N, C) + one)
+
+
+def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None, kind=0, groups=1, run_mean=None, run_var=None):
     x64 = x.double()
-    mean = x64.mean(dims, keepdim=True)
-    var = x64.var(dims, unbiased=False, keepdim=True)
-    rstd = 1.0 / torch.sqrt(var + eps)
+    mean, rstd = _reference_stats(x64, eps, kind, groups, run_mean, run_var)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     z = (x64 - mean) * rstd
     if weight is not None:
@@ -343,8 +455,10 @@ def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None):
     return y.to(x.dtype), mean, rstd
 
 
-def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
-    """The backward formula of norm_act_bwd in float64 plain PyTorch (non-CPU devices)."""
+def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu=None, kind=0, groups=1):
+    """The backward formula of norm_act_bwd in float64 plain PyTorch (non-CPU devices): for group and
+    batch norm (kinds 1, 2) dx = rstd (w g - M1 - xhat M2) with M1, M2 the means of w g and
+    w g xhat over the statistics' set; kind 3 (given statistics) dx = rstd w g."""
     N, C = x.shape[0], x.shape[1]
     dims = tuple(range(2, x.ndim))
     shape = (N, C) + (1,) * (x.ndim - 2)
@@ -364,7 +478,19 @@ def _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
         g = torch.where(z > 0, g, g * prelu.double().view((1, -1) + (1,) * (x.ndim - 2)))
     sdz, sdzx = g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)
     S = x[0, 0].numel()
-    dx = rstd.view(shape) * w * (g - sdz / S - xhat * sdzx / S)
+    if kind == 0:
+        dx = rstd.view(shape) * w * (g - sdz / S - xhat * sdzx / S)
+    else:
+        m1, m2 = w * sdz, w * sdzx  # (N, C, 1, ...) per-plane sums of w g and w g xhat
+        if kind == 1:
+            m1 = m1.reshape(N, groups, -1).sum(-1, keepdim=True).repeat_interleave(C // groups, 1).view(shape)
+            m2 = m2.reshape(N, groups, -1).sum(-1, keepdim=True).repeat_interleave(C // groups, 1).view(shape)
+            cnt = C // groups * S
+        else:
+            m1, m2, cnt = m1.sum(0, keepdim=True), m2.sum(0, keepdim=True), N * S
+        if kind == 3:
+            m1, m2 = torch.zeros_like(m1), torch.zeros_like(m2)
+        dx = rstd.view(shape) * (w * g - m1 / cnt - xhat * m2 / cnt)
     return dx.to(x.dtype), sdzx.sum(0).flatten(), sdz.sum(0).flatten(), dp  # float64, as the kernels
 
 
