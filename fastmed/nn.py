@@ -69,18 +69,30 @@ from torch import Tensor, nn
 
 from .ops import conv_norm_act as CNA
 from .ops import upconv as UC
-from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
+from .ops import norm_act as NA
+from .ops.norm_act import _cl_format, _triton, batch_norm_act, norm_act, norm_act_
 
 __all__ = ["ConvNormAct", "OneDNNConv3d", "FastConvTranspose2d", "FastConvTranspose3d", "optimize"]
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_BATCH_NORMS = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}  # the input's ndim the kernel takes
+
+
+def _norm_type(norm: nn.Module) -> type:
+    """norm's torch.nn class (a fused norm's base)."""
+    t = type(norm)
+    return t.__mro__[2] if issubclass(t, _FusedInstanceNorm) else t
+
+
+def _channels(norm: nn.Module) -> int:
+    return norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
 
 
 def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str]:
     """(kwargs for norm_act, '') when norm -> act can be fused, else (None, reason)."""
-    if type(norm) not in _INSTANCE_NORMS:
-        return None, f"norm is {type(norm).__name__} (only InstanceNorm without running stats is fused yet)"
-    if norm.track_running_stats:
+    if type(norm) not in _INSTANCE_NORMS and type(norm) not in _BATCH_NORMS and type(norm) is not nn.GroupNorm:
+        return None, f"norm is {type(norm).__name__} (InstanceNorm, BatchNorm and GroupNorm are fused)"
+    if type(norm) in _INSTANCE_NORMS and norm.track_running_stats:
         return None, "InstanceNorm with track_running_stats=True (eval uses running statistics)"
     if type(act) is nn.LeakyReLU:
         spec = dict(act="leaky_relu", slope=float(act.negative_slope))
@@ -89,7 +101,7 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
     elif type(act) is nn.Identity:
         spec = dict(act="none", slope=0.0)
     elif type(act) is nn.PReLU and act.weight.ndim == 1 \
-            and act.weight.numel() in (1, norm.num_features):
+            and act.weight.numel() in (1, _channels(norm)):
         spec = dict(act="prelu", slope=0.0, prelu=act)  # the module: its weight is read at each call
     else:
         return None, f"activation is {type(act).__name__} (LeakyReLU / ReLU / PReLU are fused)"
@@ -112,7 +124,11 @@ def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
             return False
     else:
         return False
-    if norm is not None and x.ndim != norm._get_no_batch_dim() + 1:
+    if norm is not None and _norm_type(norm) not in _INSTANCE_NORMS:
+        # batch / group norm: the C++ kernels (other devices: the eager modules), 3D+ input
+        if x.device.type != "cpu" or x.ndim < 3 or x.ndim != _BATCH_NORMS.get(_norm_type(norm), x.ndim):
+            return False
+    elif norm is not None and x.ndim != norm._get_no_batch_dim() + 1:
         return False
     return x[0, 0].numel() > 1
 
@@ -123,9 +139,36 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
     w = norm.weight if norm.affine else None
     b = norm.bias if norm.affine else None
     pw = spec["prelu"].weight if spec["act"] == "prelu" else None
-    if fresh and not torch.is_grad_enabled() and (x.is_contiguous() or _cl_format(x) is not None):
+    inplace = fresh and not torch.is_grad_enabled() and (x.is_contiguous() or _cl_format(x) is not None)
+    kind = _norm_type(norm)
+    if kind in _BATCH_NORMS:
+        return _batch_norm_fused(norm, spec, x, w, b, pw, inplace)
+    if kind is nn.GroupNorm:
+        if inplace:
+            with torch.no_grad():
+                NA.norm_act_inplace_op(x, w, b, float(norm.eps), float(spec["slope"]), NA.ACTS[spec["act"]], pw, 1,
+                                       norm.num_groups)
+            return x
+        return NA.group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"], spec["slope"], pw)
+    if inplace:
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
     return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
+
+
+def _batch_norm_fused(norm: nn.Module, spec: dict, x: Tensor, w, b, pw, inplace: bool) -> Tensor:
+    """nn.BatchNorm*d's forward (its choice of batch or running statistics, momentum or cumulative
+    average, num_batches_tracked) with the activation fused."""
+    norm._check_input_dim(x)
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    bn_training = norm.training or (norm.running_mean is None and norm.running_var is None)
+    use_running = not norm.training or norm.track_running_stats
+    rm = norm.running_mean if use_running else None
+    rv = norm.running_var if use_running else None
+    return batch_norm_act(x, rm, rv, w, b, bn_training, factor, norm.eps, spec["act"], spec["slope"], pw,
+                          inplace=inplace)
 
 
 def _eager_act(spec: dict, x: Tensor) -> Tensor:
@@ -249,7 +292,8 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
     """conv -> norm -> act as one ``fastmed::conv_norm_act_fwd`` (the Triton implicit GEMM with the
     norm statistics in its epilogue) where it applies: CUDA, ``FASTMED_TRITON_CONV=1``, a plain
     convolution; CUDA autocast runs it in the autocast dtype. None: the caller runs the usual path."""
-    if x.device.type != "cuda" or not CNA.triton_conv_enabled() or spec["act"] == "prelu":
+    if x.device.type != "cuda" or not CNA.triton_conv_enabled() or spec["act"] == "prelu" \
+            or _norm_type(norm) not in _INSTANCE_NORMS:
         return None
     conv = _plain_conv(conv_mod)
     if conv is None or x.ndim != conv.weight.ndim or x.ndim != norm._get_no_batch_dim() + 1:
@@ -299,7 +343,8 @@ class _AppliedPReLU(nn.PReLU):
 
 
 class _FusedInstanceNorm:
-    """Mixin: an InstanceNormNd whose forward also applies the activation that followed it."""
+    """Mixin: an InstanceNormNd (or BatchNormNd, GroupNorm) whose forward also applies the
+    activation that followed it."""
 
     _fm_spec: dict
 
@@ -320,8 +365,25 @@ class FusedInstanceNorm3d(_FusedInstanceNorm, nn.InstanceNorm3d):
     pass
 
 
+class FusedBatchNorm1d(_FusedInstanceNorm, nn.BatchNorm1d):
+    pass
+
+
+class FusedBatchNorm2d(_FusedInstanceNorm, nn.BatchNorm2d):
+    pass
+
+
+class FusedBatchNorm3d(_FusedInstanceNorm, nn.BatchNorm3d):
+    pass
+
+
+class FusedGroupNorm(_FusedInstanceNorm, nn.GroupNorm):
+    pass
+
+
 _FUSED_NORM = {nn.InstanceNorm1d: FusedInstanceNorm1d, nn.InstanceNorm2d: FusedInstanceNorm2d,
-               nn.InstanceNorm3d: FusedInstanceNorm3d}
+               nn.InstanceNorm3d: FusedInstanceNorm3d, nn.BatchNorm1d: FusedBatchNorm1d,
+               nn.BatchNorm2d: FusedBatchNorm2d, nn.BatchNorm3d: FusedBatchNorm3d, nn.GroupNorm: FusedGroupNorm}
 
 
 # ------------------------------------------------------------------------------------------------

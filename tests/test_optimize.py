@@ -261,6 +261,48 @@ def test_monai_basicunet_and_unet(train):
 
 
 @pytest.mark.parametrize("train", [False, True])
+def test_batch_and_group_norm_models(train):
+    """MONAI's UNet with batch norm (BatchNorm -> Dropout(0) -> PReLU, as MONAI's spleen tutorial),
+    DynUNet with batch norm, BasicUNet with group norm: fused, same outputs, gradients and running
+    statistics (train mode updates them alike: _check_model compares state after the runs)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 1, 24, 24, 24)
+    m = monai_nets.UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch")
+    o = _check_model(m, x, train)
+    assert len(o._fastmed_report["fused"]) == sum(isinstance(a, nn.BatchNorm3d) for a in m.modules())
+    assert not o._fastmed_report["skipped"]
+    o = _check_model(_dynunet(True, norm="batch"), x, train)
+    assert o._fastmed_report["fused"] and not o._fastmed_report["skipped"]
+    m = monai_nets.BasicUNet(3, 1, 3, features=(8, 8, 16, 16, 32, 8), norm=("group", {"num_groups": 4}))
+    o = _check_model(m, x[:1], train)
+    assert len(o._fastmed_report["fused"]) == 18 and not o._fastmed_report["skipped"]
+
+
+def test_batch_norm_running_statistics_follow_eager():
+    """Several training steps (momentum, and momentum=None's cumulative average), then eval: the
+    fused BatchNorm's buffers and outputs stay those of the eager module."""
+    torch.manual_seed(6)
+    for momentum in (0.1, None):
+        m = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4, momentum=momentum), nn.PReLU(4))
+        o = fastmed.optimize(m)
+        assert o._fastmed_report["fused"]
+        for _ in range(3):
+            x = torch.randn(2, 2, 8, 9, 7) * 3 + 1
+            torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+        for (k, a), b in zip(m.state_dict().items(), o.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=k)
+        m.eval(), o.eval()
+        x = torch.randn(1, 2, 8, 9, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+    # track_running_stats=False: batch statistics in eval too
+    m = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4, track_running_stats=False), nn.ReLU()).eval()
+    o = fastmed.optimize(m)
+    assert o._fastmed_report["fused"]
+    torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
 def test_nnunet_plain_and_residual_encoder_unets(train):
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
     torch.manual_seed(2)
@@ -309,11 +351,16 @@ def test_float64_gradients_equal_exactly_enough():
 
 
 def test_unsupported_patterns_left_untouched_and_reported(capsys):
-    m = _dynunet(False, norm="batch")
+    m = _dynunet(False, norm=("instance", {"track_running_stats": True}))
     o = fastmed.optimize(m, verbose=True)
     assert not o._fastmed_report["fused"] and o._fastmed_report["skipped"]
     _assert_same_but_convs(m, o)
-    assert "BatchNorm3d" in capsys.readouterr().out
+    assert "track_running_stats" in capsys.readouterr().out
+    # a norm fastmed has no kernel for
+    seq = nn.Sequential(nn.Conv3d(1, 4, 3), nn.LayerNorm([4, 4, 4]), nn.ReLU())
+    o = fastmed.optimize(seq)
+    assert not o._fastmed_report["fused"]
+    _assert_same_but_convs(seq, o)
     # a norm registered twice (it may run outside its Sequential) is not fused
     norm, act = nn.InstanceNorm3d(4), nn.ReLU()
     shared = nn.Module()
