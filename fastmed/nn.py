@@ -3,11 +3,13 @@
 ``ConvNormAct`` is convolution -> normalisation -> activation with its parts named ``conv``, ``norm``
 and ``act`` (plain ``torch.nn`` modules, so a state_dict of
 ``nn.Sequential(OrderedDict(conv=..., norm=..., act=...))`` loads unchanged). Where the norm is an
-``InstanceNorm`` without running statistics and the activation is ``LeakyReLU`` / ``ReLU`` /
-``PReLU`` / none, norm and activation run as one call of ``fastmed::norm_act_fwd`` (one read-twice,
-write-once pass; the backward recomputes the pre-activation and gives PReLU's weight its gradient).
-Every other combination (BatchNorm, GroupNorm, instance norm with running statistics) runs the
-eager modules, with their train / eval semantics.
+``InstanceNorm`` without running statistics, a ``BatchNorm`` or a ``GroupNorm`` and the activation is
+``LeakyReLU`` / ``ReLU`` / ``PReLU`` / none, norm and activation run as one call of
+``fastmed::norm_act_fwd`` (statistics, then one write pass; the backward recomputes the
+pre-activation and gives PReLU's weight its gradient). Batch norm keeps ``nn.BatchNorm``'s train /
+eval semantics (batch or running statistics, momentum or cumulative average, num_batches_tracked).
+Batch and group norm are fused on the CPU only (on CUDA they run the eager modules); instance norm
+with running statistics always runs the eager modules.
 
 ``optimize(model)`` finds norm -> activation pairs in existing models and fuses them the same way,
 keeping every module, parameter and state_dict key:
@@ -17,12 +19,14 @@ keeping every module, parameter and state_dict key:
   filling a new buffer (a forward hook on such a convolution would see its output normalised);
 - in any ``nn.Sequential`` (MONAI's ``Convolution`` / ``ADN`` as used by ``UNet`` and ``BasicUNet``,
   nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
-  ``InstanceNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` / ``PReLU`` (a ``Dropout`` with
-  p = 0 between them is allowed) becomes a fused instance norm. A LeakyReLU's / ReLU's slot then
+  ``InstanceNorm`` / ``BatchNorm`` / ``GroupNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` /
+  ``PReLU`` (a ``Dropout`` with p = 0 between them is allowed) becomes a fused norm (the same
+  object, its class swapped, e.g. ``FusedBatchNorm3d``). A LeakyReLU's / ReLU's slot then
   holds ``nn.Identity`` (no parameters: the state_dict is unchanged); a PReLU stays in its slot
   with its weight (same state_dict key, same optimizer parameter) as ``_AppliedPReLU``, whose
   forward passes its input through because the fused norm already applied it (MONAI's default
-  ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block).
+  ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block; with ``norm="batch"``, as in
+  MONAI's spleen tutorial, BatchNorm -> Dropout(0) -> PReLU).
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 kernels do not take (CPU float16 / bfloat16, CPU autocast, devices other than CPU and CUDA, CUDA
@@ -425,7 +429,8 @@ class ConvNormAct(nn.Module):
     subclass), so parameter names, shapes, state_dicts and train / eval semantics are torch.nn's.
     Instance norm without running statistics + LeakyReLU / ReLU / PReLU / none runs fused on the
     CPU (float32 / float64) and on CUDA (Triton; float16 / bfloat16 too; PReLU where its weight has
-    the input's dtype); everything else runs the eager modules.
+    the input's dtype); batch norm and group norm run fused on the CPU; everything else runs the
+    eager modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
