@@ -19,14 +19,16 @@ keeping every module, parameter and state_dict key:
   filling a new buffer (a forward hook on such a convolution would see its output normalised);
 - in any ``nn.Sequential`` (MONAI's ``Convolution`` / ``ADN`` as used by ``UNet`` and ``BasicUNet``,
   nnU-Net's ``ConvDropoutNormReLU`` in ``PlainConvUNet`` and ``ResidualEncoderUNet``) an
-  ``InstanceNorm`` / ``BatchNorm`` / ``GroupNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` /
-  ``PReLU`` (a ``Dropout`` with p = 0 between them is allowed) becomes a fused norm (the same
-  object, its class swapped, e.g. ``FusedBatchNorm3d``). A LeakyReLU's / ReLU's slot then
+  ``InstanceNorm`` / ``GroupNorm`` directly followed by ``LeakyReLU`` / ``ReLU`` / ``PReLU`` (a
+  ``Dropout`` with p = 0 between them is allowed) becomes a fused norm (the same object, its class
+  swapped, e.g. ``FusedInstanceNorm3d``). ``BatchNorm`` there is left alone: DDP code calls
+  ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would replace the fused norm by a plain one and
+  lose the activation it applies (in DynUNet blocks and ``ConvNormAct``, which run their own
+  forward, batch norm is fused, and a SyncBatchNorm put there later runs eagerly). A LeakyReLU's / ReLU's slot then
   holds ``nn.Identity`` (no parameters: the state_dict is unchanged); a PReLU stays in its slot
   with its weight (same state_dict key, same optimizer parameter) as ``_AppliedPReLU``, whose
   forward passes its input through because the fused norm already applied it (MONAI's default
-  ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block; with ``norm="batch"``, as in
-  MONAI's spleen tutorial, BatchNorm -> Dropout(0) -> PReLU).
+  ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block).
 A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
 and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 kernels do not take (CPU float16 / bfloat16, CPU autocast, devices other than CPU and CUDA, CUDA
@@ -129,6 +131,8 @@ def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
     else:
         return False
     if norm is not None and _norm_type(norm) not in _INSTANCE_NORMS:
+        if _norm_type(norm) not in _BATCH_NORMS and _norm_type(norm) is not nn.GroupNorm:
+            return False  # e.g. a SyncBatchNorm that convert_sync_batchnorm put in a fused block
         # batch / group norm: the C++ kernels (other devices: the eager modules), 3D+ input
         if x.device.type != "cpu" or x.ndim < 3 or x.ndim != _BATCH_NORMS.get(_norm_type(norm), x.ndim):
             return False
@@ -634,6 +638,11 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
             continue
         act = seq._modules[names[j]]
         spec, why = _norm_act_spec(norm, act)
+        if spec is not None and type(norm) in _BATCH_NORMS:
+            # the activation's slot would be emptied: nn.SyncBatchNorm.convert_sync_batchnorm (DDP)
+            # would then replace the fused norm by a plain one and the activation would be lost
+            spec, why = None, ("BatchNorm in a Sequential (its activation would be lost if "
+                               "nn.SyncBatchNorm.convert_sync_batchnorm replaced it later)")
         # nnU-Net's block registers its norm and activation twice (as attributes and in the
         # Sequential its forward runs): exactly two references there; anything else is shared
         limit = 2 if type(parent).__name__ in _SEQUENTIAL_ONLY_PARENTS else 1
