@@ -96,81 +96,69 @@ void set_coefficients(const NormActParams& p, std::vector<T>& c0, std::vector<T>
   }
 }
 
+// one plane's mean and sum of squared deviations (exact two-pass, in double)
+template <typename T>
+inline void plane_stats(const T* x, int64_t S, double& mean, double& m2) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < S; ++i) s += (double)x[i];
+  mean = s / (double)S;
+  double ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < S; ++i) {
+    const double d = (double)x[i] - mean;
+    ss += d * d;
+  }
+  m2 = ss;
+}
+
+// one plane's elementwise pass: y = act(x * a + (b - mean * a)) with a = rstd * w, the coefficients
+// rounded once from float64: the same arithmetic as PyTorch's CPU instance norm (batch norm's
+// x * alpha + beta), so fused and eager networks round alike. Computing (x - mean) * a + b instead
+// is as accurate per plane, but in a whole DynUNet it moved float32 gradients 1% away from float64
+// (eager: 0.02%).
+template <typename T>
+inline void apply_plane(const NormActParams& p, int64_t pl, double mean, double rstd) {
+  const int64_t c = pl % p.C, S = p.S;
+  const T* x = (const T*)p.x + pl * S;
+  T* y = (T*)p.y + pl * S;
+  const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+  const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+  const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);
+  const int act = p.act == 3 ? 2 : p.act;
+  const T slope = slope_of<T>(p, c);
+#pragma omp simd
+  for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+}
+
+// planar instance norm: statistics and elementwise pass plane by plane (the plane still in cache)
 template <typename T>
 void forward(const NormActParams& p) {
   const int64_t planes = p.N * p.C;
-  const int64_t S = p.S;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t c = pl % p.C;
-    const T* x = (const T*)p.x + pl * S;
-    T* y = (T*)p.y + pl * S;
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < S; ++i) s += (double)x[i];
-    const double mean = s / (double)S;
-    double ss = 0;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < S; ++i) {
-      const double d = (double)x[i] - mean;
-      ss += d * d;
-    }
-    const double rstd = 1.0 / std::sqrt(ss / (double)S + p.eps);
+    double mean, m2;
+    plane_stats<T>((const T*)p.x + pl * p.S, p.S, mean, m2);
+    const double rstd = 1.0 / std::sqrt(m2 / (double)p.S + p.eps);
     p.mean[pl] = mean;
     p.rstd[pl] = rstd;
-    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    // y = act(x * a + (b - mean * a)) with a = rstd * w, the coefficients rounded once from float64:
-    // the same arithmetic as PyTorch's CPU instance norm (batch norm's x * alpha + beta), so fused
-    // and eager networks round alike. Computing (x - mean) * a + b instead is as accurate per plane,
-    // but in a whole DynUNet it moved float32 gradients 1% away from float64 (eager: 0.02%).
-    const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);
-    const int act = p.act == 3 ? 2 : p.act;
-    const T slope = slope_of<T>(p, c);
-#pragma omp simd
-    for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+    apply_plane<T>(p, pl, mean, rstd);
   }
 }
 
 // planar, statistics per set (kind 1-3): per-plane statistics, merged, then the elementwise pass
 template <typename T>
 void forward_sets(const NormActParams& p) {
-  const int64_t planes = p.N * p.C, S = p.S;
+  const int64_t planes = p.N * p.C;
   const int nt = std::max(1, p.num_threads);
   if (p.kind != 3) {
     std::vector<double> pmean((size_t)planes), pm2((size_t)planes);
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t pl = 0; pl < planes; ++pl) {
-      const T* x = (const T*)p.x + pl * S;
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < S; ++i) s += (double)x[i];
-      const double mean = s / (double)S;
-      double ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < S; ++i) {
-        const double d = (double)x[i] - mean;
-        ss += d * d;
-      }
-      pmean[pl] = mean;
-      pm2[pl] = ss;
-    }
+    for (int64_t pl = 0; pl < planes; ++pl) plane_stats<T>((const T*)p.x + pl * p.S, p.S, pmean[pl], pm2[pl]);
     merge_sets(p, pmean, pm2);
   }
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t c = pl % p.C;
-    const T* x = (const T*)p.x + pl * S;
-    T* y = (T*)p.y + pl * S;
-    const double mean = p.mean[pl], rstd = p.rstd[pl];
-    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);  // as the instance-norm pass
-    const int act = p.act == 3 ? 2 : p.act;
-    const T slope = slope_of<T>(p, c);
-#pragma omp simd
-    for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
-  }
+  for (int64_t pl = 0; pl < planes; ++pl) apply_plane<T>(p, pl, p.mean[pl], p.rstd[pl]);
 }
 
 // planar backward, statistics per set: per-plane sums, set coefficients, then dx
