@@ -8,8 +8,9 @@ and ``act`` (plain ``torch.nn`` modules, so a state_dict of
 ``fastmed::norm_act_fwd`` (statistics, then one write pass; the backward recomputes the
 pre-activation and gives PReLU's weight its gradient). Batch norm keeps ``nn.BatchNorm``'s train /
 eval semantics (batch or running statistics, momentum or cumulative average, num_batches_tracked).
-Batch and group norm are fused on the CPU only (on CUDA they run the eager modules); instance norm
-with running statistics always runs the eager modules.
+On CUDA the batch and group norm kernels are Triton's (checked under TRITON_INTERPRET=1, not yet on
+a GPU); group norm under CUDA autocast runs the eager modules (autocast gives it a float32 result).
+Instance norm with running statistics always runs the eager modules.
 
 ``optimize(model)`` finds norm -> activation pairs in existing models and fuses them the same way,
 keeping every module, parameter and state_dict key:
@@ -133,9 +134,11 @@ def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
     if norm is not None and _norm_type(norm) not in _INSTANCE_NORMS:
         if _norm_type(norm) not in _BATCH_NORMS and _norm_type(norm) is not nn.GroupNorm:
             return False  # e.g. a SyncBatchNorm that convert_sync_batchnorm put in a fused block
-        # batch / group norm: the C++ kernels (other devices: the eager modules), 3D+ input
-        if x.device.type != "cpu" or x.ndim < 3 or x.ndim != _BATCH_NORMS.get(_norm_type(norm), x.ndim):
+        # batch / group norm: the C++ kernels, the Triton kernels on CUDA; 3D+ input
+        if x.ndim != _BATCH_NORMS.get(_norm_type(norm), x.ndim):
             return False
+        if _norm_type(norm) is nn.GroupNorm and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            return False  # autocast runs F.group_norm in float32 (a float32 result): eager keeps that
     elif norm is not None and x.ndim != norm._get_no_batch_dim() + 1:
         return False
     return x[0, 0].numel() > 1

@@ -80,3 +80,48 @@ def test_cuda_big_plane_and_determinism(shape, cl):
     assert torch.equal(y1, y2)
     ref = NA.norm_act_reference(x.double().cpu()).cuda()
     torch.testing.assert_close(y1.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_cuda_batch_and_group_norm(dtype, cl):
+    """Group norm and batch norm (train with running statistics, eval) by the Triton kernels against
+    eager F.group_norm / F.batch_norm, with gradients (PReLU's weight's too)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, 8, 12, 10, 9, generator=g) * 2 + 5).to("cuda", dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    pt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(8, generator=g) + 0.5).to("cuda", pt)
+    b = torch.randn(8, generator=g).to("cuda", pt)
+    pw = (torch.rand(8, generator=g) - 0.3).to("cuda", pt)
+    dy = torch.randn(x.shape, generator=g).to("cuda", dtype)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]
+
+    def run(fn, ins):
+        ins = [t.detach().clone().requires_grad_(True) for t in ins]
+        y = fn(*ins)
+        y.backward(dy.to(y.dtype))
+        return [y.detach().double()] + [t.grad.double() for t in ins]
+
+    xs = (x.to(pt), w, b, pw)
+    for name, ours, eager in (
+        ("group", lambda x_, w_, b_, p_: NA.group_norm_act(x_, 4, w_, b_, 1e-5, "prelu", prelu=p_),
+         lambda x_, w_, b_, p_: F.prelu(F.group_norm(x_, 4, w_, b_, 1e-5), p_)),
+        ("batch", lambda x_, w_, b_, p_: NA.batch_norm_act(x_, None, None, w_, b_, True, 0.1, 1e-5, "prelu",
+                                                          prelu=p_),
+         lambda x_, w_, b_, p_: F.prelu(F.batch_norm(x_, None, None, w_, b_, True, 0.1, 1e-5), p_))):
+        got = run(ours, (x, w, b, pw))
+        ref = run(eager, xs)
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a, r, rtol=tol * 10, atol=tol * 10, msg=name)
+    rm, rv = torch.zeros(8, device="cuda", dtype=pt), torch.ones(8, device="cuda", dtype=pt)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = NA.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, "relu")
+    ye = F.relu(F.batch_norm(x.to(pt), rm2, rv2, w, b, True, 0.1, 1e-5))
+    torch.testing.assert_close(y.double(), ye.double(), rtol=tol * 10, atol=tol * 10)
+    torch.testing.assert_close(rm, rm2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, rv2, rtol=1e-5, atol=1e-6)
+    y = NA.batch_norm_act(x, rm, rv, w, b, False, 0.1, 1e-5, "leaky_relu", 0.01)
+    ye = F.leaky_relu(F.batch_norm(x.to(pt), rm, rv, w, b, False, 0.1, 1e-5), 0.01)
+    torch.testing.assert_close(y.double(), ye.double(), rtol=tol * 10, atol=tol * 10)

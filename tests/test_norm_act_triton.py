@@ -145,3 +145,127 @@ def test_triton_norm_act_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+SETS_SCRIPT = r"""
+import torch
+from fastmed.kernels import norm_act_triton as K
+from fastmed.ops import norm_act as NA
+
+g = torch.Generator().manual_seed(1)
+worst = {}
+
+
+def err(a, b, floor=1e-30):
+    return ((a.double() - b.double()).abs().max() / (b.double().abs().max() + floor)).item()
+
+
+# group norm (kind 1: groups of channels per sample, one group and one channel per group too),
+# batch norm over the batch (2) and with given running statistics (3); planar and channels last;
+# planes over several statistics chunks
+CASES = [((2, 4, 5, 7, 9), False), ((3, 6, 20, 21, 22), False), ((2, 4, 5, 7, 9), True), ((2, 6, 37, 3), True)]
+for shape, cl in CASES:
+    fmt = (torch.channels_last_3d if len(shape) == 5 else torch.channels_last) if cl else torch.contiguous_format
+    N, C = shape[:2]
+    for kind, groups in ((1, 2), (1, 1), (1, C), (2, 1), (3, 1)):
+        for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for code in (2, 3, 0):
+                if shape[2] == 20 and (dt != torch.float32 or code == 0):
+                    continue  # the slow interpreter
+                x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dt).contiguous(memory_format=fmt)
+                affine = code != 0
+                pt = NA._affine_arg(x, x).dtype
+                w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(pt) if affine else None
+                b = torch.randn(C, generator=g, dtype=torch.float64).to(pt) if affine else None
+                pw = (torch.rand(C if groups > 1 else 1, generator=g, dtype=torch.float64) - 0.3).to(pt) \
+                    if code == 3 else None
+                rm = torch.randn(C, dtype=torch.float64, generator=g)
+                rv = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+                dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dt).contiguous(memory_format=fmt)
+                mean, rstd = torch.empty(N * C, dtype=torch.float64), torch.empty(N * C, dtype=torch.float64)
+                if kind == 3:
+                    NA._given_stats(x, rm, rv, 1e-5, mean, rstd)
+                y = torch.empty_like(x)
+                K.norm_act_fwd(x, w, b, 1e-5, 0.03, code, y, mean, rstd, pw, kind, groups)
+                x2, m2, r2 = x.clone(), mean.clone(), rstd.clone()
+                K.norm_act_fwd(x2, w, b, 1e-5, 0.03, code, x2, m2, r2, pw, kind, groups)
+                assert torch.equal(x2, y) and torch.equal(m2, mean) and torch.equal(r2, rstd), "in place differs"
+                dx = torch.empty_like(x)
+                dw, db = torch.empty(N * C, dtype=torch.float64), torch.empty(N * C, dtype=torch.float64)
+                dp = torch.empty(N * C if code == 3 else 0, dtype=torch.float64)
+                K.norm_act_bwd(dy, x, w, b, mean, rstd, 0.03, code, dx, dw, db, pw, dp, kind, groups)
+                dx2 = torch.empty_like(x)
+                K.norm_act_bwd(dy, x, w, b, mean, rstd, 0.03, code, dx2, dw.clone(), db.clone(), pw, dp.clone(), kind,
+                               groups)
+                assert torch.equal(dx2, dx), "backward not deterministic"
+                x64, d = x.double(), (lambda t: None if t is None else t.double())
+                ry, rmn, rr = NA._reference_fwd(x64, d(w), d(b), 1e-5, 0.03, code, d(pw), kind, groups, rm, rv)
+                rdx, rdw, rdb, rdp = NA._reference_bwd(dy.double(), x64, d(w), d(b), rmn.flatten(), rr.flatten(), 0.03,
+                                                       code, d(pw), kind, groups)
+                errs = {"y": err(y, ry), "mean": err(mean, rmn.flatten()), "rstd": err(rstd, rr.flatten()),
+                        "dx": err(dx, rdx), "dw": err(dw.view(N, C).sum(0), rdw, 1.0),
+                        "db": err(db.view(N, C).sum(0), rdb, 1.0)}  # sums: relative to max(|ref|) + 1
+                if code == 3:
+                    errs["dprelu"] = err(NA._prelu_grad(dp, pw, N, C, 3), rdp, 1.0)
+                if dt in (torch.float32, torch.float64):  # against the C++ kernel's op
+                    yc, mc, rc = NA.norm_act_fwd(x, w, b, 1e-5, 0.03, code, pw, kind, groups,
+                                                 rm if kind == 3 else None, rv if kind == 3 else None)
+                    dxc = NA.norm_act_bwd(dy, x, w, b, mc, rc, 0.03, code, pw, kind, groups)[0]
+                    errs["y_vs_cpu"], errs["dx_vs_cpu"] = err(y, yc), err(dx, dxc)
+                for k, v in errs.items():
+                    worst[(str(dt), k)] = max(worst.get((str(dt), k), 0.0), v)
+# the op's glue as the CUDA path calls it (float32 weight and bias for half x, running statistics,
+# layouts, sums over n) against the C++ op on the same CPU tensors
+for cl, kind, groups, code, pw in ((False, 2, 1, 2, None), (True, 1, 2, 3, torch.tensor([0.2])),
+                                   (True, 3, 1, 3, torch.tensor([0.1, -0.2, 0.3, 0.25])), (False, 1, 4, 1, None)):
+    x = torch.randn(3, 4, 6, 5, 7, generator=g, dtype=torch.float64).float()
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    dy = torch.randn(3, 4, 6, 5, 7, generator=g)
+    mean, rstd = torch.empty(12, dtype=torch.float64), torch.empty(12, dtype=torch.float64)
+    if kind == 3:
+        NA._given_stats(x, rm, rv, 1e-5, mean, rstd)
+    y = NA._triton_fwd(K, x, w, b, 1e-5, 0.01, code, mean, rstd, pw, kind, groups)
+    yc, mc, rc = NA.norm_act_fwd(x, w, b, 1e-5, 0.01, code, pw, kind, groups, rm if kind == 3 else None,
+                                 rv if kind == 3 else None)
+    torch.testing.assert_close(y, yc, rtol=1e-6, atol=1e-6)
+    assert y.stride() == yc.stride()
+    torch.testing.assert_close(mean, mc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rstd, rc, rtol=1e-12, atol=1e-12)
+    out = NA._triton_bwd(K, dy, x, w, b, mean, rstd, 0.01, code, pw, kind, groups)
+    ref = NA.norm_act_bwd(dy, x, w, b, mc, rc, 0.01, code, pw, kind, groups)
+    for a, r in zip(out, ref):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+# batch norm across sample slices (more samples than one grid axis takes), and planes whose chunk
+# sums are first merged in groups: the same values
+x = torch.randn(5, 3, 30, 30, 30, generator=g)
+dy = torch.randn(5, 3, 30, 30, 30, generator=g)
+outs = []
+for max_n, merge in ((65535, 512), (2, 2)):
+    K._MAX_N, K.MERGE_ABOVE = max_n, merge
+    mean, rstd = torch.empty(15, dtype=torch.float64), torch.empty(15, dtype=torch.float64)
+    y = torch.empty_like(x)
+    K.norm_act_fwd(x, None, None, 1e-5, 0.01, 2, y, mean, rstd, None, 2)
+    dx, dw, db = torch.empty_like(x), torch.empty(15, dtype=torch.float64), torch.empty(15, dtype=torch.float64)
+    K.norm_act_bwd(dy, x, None, None, mean, rstd, 0.01, 2, dx, dw, db, None, None, 2)
+    outs.append((y, mean, rstd, dx, dw, db))
+K._MAX_N, K.MERGE_ABOVE = 65535, 512
+for a, b in zip(*outs):
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+yc = NA.batch_norm_act(x, None, None, training=True)
+torch.testing.assert_close(outs[0][0], yc, rtol=1e-6, atol=1e-6)
+for (dt, k), v in sorted(worst.items()):
+    print(dt, k, v)
+tol = {"torch.float64": 1e-12, "torch.float32": 2e-6, "torch.float16": 2e-3, "torch.bfloat16": 2e-2}
+bad = [(dt, k, v) for (dt, k), v in worst.items() if v > tol[dt]]
+assert not bad, bad
+"""
+
+
+def test_triton_group_and_batch_norm_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", SETS_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -104,7 +104,10 @@ def _fwd_partial_kernel(x_ptr, psum_ptr, pm2_ptr, C, S, sN, sC, sS, NCH, CHUNK,
 @triton.jit
 def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rstd_ptr, a_ptr, beta_ptr,
                          NC, C, S, NCH, CHUNK, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
+                         BLOCK_P: tl.constexpr, MOMENTS: tl.constexpr = False):
+    """Per plane: mean and rstd (float64) and the elementwise coefficients a, beta; with MOMENTS
+    the plane's mean and squared deviations M2 instead (into mean_ptr, rstd_ptr), for group and
+    batch norm, whose statistics merge several planes."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     pm = p < NC
     n = p // C
@@ -121,19 +124,22 @@ def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rst
         left -= CHUNK
         d = tl.load(psum_ptr + po, mask=pm, other=0.0).to(tl.float64) / cnt - mean
         m2 += tl.load(pm2_ptr + po, mask=pm, other=0.0).to(tl.float64) + cnt * d * d
-    rstd = 1.0 / tl.sqrt(m2 / S + tl.load(prm_ptr))
-    if HAS_W:
-        w = tl.load(w_ptr + c, mask=pm, other=1.0).to(tl.float64)
-    else:
-        w = tl.full([BLOCK_P], 1.0, tl.float64)
-    if HAS_B:
-        b = tl.load(b_ptr + c, mask=pm, other=0.0).to(tl.float64)
-    else:
-        b = tl.zeros([BLOCK_P], dtype=tl.float64)
     tl.store(mean_ptr + p, mean, mask=pm)
-    tl.store(rstd_ptr + p, rstd, mask=pm)
-    tl.store(a_ptr + p, (rstd * w).to(a_ptr.dtype.element_ty), mask=pm)
-    tl.store(beta_ptr + p, (b - mean * rstd * w).to(beta_ptr.dtype.element_ty), mask=pm)
+    if MOMENTS:
+        tl.store(rstd_ptr + p, m2, mask=pm)
+    else:
+        rstd = 1.0 / tl.sqrt(m2 / S + tl.load(prm_ptr))
+        if HAS_W:
+            w = tl.load(w_ptr + c, mask=pm, other=1.0).to(tl.float64)
+        else:
+            w = tl.full([BLOCK_P], 1.0, tl.float64)
+        if HAS_B:
+            b = tl.load(b_ptr + c, mask=pm, other=0.0).to(tl.float64)
+        else:
+            b = tl.zeros([BLOCK_P], dtype=tl.float64)
+        tl.store(rstd_ptr + p, rstd, mask=pm)
+        tl.store(a_ptr + p, (rstd * w).to(a_ptr.dtype.element_ty), mask=pm)
+        tl.store(beta_ptr + p, (b - mean * rstd * w).to(beta_ptr.dtype.element_ty), mask=pm)
 
 
 @triton.jit
@@ -221,7 +227,9 @@ def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, ps2_ptr, w_ptr, rstd_ptr, db_ptr, dw_
 @triton.jit
 def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, c0_ptr, c1_ptr, c2_ptr, prm_ptr,
                       pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SETS: tl.constexpr = False):
+    """dx = c0 (g - c1 - xhat c2) per plane (instance norm); with SETS (group / batch norm, whose
+    means run over several planes) dx = c0 g - c1 - xhat c2."""
     sb = tl.program_id(0)
     cb = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -240,7 +248,10 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr
     g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT),
               ACT)
     xhat = (v.to(ACC) - mean[None, :]) * rstd[None, :]
-    dx = c0[None, :] * (g - c1[None, :] - xhat * c2[None, :])
+    if SETS:
+        dx = c0[None, :] * g - c1[None, :] - xhat * c2[None, :]
+    else:
+        dx = c0[None, :] * (g - c1[None, :] - xhat * c2[None, :])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -308,26 +319,6 @@ def _chunks(S: int, block_s: int, block_c: int = 1):
     chunk = max(block_s, min(max(CHUNK_MAX // block_c, triton.cdiv(S, 65536)), triton.next_power_of_2(S)))
     chunk = (chunk + block_s - 1) // block_s * block_s
     return chunk, triton.cdiv(S, chunk)
-
-
-def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
-    """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
-    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
-    if x.numel() == 0:
-        return
-    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
-    if N * C == 0 or S == 0:
-        return
-    dev = x.device
-    chunk, nch = _chunks(S, bs, bc)
-    acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
-    psum = torch.empty((N, nch, C), dtype=acc_t, device=dev)
-    pm2 = torch.empty_like(psum)
-    prm = _scalars(eps, slope, dev)
-    cb = triton.cdiv(C, bc)
-    _fwd_partial_kernel[(nch, cb, N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
-                                      ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
-    _finish_fwd(x, psum, pm2, chunk, weight, bias, prm, act, y, mean, rstd, prelu)
 
 
 @triton.jit
@@ -400,23 +391,71 @@ def _pw(prelu, prm):
     return prelu, int(prelu.numel() > 1)
 
 
+def _acc_t(dtype):
+    return torch.float32 if _acc(dtype) == tl.float32 else torch.float64
+
+
+def _partial_stats(x):
+    """(psum, pm2, chunk): per (n, chunk of ``chunk`` voxels, c) the chunk's sum and its squared
+    deviations from the chunk mean, (N, nch, C)."""
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    chunk, nch = _chunks(S, bs, bc)
+    psum = torch.empty((N, nch, C), dtype=_acc_t(x.dtype), device=x.device)
+    pm2 = torch.empty_like(psum)
+    _fwd_partial_kernel[(nch, triton.cdiv(C, bc), N)](x, psum, pm2, C, S, sN, sC, sS, nch, chunk,
+                                                      ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    return psum, pm2, chunk
+
+
+def _merged(psum, pm2, chunk: int, S: int):
+    """Many small chunks (a convolution's tiles: 16k per 128^3 plane) merged in groups by many
+    programs first, so that the per-plane finalising loop stays short: (psum, pm2, chunk)."""
+    N, nch, C = psum.shape
+    if nch > MERGE_ABOVE:
+        psum, pm2, G = _grouped(_merge_chunks_kernel, psum, pm2, N, C, nch, S, chunk)
+        chunk *= G
+    return psum, pm2, chunk
+
+
+def _apply(x, y, a, beta, prm, act: int, prelu) -> None:
+    """y = act(x * a + beta), a / beta per plane (N * C)."""
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, *_pw(prelu, prm), C, S, sN, sC,
+                                                                  sS, ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+
+
+def _coefs(mean, rstd, weight, bias, N: int, C: int, dtype):
+    """The elementwise coefficients a = rstd w, beta = b - mean rstd w per plane, computed in float64
+    and rounded once (as _fwd_finalize_kernel does)."""
+    w64 = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=mean.device)
+    b64 = bias.double() if bias is not None else torch.zeros(C, dtype=torch.float64, device=mean.device)
+    w64, b64 = w64.repeat(N), b64.repeat(N)
+    return (rstd * w64).to(_coef_dtype(dtype)), (b64 - mean * rstd * w64).to(_coef_dtype(dtype))
+
+
+def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
+    """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
+    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled."""
+    if x.numel() == 0:
+        return
+    psum, pm2, chunk = _partial_stats(x)
+    _finish_fwd(x, psum, pm2, chunk, weight, bias, _scalars(eps, slope, x.device), act, y, mean, rstd, prelu)
+
+
 def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, rstd, prelu=None) -> None:
     """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
     (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
-    the elementwise pass x -> y. Many small chunks (a convolution's tiles: 16k per 128^3 plane) are
-    first merged in groups by many programs, so that the per-plane finalising loop stays short."""
-    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
-    nch = psum.shape[1]
-    if nch > MERGE_ABOVE:
-        psum, pm2, G = _grouped(_merge_chunks_kernel, psum, pm2, N, C, nch, S, chunk)
-        chunk, nch = chunk * G, psum.shape[1]
+    the elementwise pass x -> y."""
+    N, C = x.shape[0], x.shape[1]
+    S = x[0, 0].numel()
+    psum, pm2, chunk = _merged(psum, pm2, chunk, S)
     a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=x.device)
     beta = torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
-        a, beta, N * C, C, S, nch, chunk, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P, **_NOFMA)
-    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, *_pw(prelu, prm), C, S, sN, sC,
-                                                                  sS, ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+        a, beta, N * C, C, S, psum.shape[1], chunk, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_P=BLOCK_P, **_NOFMA)
+    _apply(x, y, a, beta, prm, act, prelu)
 
 
 def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
@@ -425,40 +464,26 @@ def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float,
     _fwd_partial_kernel writes them, over chunks of ``chunk`` voxels. x, y as norm_act_fwd's."""
     if x.numel() == 0:
         return
+    C = x.shape[1]
     with _guard(x.device):
-        for n0 in range(0, x.shape[0], _MAX_N):
-            n1 = min(n0 + _MAX_N, x.shape[0])
-            C = x.shape[1]
+        for n0, n1 in _slices(x.shape[0]):
             _finish_fwd(x[n0:n1], psum[n0:n1], pm2[n0:n1], chunk, weight, bias, _scalars(eps, slope, x.device), act,
                         y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
 
 
-def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
-    """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
-    dw, db (and dp for PReLU): float64 (N * C,) per-plane sums, filled."""
-    if x.numel() == 0:
-        return
+def _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act: int, prelu, dw, db, dp):
+    """Per plane: db = sum g, dw = sum g xhat (and dp = sum dy z over z <= 0 for PReLU), g = dy act'(z),
+    chunk sums added in a fixed order; returns instance norm's (c0, c1, c2) for _bwd_apply."""
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
-    if N * C == 0 or S == 0:
-        return
     dev = x.device
     chunk, nch = _chunks(S, bs, bc)
-    prm = _scalars(0.0, slope, dev)
-    # the forward's coefficients again (the same roundings: z is recomputed exactly)
-    w64 = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=dev)
-    b64 = bias.double() if bias is not None else torch.zeros(C, dtype=torch.float64, device=dev)
-    w64, b64 = w64.repeat(N), b64.repeat(N)
-    a = (rstd * w64).to(_coef_dtype(x.dtype))
-    beta = (b64 - mean * rstd * w64).to(_coef_dtype(x.dtype))
-    acc_t = torch.float32 if _acc(x.dtype) == tl.float32 else torch.float64
-    ps0 = torch.empty((N, nch, C), dtype=acc_t, device=dev)
+    ps0 = torch.empty((N, nch, C), dtype=_acc_t(x.dtype), device=dev)
     ps1 = torch.empty_like(ps0)
     prelu_on = int(act) == 3
     ps2 = torch.empty_like(ps0) if prelu_on else ps0
-    pw = _pw(prelu, prm)
-    cb = triton.cdiv(C, bc)
-    _bwd_partial_kernel[(nch, cb, N)](dy, x, a, beta, mean, rstd, prm, *pw, ps0, ps1, ps2, C, S, sN, sC, sS, nch,
-                                      chunk, ACT=int(act), ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    _bwd_partial_kernel[(nch, triton.cdiv(C, bc), N)](dy, x, a, beta, mean, rstd, prm, *_pw(prelu, prm), ps0, ps1, ps2,
+                                                      C, S, sN, sC, sS, nch, chunk, ACT=int(act), ACC=_acc(x.dtype),
+                                                      BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
         n0 = nch
         ps0, ps1, _ = _grouped(_sum_chunks_kernel, ps0, ps1, N, C, n0)
@@ -470,33 +495,145 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
         ps0, ps1, ps2 if prelu_on else ps0, weight if weight is not None else ps0, rstd, db, dw,
         dp if prelu_on else db, c0, c1, c2, N * C, C, S, nch, HAS_W=weight is not None, PRELU=prelu_on,
         BLOCK_P=BLOCK_P, **_NOFMA)
-    _bwd_apply_kernel[(triton.cdiv(S, bs), cb, N)](dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, *pw,
-                                                  C, S, sN, sC, sS, ACT=int(act), ACC=_acc(x.dtype),
-                                                  BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    return c0, c1, c2
 
+
+def _bwd_apply(dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, act: int, prelu, sets: bool = False) -> None:
+    N, C, S, sN, sC, sS, bs, bc = _geometry(x)
+    _bwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](
+        dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, *_pw(prelu, prm), C, S, sN, sC, sS, ACT=int(act),
+        ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, SETS=sets, **_NOFMA)
+
+
+def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
+    """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
+    dw, db (and dp for PReLU): float64 (N * C,) per-plane sums, filled."""
+    if x.numel() == 0:
+        return
+    N, C = x.shape[0], x.shape[1]
+    prm = _scalars(0.0, slope, x.device)
+    # the forward's coefficients again (the same roundings: z is recomputed exactly)
+    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    c = _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act, prelu, dw, db, dp)
+    _bwd_apply(dy, x, dx, a, beta, mean, rstd, *c, prm, act, prelu)
+
+
+# ------------------------------------------------------------------------------------------------
+# group norm (kind 1), batch norm in training (kind 2) and with given statistics (kind 3): the same
+# kernels; the statistics of a set of planes (a sample's group of channels, a channel over the
+# batch) are merged from the planes' exact moments, and the backward's set means of w g and
+# w g xhat from the planes' sums, in float64 on the N * C plane values.
+
+def _set_view(t, N: int, C: int, kind: int, groups: int):
+    """(N, C) plane values -> sets along the last dim: (C, N) for batch norm, (N, groups, C / groups)
+    for group norm."""
+    t = t.view(N, C)
+    return t.t() if kind == 2 else t.view(N, groups, C // groups)
+
+
+def _per_plane(t, N: int, C: int, kind: int, groups: int):
+    """Per-set values (keepdim) of _set_view's shape back to N * C plane values."""
+    if kind == 2:
+        return t.t().expand(N, C).reshape(-1)
+    return t.expand(N, groups, C // groups).reshape(-1)
+
+
+def _plane_moments(x, pm, pq) -> None:
+    """Each plane's mean (pm) and squared deviations from it (pq), float64 (N * C)."""
+    N, C = x.shape[0], x.shape[1]
+    psum, pm2, chunk = _merged(*_partial_stats(x), x[0, 0].numel())
+    _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
+        psum, pm2, psum, psum, psum, pm, pq, psum, psum, N * C, C, x[0, 0].numel(), psum.shape[1], chunk,
+        HAS_W=False, HAS_B=False, BLOCK_P=BLOCK_P, MOMENTS=True, **_NOFMA)
+
+
+def _sets_fwd(x, weight, bias, eps: float, slope: float, act: int, kind: int, groups: int, y, mean, rstd,
+              prelu=None) -> None:
+    N, C = x.shape[0], x.shape[1]
+    S = x[0, 0].numel()
+    if kind != 3:  # kind 3: mean / rstd are given (the caller filled them)
+        pm = torch.empty(N * C, dtype=torch.float64, device=x.device)
+        pq = torch.empty_like(pm)
+        for n0, n1 in _slices(N):
+            _plane_moments(x[n0:n1], pm[n0 * C:n1 * C], pq[n0 * C:n1 * C])
+        m, q = _set_view(pm, N, C, kind, groups), _set_view(pq, N, C, kind, groups)
+        sm = m.mean(-1, keepdim=True)  # the planes of a set have the same count: the set's mean
+        sq = q.sum(-1, keepdim=True) + S * (m - sm).square().sum(-1, keepdim=True)  # the exact merge
+        mean.copy_(_per_plane(sm, N, C, kind, groups))
+        rstd.copy_(_per_plane(1.0 / torch.sqrt(sq / (m.shape[-1] * S) + eps), N, C, kind, groups))
+    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    prm = _scalars(eps, slope, x.device)
+    for n0, n1 in _slices(N):
+        _apply(x[n0:n1], y[n0:n1], a[n0 * C:n1 * C], beta[n0 * C:n1 * C], prm, act, prelu)
+
+
+def _sets_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, kind: int, groups: int, dx, dw, db,
+              prelu=None, dp=None) -> None:
+    """dx = rstd (w g - M1 - xhat M2), M1 / M2 the set means of w g and w g xhat (0 for kind 3)."""
+    N, C = x.shape[0], x.shape[1]
+    S = x[0, 0].numel()
+    prm = _scalars(0.0, slope, x.device)
+    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    for n0, n1 in _slices(N):
+        sl = slice(n0 * C, n1 * C)
+        _bwd_sums(dy[n0:n1], x[n0:n1], a[sl], beta[sl], mean[sl], rstd[sl], weight, prm, act, prelu, dw[sl], db[sl],
+                  dp[sl] if dp is not None and dp.numel() else None)
+    w = weight.double().repeat(N) if weight is not None else torch.ones(N * C, dtype=torch.float64, device=x.device)
+    c0 = rstd * w
+    if kind == 3:
+        c1 = c2 = torch.zeros_like(c0)
+    else:
+        m1, m2 = _set_view(w * db, N, C, kind, groups), _set_view(w * dw, N, C, kind, groups)
+        cnt = m1.shape[-1] * S
+        c1 = rstd * _per_plane(m1.sum(-1, keepdim=True) / cnt, N, C, kind, groups)
+        c2 = rstd * _per_plane(m2.sum(-1, keepdim=True) / cnt, N, C, kind, groups)
+    for n0, n1 in _slices(N):
+        sl = slice(n0 * C, n1 * C)
+        _bwd_apply(dy[n0:n1], x[n0:n1], dx[n0:n1], a[sl], beta[sl], mean[sl], rstd[sl], c0[sl], c1[sl], c2[sl], prm,
+                   act, prelu, sets=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
 
 _MAX_N = 65535  # the grid's third axis (samples)
 
 
-def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
+def _slices(N: int):
+    """Sample ranges of at most _MAX_N (the grid's third axis)."""
+    return [(n0, min(n0 + _MAX_N, N)) for n0 in range(0, N, _MAX_N)]
+
+
+def norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None, kind: int = 0,
+                 groups: int = 1) -> None:
     """x, y: (N, C, *spatial) of one dtype and one layout (contiguous or channels last; y may be x);
-    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled; prelu:
-    act 3's weights (1 or C, contiguous)."""
+    weight / bias: (C,) or None (any float dtype); mean, rstd: float64 (N * C,), filled (kind 3:
+    given); prelu: act 3's weights (1 or C, contiguous); kind: 0 instance norm, 1 group norm
+    (``groups``), 2 batch norm over the batch, 3 batch norm with the given mean / rstd."""
+    if x.numel() == 0:
+        return
     C = x.shape[1]
     with _guard(x.device):
-        for n0 in range(0, max(x.shape[0], 1), _MAX_N):
-            n1 = min(n0 + _MAX_N, x.shape[0])
+        if kind != 0:
+            _sets_fwd(x, weight, bias, eps, slope, act, kind, groups, y, mean, rstd, prelu)
+            return
+        for n0, n1 in _slices(x.shape[0]):
             _norm_act_fwd(x[n0:n1], weight, bias, eps, slope, act, y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C],
                           prelu)
 
 
-def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
+def norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None,
+                 kind: int = 0, groups: int = 1) -> None:
     """dy, x, dx: one dtype and one layout (contiguous or channels last); mean, rstd: the forward's;
-    dw, db (and dp, act 3): float64 (N * C,) per-plane sums, filled."""
+    dw, db (and dp, act 3): float64 (N * C,) per-plane sums, filled; kind / groups: the forward's."""
+    if x.numel() == 0:
+        return
     C = x.shape[1]
     with _guard(x.device):
-        for n0 in range(0, max(x.shape[0], 1), _MAX_N):
-            n1 = min(n0 + _MAX_N, x.shape[0])
+        if kind != 0:
+            _sets_bwd(dy, x, weight, bias, mean, rstd, slope, act, kind, groups, dx, dw, db, prelu, dp)
+            return
+        for n0, n1 in _slices(x.shape[0]):
             sl = slice(n0 * C, n1 * C)
             _norm_act_bwd(dy[n0:n1], x[n0:n1], weight, bias, mean[sl], rstd[sl], slope, act, dx[n0:n1], dw[sl], db[sl],
                           prelu, dp[sl] if dp is not None and dp.numel() else None)

@@ -119,17 +119,17 @@ def _prelu_grad(dp: Tensor, prelu: Optional[Tensor], N: int, C: int, act: int) -
     return g.sum().reshape(1) if prelu.numel() == 1 else g
 
 
-def _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu=None) -> Optional[Tensor]:
+def _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu=None, kind=0, groups=1) -> Optional[Tensor]:
     """y by the Triton kernels (x planar or channels last read as it is, y in x's layout; mean and
-    rstd filled), or None when they failed (see _run_triton)."""
+    rstd filled, or given for kind 3), or None when they failed (see _run_triton)."""
     xp = x if tri.is_supported_layout(x) else x.contiguous()
     y = _like(xp)
     ok = _run_triton(tri.norm_act_fwd, xp, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
-                     y, mean, rstd, _prelu_arg(prelu, x, act))
+                     y, mean, rstd, _prelu_arg(prelu, x, act), kind, groups)
     return y if ok else None
 
 
-def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
+def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu=None, kind=0, groups=1):
     """(dx in x's layout, dweight, dbias, dprelu in float64) by the Triton kernels, or None."""
     N, C = x.shape[0], x.shape[1]
     xp = x if tri.is_supported_layout(x) else x.contiguous()
@@ -140,7 +140,7 @@ def _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu=None):
     db = torch.empty(N * C, dtype=torch.float64, device=x.device)
     dp = torch.empty(N * C if act == 3 else 0, dtype=torch.float64, device=x.device)
     if not _run_triton(tri.norm_act_bwd, dyp, xp, _affine_arg(weight, x), _affine_arg(bias, x), mean, rstd,
-                       slope, act, dx, dw, db, _prelu_arg(prelu, x, act), dp):
+                       slope, act, dx, dw, db, _prelu_arg(prelu, x, act), dp, kind, groups):
         return None
     return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0), _prelu_grad(dp, prelu, N, C, act)
 
@@ -157,15 +157,13 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     rstd = torch.empty(planes, dtype=torch.float64, device=x.device)
     if kind == 3:
         _given_stats(x, run_mean, run_var, eps, mean, rstd)
-    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):  # the C++ kernel only, yet
-        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
-        return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or (kind != 0 and _ext.cpu is None):
         tri = _triton() if x.device.type == "cuda" else None
-        y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu) if tri is not None else None
+        y = _triton_fwd(tri, x, weight, bias, eps, slope, act, mean, rstd, prelu, kind, groups) \
+            if tri is not None else None
         if y is not None:
             return y, mean, rstd
-        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu)
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
         return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
     y = _like(x)
     if x.numel():
@@ -197,14 +195,13 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     """(dx, dweight, dbias, dprelu): the parameters' gradients in float64, dprelu empty unless act 3."""
     N, C = x.shape[0], x.shape[1]
     fmt = _cl_format(x)
-    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):
-        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu, kind, groups)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or (kind != 0 and _ext.cpu is None):
         tri = _triton() if x.device.type == "cuda" else None
-        out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu) if tri is not None else None
+        out = _triton_bwd(tri, dy, x, weight, bias, mean, rstd, slope, act, prelu, kind, groups) \
+            if tri is not None else None
         if out is not None:
             return out
-        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu)
+        return _reference_bwd(dy, x, weight, bias, mean, rstd, slope, act, prelu, kind, groups)
     dy = dy.contiguous(memory_format=fmt) if fmt else dy.contiguous()  # x's layout
     dx = _like(x)
     dw = torch.empty(N * C, dtype=torch.float64)
@@ -304,8 +301,8 @@ def _check(x, weight, bias, eps, act, prelu=None, norm="instance norm") -> int:
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, act="leaky_relu", slope: float = 0.01, prelu: Optional[Tensor] = None) -> Tensor:
     """``act(F.group_norm(x, num_groups, weight, bias, eps))`` in one read-twice, write-once pass
-    (statistics per sample and group of C / num_groups channels); differentiable. CPU kernel; other
-    devices compute it in float64 plain PyTorch."""
+    (statistics per sample and group of C / num_groups channels); differentiable. C++ kernel on the
+    CPU, Triton kernels on CUDA; other devices compute it in float64 plain PyTorch."""
     code = _check(x, weight, bias, eps, act, prelu, "group norm")
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
@@ -365,28 +362,27 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                         mean_out: Optional[Tensor] = None, rstd_out: Optional[Tensor] = None) -> None:
     """norm_act_fwd's y written over x; mean_out / rstd_out (float64, N * C) receive the statistics
     when given (batch norm in training updates its running statistics from them)."""
-    if kind != 0 and (x.device.type != "cpu" or _ext.cpu is None):
-        y, m, r = norm_act_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
+    planes = x.shape[0] * x.shape[1]
+    if x.device.type != "cpu" or (kind != 0 and _ext.cpu is None):
+        tri = _triton() if x.device.type == "cuda" else None
+        if tri is not None and tri.is_supported_layout(x):
+            mean = mean_out if mean_out is not None else torch.empty(planes, dtype=torch.float64, device=x.device)
+            rstd = rstd_out if rstd_out is not None else torch.empty_like(mean)
+            if kind == 3:
+                _given_stats(x, run_mean, run_var, eps, mean, rstd)
+            if _run_triton(tri.norm_act_fwd, x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
+                           x, mean, rstd, _prelu_arg(prelu, x, act), kind, groups):
+                return  # the statistics are read first, then each element is written once
+        y, m, r = _reference_fwd(x, weight, bias, eps, slope, act, prelu, kind, groups, run_mean, run_var)
         x.copy_(y)
         for o, v in ((mean_out, m), (rstd_out, r)):
             if o is not None:
-                o.copy_(v)
-        return
-    if x.device.type != "cpu":
-        tri = _triton() if x.device.type == "cuda" else None
-        if tri is not None and tri.is_supported_layout(x):
-            planes = x.shape[0] * x.shape[1]
-            mean = torch.empty(planes, dtype=torch.float64, device=x.device)
-            rstd = torch.empty_like(mean)
-            if _run_triton(tri.norm_act_fwd, x, _affine_arg(weight, x), _affine_arg(bias, x), eps, slope, act,
-                           x, mean, rstd, _prelu_arg(prelu, x, act)):  # each tile is read for the statistics
-                return  # first, then written once
-        x.copy_(_reference_fwd(x, weight, bias, eps, slope, act, prelu)[0])
+                o.copy_(v.flatten())
         return
     if x.numel():
         w, b = _affine_arg(weight, x), _affine_arg(bias, x)
         mod, p = _params(x, w, b, eps, slope, act, _prelu_arg(prelu, x, act), kind, groups)
-        mean = mean_out if mean_out is not None else torch.empty(x.shape[0] * x.shape[1], dtype=torch.float64)
+        mean = mean_out if mean_out is not None else torch.empty(planes, dtype=torch.float64)
         rstd = rstd_out if rstd_out is not None else torch.empty_like(mean)
         if kind == 3:
             _given_stats(x, run_mean, run_var, eps, mean, rstd)
