@@ -522,15 +522,34 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
         torch.manual_seed(0)
         m = ctor().to(device).eval()
         nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_cl": optimize(m, channels_last=True).eval()}
+        if device == "cuda":  # the Triton convolution (FASTMED_TRITON_CONV=1), with the prologue chain of
+            # DynUNet's basic blocks and without it
+            nets["fastmed_cl_triton_conv"] = nets["fastmed_cl"]
+            nets["fastmed_cl_triton_conv_nochain"] = nets["fastmed_cl"]
         times = {k: [] for k in nets}
+        launches = {}
+
+        def call(k, net):
+            from . import nn as fnn
+
+            chain = fnn._conv_pair
+            if k.endswith("_nochain"):
+                fnn._conv_pair = lambda layers, x: None
+            try:
+                with _env("FASTMED_TRITON_CONV", "1" if "triton_conv" in k else "0"), _count_triton_conv() as c:
+                    net(x)
+                launches[k] = c.n  # did the Triton convolution run? (unsuited layers go to cuDNN)
+            finally:
+                fnn._conv_pair = chain
+
         with torch.no_grad():
-            for net in nets.values():  # warm-up
-                net(x)
+            for k, net in nets.items():  # warm-up
+                call(k, net)
             for _ in range(reps):
                 for k, net in nets.items():
                     _sync(device)
                     t0 = time.perf_counter()
-                    net(x)
+                    call(k, net)
                     _sync(device)
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -538,7 +557,8 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
         rows += [{"op": "optimize", "case": case, "impl": k, "ms": med[k] * 1e3, "ratio_vs_monai": med["monai"] / med[k],
                   "fused": len(nets[k]._fastmed_report["fused"]) if k != "monai" else 0,
                   "onednn_convs": len(nets[k]._fastmed_report["onednn"]) if k != "monai" else 0,
-                  "upconv": len(nets[k]._fastmed_report["upconv"]) if k != "monai" else 0} for k in nets]
+                  "upconv": len(nets[k]._fastmed_report["upconv"]) if k != "monai" else 0,
+                  **({"triton_conv_launches": launches[k]} if "triton_conv" in k else {})} for k in nets]
         del nets, m
     return rows
 
@@ -729,9 +749,9 @@ def format_optimize_table(report: dict) -> str:
     head = ["op", "case", "impl", "ms", "x vs original"]
     names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "original model"}
     def impl(r):
-        if r["op"] == "optimize":
+        if r["op"] == "optimize" and "triton_conv" not in r["impl"]:
             return names.get(r["impl"], r["impl"])
-        if r["impl"].endswith("triton_conv"):  # did it run? (unsuited layers go to cuDNN)
+        if "triton_conv" in r["impl"]:  # did it run? (unsuited layers go to cuDNN)
             return f"{r['impl']} ({r.get('triton_conv_launches', 0)} Triton conv launches/step)"
         return r["impl"]
 

@@ -61,7 +61,11 @@ upsampling with kernel == stride is fastmed's kernel (``fastmed.ops.upconv``; Py
 channels last and then transposes the whole output). Channels-last data keeps PyTorch's path and
 ``torch.cat``.
 
-Not here yet (issue #5): the norm + activation in the next convolution's prologue, a fused
+With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block in inference runs both its
+layers as ``fastmed::conv_norm_act2_infer``: the first norm + activation in the second
+convolution's prologue.
+
+Not here yet (issue #5): the prologue chain in training and in nnU-Net's Sequential stacks, a fused
 backward, fusing the convolution on the CPU, a copy-free concatenation for channels-last data. The
 CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
 """
@@ -303,7 +307,39 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
     """conv -> norm -> act as one ``fastmed::conv_norm_act_fwd`` (the Triton implicit GEMM with the
     norm statistics in its epilogue) where it applies: CUDA, ``FASTMED_TRITON_CONV=1``, a plain
     convolution; CUDA autocast runs it in the autocast dtype. None: the caller runs the usual path."""
-    if x.device.type != "cuda" or not CNA.triton_conv_enabled() or spec["act"] == "prelu" \
+    args = _triton_args(conv_mod, norm, spec, x)
+    if args is None:
+        return None
+    with torch.autocast("cuda", enabled=False):
+        if not torch.is_grad_enabled():  # inference: normalised in place in the convolution's output
+            return CNA.conv_norm_act_infer(*args)
+        return CNA.conv_norm_act_fwd(*args)[0]
+
+
+def _conv_pair(layers, x: Tensor) -> Optional[Tensor]:
+    """Two conv -> norm -> act layers ((conv, norm, spec) each) for inference as one
+    ``fastmed::conv_norm_act2_infer``: the first norm + activation in the second convolution's
+    prologue, where the Triton convolution takes both. None: the caller runs them one by one."""
+    if torch.is_grad_enabled():
+        return None
+    a1 = _triton_args(*layers[0], x)
+    if a1 is None:
+        return None
+    y1 = a1[0]
+    shape = CNA._out_shape(y1, a1[1], a1[5], a1[6], a1[7])
+    probe = torch.empty(shape, dtype=y1.dtype, device="meta", memory_format=CNA._out_format(y1, a1[1]))
+    a2 = _triton_args(*layers[1], probe, device=x.device)
+    if a2 is None:
+        return None
+    with torch.autocast("cuda", enabled=False):
+        return CNA.conv_norm_act2_infer(*a1, *a2[1:])
+
+
+def _triton_args(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor, device=None) -> Optional[tuple]:
+    """conv_norm_act_fwd's arguments for this layer where the Triton convolution runs it, else None.
+    ``device``: x's device when x is a meta-tensor stand-in (shape, dtype and layout only)."""
+    device = device if device is not None else x.device
+    if device.type != "cuda" or not CNA.triton_conv_enabled() or spec["act"] == "prelu" \
             or _norm_type(norm) not in _INSTANCE_NORMS:
         return None
     conv = _plain_conv(conv_mod)
@@ -323,15 +359,11 @@ def _conv_norm_act(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor) 
         return None  # eager's own error (instance norm of one voxel) or an empty output
     # routing decided on the dtype the convolution will run in, before casting anything
     probe = torch.empty(x.shape, dtype=dt, device="meta")
-    if CNA._use_triton(probe, w.to("meta", dt), conv.stride, conv.padding, conv.dilation, device=x.device) is None:
+    if CNA._use_triton(probe, w.to("meta", dt), conv.stride, conv.padding, conv.dilation, device=device) is None:
         return None
     x, w, b = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
-    args = (x, w, b, norm.weight if norm.affine else None, norm.bias if norm.affine else None, list(conv.stride),
+    return (x, w, b, norm.weight if norm.affine else None, norm.bias if norm.affine else None, list(conv.stride),
             list(conv.padding), list(conv.dilation), spec["eps"], spec["slope"], CNA.NA.ACTS[spec["act"]])
-    with torch.autocast("cuda", enabled=False):
-        if not torch.is_grad_enabled():  # inference: normalised in place in the convolution's output
-            return CNA.conv_norm_act_infer(*args)
-        return CNA.conv_norm_act_fwd(*args)[0]
 
 
 def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
@@ -508,6 +540,10 @@ if UnetBasicBlock is not None:
         def forward(self, inp):
             if not _kernel_ok(inp, self.norm1):
                 return UnetBasicBlock.forward(self, inp)
+            out = _conv_pair(((self.conv1, self.norm1, self._fm_specs[0]), (self.conv2, self.norm2,
+                                                                            self._fm_specs[1])), inp)
+            if out is not None:  # inference with the Triton convolution: norm1 + act in conv2's prologue
+                return out
             out = _conv_then_norm_act(self.conv1, self.norm1, self._fm_specs[0], inp)
             return _conv_then_norm_act(self.conv2, self.norm2, self._fm_specs[1], out)
 

@@ -146,6 +146,30 @@ def test_inference_op_equals_the_autograd_op():
     torch.library.opcheck(CN.conv_norm_act_infer, (x, w, b, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_two_layer_inference_op(channels_last):
+    """conv_norm_act2_infer (on CUDA with the Triton convolution the first norm + activation run in
+    the second convolution's prologue; see test_conv_norm_act_triton.py) equals the two layers one
+    after the other, and its fake function the real output's shape and layout (a strided second
+    convolution, ReLU after the first)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 8, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w1, b1 = torch.randn(5, 3, 3, 3, 3, generator=g), torch.randn(5, generator=g)
+    w2 = torch.randn(6, 5, 3, 3, 3, generator=g)
+    nw, nb = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    l1 = (w1, b1, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.0, 1)
+    l2 = (w2, None, None, None, [2] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+    z = CN.conv_norm_act2_infer(x, *l1, *l2)
+    ref = CN.conv_norm_act_infer(CN.conv_norm_act_infer(x, *l1), *l2)
+    assert torch.equal(z, ref) and z.stride() == ref.stride()
+    r64 = CN.conv_norm_act_reference(CN.conv_norm_act_reference(x, w1, b1, nw, nb, 1, 1, act="relu"), w2, None, None,
+                                     None, 2, 1)
+    torch.testing.assert_close(z.double(), r64, rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(CN.conv_norm_act2_infer, (x, *l1, *l2))
+
+
 def test_statistics_are_not_differentiable_and_double_backward_says_so():
     x = torch.randn(1, 2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)

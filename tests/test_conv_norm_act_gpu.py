@@ -150,3 +150,38 @@ def test_optimized_dynunet_uses_it(autocast, triton_conv):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol  # conv_norm_act_infer: in place
     assert triton_conv["n"] > n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prologue_chain_in_dynunet_inference(dtype, triton_conv, monkeypatch):
+    """Inference through optimize(DynUNet): each basic block's first norm + activation run in its
+    second convolution's prologue (conv_norm_act2_infer), bit for bit the unchained result."""
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from fastmed import nn as fnn
+    from fastmed.kernels import conv_triton as KC
+
+    torch.manual_seed(1)
+    m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3] * 3, strides=[1, 2, 2], upsample_kernel_size=[2] * 2,
+                           norm_name=("instance", {"affine": True})).cuda().to(dtype).eval()
+    o = fastmed.optimize(m, channels_last=True)
+    x = torch.randn(2, 1, 32, 32, 24, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    seen = {"prologue": 0}
+    counted = KC.conv_fwd
+
+    def spy(*a, **k):
+        seen["prologue"] += k.get("prologue") is not None
+        return counted(*a, **k)
+
+    monkeypatch.setattr(KC, "conv_fwd", spy)
+    with torch.no_grad():
+        chained = o(x)
+        assert seen["prologue"] >= 4  # input block, down block, bottleneck, up blocks
+        monkeypatch.setattr(fnn, "_conv_pair", lambda layers, x: None)
+        plain = o(x)
+        ref = m(x)
+    assert torch.equal(chained, plain)
+    assert _rel(chained.float(), ref.float()) < (1e-4 if dtype == torch.float32 else 3e-2)
+    torch.library.opcheck(torch.ops.fastmed.conv_norm_act2_infer.default,
+                          (x, o.input_block.conv1.conv.weight.detach(), None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01,
+                           2, o.input_block.conv2.conv.weight.detach(), None, None, None, [2] * 3, [1] * 3, [1] * 3, 1e-5, 0.01,
+                           1))

@@ -177,3 +177,47 @@ def test_triton_conv_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+CHAIN_SCRIPT = r"""
+import torch
+from fastmed.kernels import conv_triton as KC, norm_act_triton as KN
+from fastmed.ops import conv_norm_act as CN
+
+CN._use_triton = lambda *a, **k: (KC, KN)  # CPU tensors under the interpreter stand for CUDA ones
+torch.backends.cudnn.allow_tf32 = False
+g = torch.Generator().manual_seed(5)
+# (x shape, Cmid, Cout, stride of the second conv, channels last): the second convolution reads its
+# input through the prologue in its flattened-K path (Cmid < 16) and in its per-tap path (Cmid >= 16)
+CASES = [((2, 1, 7, 6, 5), 8, 6, 1, True), ((1, 3, 6, 7, 5), 16, 5, 2, True), ((1, 4, 9, 8), 20, 7, 1, False)]
+n = 0
+for shape, cmid, cout, st2, cl in CASES:
+    nd = len(shape) - 2
+    fmt = (torch.channels_last_3d if nd == 3 else torch.channels_last) if cl else torch.contiguous_format
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for act1, slope1 in ((2, 0.2), (1, 0.0), (0, 0.0)):
+            x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
+            w1 = (torch.randn((cmid, shape[1]) + (3,) * nd, generator=g) / 3).to(dt)
+            w2 = (torch.randn((cout, cmid) + (3,) * nd, generator=g) / 6).to(dt)
+            b1, b2 = torch.randn(cmid, generator=g).to(dt), torch.randn(cout, generator=g).to(dt)
+            # a large norm bias: act(beta) at the zero padding would be far from 0 (the mask must win)
+            nw1, nb1 = torch.rand(cmid, generator=g) + 0.5, torch.randn(cmid, generator=g) + 2
+            nw2, nb2 = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
+            l1 = (w1, b1, nw1, nb1, [1] * nd, [1] * nd, [1] * nd, 1e-5, slope1, act1)
+            l2 = (w2, b2, nw2, nb2, [st2] * nd, [1] * nd, [1] * nd, 1e-5, 0.01, 2)
+            z1 = CN._triton_fwd(KC, KN, x, *l1[:7], *l1[7:])[0]
+            ref = CN._triton_fwd(KC, KN, z1, *l2[:7], *l2[7:])[0]
+            got = CN._try_chain(x, l1, l2)
+            assert got is not None and got.stride() == ref.stride() and got.dtype == ref.dtype
+            assert torch.equal(got, ref), (shape, dt, act1, (got.double() - ref.double()).abs().max())
+            n += 1
+print("chained cases", n)
+"""
+
+
+def test_triton_conv_prologue_under_the_interpreter():
+    """Two conv -> norm -> act layers with the first norm + activation applied in the second
+    convolution's prologue: bit for bit the result of the two layers run one after the other."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", CHAIN_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

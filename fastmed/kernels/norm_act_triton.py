@@ -446,6 +446,12 @@ def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, 
     """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
     (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
     the elementwise pass x -> y."""
+    a, beta = _finalize(x, psum, pm2, chunk, weight, bias, prm, mean, rstd)
+    _apply(x, y, a, beta, prm, act, prelu)
+
+
+def _finalize(x, psum, pm2, chunk: int, weight, bias, prm, mean, rstd):
+    """mean / rstd (filled) and the elementwise coefficients (a, beta) from per-chunk statistics."""
     N, C = x.shape[0], x.shape[1]
     S = x[0, 0].numel()
     psum, pm2, chunk = _merged(psum, pm2, chunk, S)
@@ -455,7 +461,24 @@ def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, 
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
         a, beta, N * C, C, S, psum.shape[1], chunk, HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_P=BLOCK_P, **_NOFMA)
-    _apply(x, y, a, beta, prm, act, prelu)
+    return a, beta
+
+
+def finish_stats(x, psum, pm2, chunk: int, weight, bias, eps: float, mean, rstd):
+    """finish_fwd without its elementwise pass: mean / rstd filled, and returns norm_act's
+    coefficients (a, beta) per plane (N * C, float32 for float32 / half x), for a convolution that
+    applies the norm + activation in its prologue (conv_triton.conv_fwd's ``prologue``)."""
+    C = x.shape[1]
+    a = torch.empty(x.shape[0] * C, dtype=_coef_dtype(x.dtype), device=x.device)
+    beta = torch.empty_like(a)
+    if x.numel() == 0:
+        return a, beta
+    with _guard(x.device):
+        for n0, n1 in _slices(x.shape[0]):
+            sl = slice(n0 * C, n1 * C)
+            a[sl], beta[sl] = _finalize(x[n0:n1], psum[n0:n1], pm2[n0:n1], chunk, weight, bias,
+                                        _scalars(eps, 0.0, x.device), mean[sl], rstd[sl])
+    return a, beta
 
 
 def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:

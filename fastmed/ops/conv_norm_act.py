@@ -9,6 +9,10 @@ elementwise pass) instead of twice; the merge and elementwise pass are norm_act'
 Everywhere else (the default on CUDA until the Triton convolution is measured on a GPU; CPUs;
 groups > 1; float64) the convolution is PyTorch's (cuDNN / oneDNN) followed by ``fastmed::norm_act``.
 
+``fastmed::conv_norm_act2_infer``: two such layers in a row for inference; with the Triton
+convolution the first layer's norm + activation are applied in the second convolution's prologue
+(the first normalised activation is never stored), elsewhere two ``conv_norm_act_infer`` calls.
+
 Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
 saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
 ``convolution_backward`` (cuDNN / oneDNN). Not fused into an implicit GEMM yet.
@@ -132,9 +136,9 @@ def _out_format(x, weight):
     return torch.contiguous_format
 
 
-def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace=False):
-    """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
-    merge + elementwise kernels; y and z laid out as _out_format says (channels last is the fast one)."""
+def _triton_conv(kc, kn, x, weight, bias, stride, padding, dilation, prologue=None):
+    """(y, psum, pm2, tile, mean, rstd): the Triton convolution with the norm's per-tile statistics in
+    its epilogue (mean / rstd allocated, to be filled); ``prologue``: see conv_triton.conv_fwd."""
     shape = kc.out_shape(x, weight, stride, padding, dilation)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
     N, C = shape[0], shape[1]
@@ -144,9 +148,16 @@ def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps,
     pm2 = torch.empty_like(psum)
     with kn._guard(x.device):
         kc.conv_fwd(x, weight, bias, stride, padding, dilation, y, psum, pm2,
-                    tf32=torch.backends.cudnn.allow_tf32)
+                    tf32=torch.backends.cudnn.allow_tf32, prologue=prologue)
     mean = torch.empty(N * C, dtype=torch.float64, device=x.device)
-    rstd = torch.empty_like(mean)
+    return y, psum, pm2, bm, mean, torch.empty_like(mean)
+
+
+def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace=False,
+                prologue=None):
+    """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
+    merge + elementwise kernels; y and z laid out as _out_format says (channels last is the fast one)."""
+    y, psum, pm2, bm, mean, rstd = _triton_conv(kc, kn, x, weight, bias, stride, padding, dilation, prologue)
     z = y if inplace else torch.empty_like(y)  # in place: each element is read, then written once
     kn.finish_fwd(y, psum, pm2, bm, NA._affine_arg(nw, y), NA._affine_arg(nb, y), eps, slope, act, z, mean, rstd)
     return z, y, mean, rstd
@@ -195,6 +206,16 @@ _OUR_BUGS = (torch.cuda.OutOfMemoryError, IndexError, KeyError, AttributeError, 
              AssertionError, ZeroDivisionError)
 
 
+def _triton_failed(exc: Exception) -> None:
+    """The Triton convolution failed to compile or launch on this GPU: one warning, and PyTorch's
+    convolution from then on."""
+    import warnings
+
+    warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
+                  f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=5)
+    _TRITON_CONV[:] = [None]
+
+
 def _try_triton(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, inplace):
     """_triton_fwd's result where the Triton convolution runs this call, else None. Should it fail to
     compile or launch on this GPU, one warning, and PyTorch's convolution from then on."""
@@ -206,11 +227,7 @@ def _try_triton(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, 
     except _OUR_BUGS:
         raise
     except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
-        import warnings
-
-        warnings.warn(f"fastmed: the Triton convolution failed on this GPU ({type(exc).__name__}: {exc}); "
-                      f"using PyTorch's convolution from now on", RuntimeWarning, stacklevel=4)
-        _TRITON_CONV[:] = [None]
+        _triton_failed(exc)
         return None
 
 
@@ -279,6 +296,66 @@ def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, s
     shape = (x.shape[0], weight.shape[0]) + tuple(
         (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
+
+
+def _out_shape(x, weight, stride, padding, dilation) -> tuple:
+    sp, ks = x.shape[2:], weight.shape[2:]
+    return (x.shape[0], weight.shape[0]) + tuple(
+        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+
+
+@torch.library.custom_op("fastmed::conv_norm_act2_infer", mutates_args=())
+def conv_norm_act2_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                         norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                         eps: float, slope: float, act: int, weight2: Tensor, bias2: Optional[Tensor],
+                         norm_weight2: Optional[Tensor], norm_bias2: Optional[Tensor], stride2: list[int],
+                         padding2: list[int], dilation2: list[int], eps2: float, slope2: float,
+                         act2: int) -> Tensor:
+    """Two conv -> instance norm -> activation layers in a row (nnU-Net's and DynUNet's blocks), for
+    inference. Where the Triton convolution runs both, the first layer's norm + activation are
+    applied in the second convolution's prologue: its normalised activation is never written or
+    read back (the same values: the prologue rounds as norm_act's elementwise pass does). Elsewhere
+    two conv_norm_act_infer calls."""
+    l1 = (weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act)
+    l2 = (weight2, bias2, norm_weight2, norm_bias2, stride2, padding2, dilation2, eps2, slope2, act2)
+    out = _try_chain(x, l1, l2)
+    if out is not None:
+        return out
+    return conv_norm_act_infer(conv_norm_act_infer(x, *l1), *l2)
+
+
+def _try_chain(x, l1, l2):
+    """conv_norm_act2_infer's result with the prologue, or None where the Triton convolution does not
+    run both layers (then, should it fail to compile or launch, one warning as in _try_triton)."""
+    w1, b1, nw1, nb1, st1, pd1, dl1, eps1, slope1, act1 = l1
+    w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2 = l2
+    use = _use_triton(x, w1, st1, pd1, dl1)
+    if use is None:
+        return None
+    kc, kn = use
+    probe = torch.empty(kc.out_shape(x, w1, st1, pd1, dl1), dtype=x.dtype, device="meta")
+    if _use_triton(probe, w2.to("meta"), st2, pd2, dl2, device=x.device) is None:
+        return None
+    try:
+        y1, psum, pm2, bm, mean, rstd = _triton_conv(kc, kn, x, w1, b1, st1, pd1, dl1)
+        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, mean,
+                                  rstd)
+        return _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, True,
+                           prologue=(a, beta, act1, slope1))[0]
+    except _OUR_BUGS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
+        _triton_failed(exc)
+        return None
+
+
+@conv_norm_act2_infer.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act, weight2, bias2,
+      norm_weight2, norm_bias2, stride2, padding2, dilation2, eps2, slope2, act2):
+    y1 = torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                     memory_format=_out_format(x, weight))
+    return torch.empty(_out_shape(y1, weight2, stride2, padding2, dilation2), dtype=x.dtype, device=x.device,
+                       memory_format=_out_format(y1, weight2))
 
 
 def _triple(v, nd: int, name: str) -> list[int]:
