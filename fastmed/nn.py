@@ -325,9 +325,9 @@ def _conv_pair(layers, x: Tensor) -> Optional[Tensor]:
     a1 = _triton_args(*layers[0], x)
     if a1 is None:
         return None
-    y1 = a1[0]
-    shape = CNA._out_shape(y1, a1[1], a1[5], a1[6], a1[7])
-    probe = torch.empty(shape, dtype=y1.dtype, device="meta", memory_format=CNA._out_format(y1, a1[1]))
+    xin, w1 = a1[0], a1[1]  # x and the first weight in the dtype the convolutions run in
+    shape = CNA._out_shape(xin, w1, a1[5], a1[6], a1[7])  # the first layer's output: the second's input
+    probe = torch.empty(shape, dtype=xin.dtype, device="meta", memory_format=CNA._out_format(xin, w1))
     a2 = _triton_args(*layers[1], probe, device=x.device)
     if a2 is None:
         return None
