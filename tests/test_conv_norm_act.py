@@ -120,6 +120,22 @@ def test_triton_conv_is_off_unless_asked(monkeypatch):
                                                                         "leaky_relu", 0.01), rtol=2e-5, atol=2e-5)
 
 
+def test_triton_conv_routing_for_a_cuda_device(monkeypatch):
+    """The routing the CUDA path takes, without a GPU (meta tensors standing for CUDA ones): with
+    FASTMED_TRITON_CONV=force the kernel modules load and are returned; unsupported dtypes and
+    groups go to PyTorch's convolution."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "force")
+    cuda = torch.device("cuda")
+    x, w = torch.empty(1, 16, 8, 8, 8, device="meta"), torch.empty(32, 16, 3, 3, 3, device="meta")
+    use = CN._use_triton(x, w, [1] * 3, [1] * 3, [1] * 3, device=cuda)
+    assert use is not None and use[0] is CN._triton_conv() and use[1] is not None
+    assert use[0].__name__.endswith("conv_triton")
+    assert CN._use_triton(x.double(), w.double(), [1] * 3, [1] * 3, [1] * 3, device=cuda) is None  # float64
+    assert CN._use_triton(x, w[:, :8], [1] * 3, [1] * 3, [1] * 3, groups=2, device=cuda) is None
+    assert CN._use_triton(x, w, [1] * 3, [1] * 3, [1] * 3, device=torch.device("cpu")) is None
+
+
 def test_norm_parameters_and_output_size_are_checked():
     x, w = torch.randn(1, 3, 5, 5, 5), torch.randn(8, 3, 3, 3, 3)
     with pytest.raises(ValueError, match="norm_weight"):

@@ -107,6 +107,12 @@ def triton_conv_enabled() -> bool:
 _TRITON_CONV = []
 
 
+def _out_shape(x, weight, stride, padding, dilation) -> tuple:
+    sp, ks = x.shape[2:], weight.shape[2:]
+    return (x.shape[0], weight.shape[0]) + tuple(
+        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+
+
 def _triton_conv():
     """fastmed.kernels.conv_triton when Triton imports, else None."""
     if not _TRITON_CONV:
@@ -136,7 +142,7 @@ def _out_format(x, weight):
     return torch.contiguous_format
 
 
-def _triton_conv(kc, kn, x, weight, bias, stride, padding, dilation, prologue=None):
+def _conv_with_stats(kc, kn, x, weight, bias, stride, padding, dilation, prologue=None):
     """(y, psum, pm2, tile, mean, rstd): the Triton convolution with the norm's per-tile statistics in
     its epilogue (mean / rstd allocated, to be filled); ``prologue``: see conv_triton.conv_fwd."""
     shape = kc.out_shape(x, weight, stride, padding, dilation)
@@ -157,7 +163,7 @@ def _triton_fwd(kc, kn, x, weight, bias, nw, nb, stride, padding, dilation, eps,
                 prologue=None):
     """(z, y, mean, rstd) by the Triton convolution (statistics in its epilogue) and norm_act's
     merge + elementwise kernels; y and z laid out as _out_format says (channels last is the fast one)."""
-    y, psum, pm2, bm, mean, rstd = _triton_conv(kc, kn, x, weight, bias, stride, padding, dilation, prologue)
+    y, psum, pm2, bm, mean, rstd = _conv_with_stats(kc, kn, x, weight, bias, stride, padding, dilation, prologue)
     z = y if inplace else torch.empty_like(y)  # in place: each element is read, then written once
     kn.finish_fwd(y, psum, pm2, bm, NA._affine_arg(nw, y), NA._affine_arg(nb, y), eps, slope, act, z, mean, rstd)
     return z, y, mean, rstd
@@ -233,10 +239,7 @@ def _try_triton(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, 
 
 @conv_norm_act_fwd.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act):
-    sp = x.shape[2:]
-    ks = weight.shape[2:]
-    shape = (x.shape[0], weight.shape[0]) + tuple(
-        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+    shape = _out_shape(x, weight, stride, padding, dilation)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
     planes = shape[0] * shape[1]
     return torch.empty_like(y), y, x.new_empty(planes, dtype=torch.float64), x.new_empty(planes, dtype=torch.float64)
@@ -292,16 +295,8 @@ def conv_norm_act_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_
 
 @conv_norm_act_infer.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act):
-    sp, ks = x.shape[2:], weight.shape[2:]
-    shape = (x.shape[0], weight.shape[0]) + tuple(
-        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x, weight))
-
-
-def _out_shape(x, weight, stride, padding, dilation) -> tuple:
-    sp, ks = x.shape[2:], weight.shape[2:]
-    return (x.shape[0], weight.shape[0]) + tuple(
-        (sp[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1 for i in range(len(sp)))
+    return torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                       memory_format=_out_format(x, weight))
 
 
 @torch.library.custom_op("fastmed::conv_norm_act2_infer", mutates_args=())
@@ -337,7 +332,7 @@ def _try_chain(x, l1, l2):
     if _use_triton(probe, w2.to("meta"), st2, pd2, dl2, device=x.device) is None:
         return None
     try:
-        y1, psum, pm2, bm, mean, rstd = _triton_conv(kc, kn, x, w1, b1, st1, pd1, dl1)
+        y1, psum, pm2, bm, mean, rstd = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
         a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, mean,
                                   rstd)
         return _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, True,
