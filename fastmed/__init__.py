@@ -9,7 +9,7 @@ from . import losses  # noqa: E402,F401
 
 
 
-def optimize(model, inplace: bool = False, verbose: bool = False, channels_last: bool = False, onednn: bool = True,
+def optimize(model, inplace: bool = False, verbose: bool = False, channels_last=None, onednn: bool = True,
              upconv: bool = True):
     """Fuse the supported norm -> activation patterns of an existing model, send its batch-1
     float32 CPU convolutions to oneDNN and its decoders' upsampling to fastmed's kernel, written

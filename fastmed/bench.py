@@ -508,7 +508,7 @@ def _optimize_models(quick: bool):
 def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
     """fastmed.optimize on MONAI's DynUNet (nnU-Net-like 6 levels, instance norm + LeakyReLU), and in
     the full run nnU-Net's PlainConvUNet and MONAI's UNet: eval forward on 1x1x96^3, original and
-    optimized (planar and channels last), alternating in the same run."""
+    optimized (the default layout, and planar throughout), alternating in the same run."""
     try:
         models = _optimize_models(quick)
     except ImportError as exc:
@@ -521,9 +521,11 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
     for name, ctor in models:
         torch.manual_seed(0)
         m = ctor().to(device).eval()
-        nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_cl": optimize(m, channels_last=True).eval()}
-        if device == "cuda":  # the Triton convolution (FASTMED_TRITON_CONV=1), with the prologue chain of
-            # DynUNet's basic blocks and without it
+        # the default (CPU inference channels last inside, planar in and out) and planar throughout
+        nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_planar": optimize(m, channels_last=False).eval()}
+        if device == "cuda":  # channels-last weights, and the Triton convolution (FASTMED_TRITON_CONV=1)
+            # with the prologue chain of DynUNet's basic blocks and without it
+            nets["fastmed_cl"] = optimize(m, channels_last=True).eval()
             nets["fastmed_cl_triton_conv"] = nets["fastmed_cl"]
             nets["fastmed_cl_triton_conv_nochain"] = nets["fastmed_cl"]
         times = {k: [] for k in nets}
@@ -698,7 +700,7 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
     for name, make in _train_models(quick):
         torch.manual_seed(0)
         orig = make().to(device).to(memory_format=fmt).train()
-        nets = {"original": orig, "fastmed": optimize(orig, channels_last=cuda).train()}
+        nets = {"original": orig, "fastmed": optimize(orig, channels_last=True if cuda else None).train()}
         if cuda:
             nets["fastmed+triton_conv"] = nets["fastmed"]
         x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
@@ -747,7 +749,8 @@ def format_optimize_table(report: dict) -> str:
     if not rows:
         return ""
     head = ["op", "case", "impl", "ms", "x vs original"]
-    names = {"fastmed": "fastmed.optimize", "fastmed_cl": "optimize(channels_last=True)", "monai": "original model"}
+    names = {"fastmed": "fastmed.optimize", "fastmed_planar": "optimize(channels_last=False)",
+             "fastmed_cl": "optimize(channels_last=True)", "monai": "original model"}
     def impl(r):
         if r["op"] == "optimize" and "triton_conv" not in r["impl"]:
             return names.get(r["impl"], r["impl"])

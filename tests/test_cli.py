@@ -69,3 +69,21 @@ def test_gpu_block_and_training_step_benchmarks_run(monkeypatch):
     assert [r["impl"] for r in rows[2:]] == ["original", "fastmed"]
     table = bench.format_optimize_table({"optimize": rows}).splitlines()
     assert len(table) == 2 + 4 and "train_step" in table[-1] and "conv_block" in table[2]
+
+
+def test_optimize_benchmark_rows(monkeypatch):
+    """`fastmed bench --ops optimize` on the CPU: the original, the default optimize() (channels-last
+    inference inside) and planar throughout, side by side (a tiny model here)."""
+    pytest.importorskip("monai")
+    from torch import nn
+
+    def tiny():
+        return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01),
+                             nn.Conv3d(4, 2, 1))
+
+    monkeypatch.setattr(bench, "_optimize_models", lambda quick: [("tiny", tiny)])
+    rows = bench.run_optimize(True, "cpu", reps=1)
+    assert [r["impl"] for r in rows] == ["monai", "fastmed", "fastmed_planar"]
+    assert all(r["ms"] > 0 and r["fused"] == (0 if r["impl"] == "monai" else 1) for r in rows)
+    table = bench.format_optimize_table({"optimize": rows})
+    assert "optimize(channels_last=False)" in table and "fastmed.optimize" in table

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastmed
-from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
+from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, _as_nhwc, ConvNormAct, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
                         _AppliedPReLU)
 
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -60,6 +60,9 @@ def _check_model(m, x, train, factor=3.0, floor=2e-6, **kw):
         for a, b in zip(m.modules(), o.modules()):  # 1-input-channel weights: the strides optimize() gives
             if isinstance(a, nn.Conv3d):
                 a.weight.data = a.weight.data.as_strided(b.weight.shape, b.weight.stride())
+    xe = x  # the eager counterpart's input in inference: in optimize()'s default CPU layout, channels last too
+    if o._fastmed_report["layout"].startswith("channels last in CPU inference") and x.ndim == 5:
+        xe = _as_nhwc(x)
     others = []
     if kw.get("onednn", True):
         # the eager counterpart runs the same convolutions (oneDNN's summation order) too: at
@@ -85,7 +88,7 @@ def _check_model(m, x, train, factor=3.0, floor=2e-6, **kw):
     # here, is what separates two correct float32 results), and close to the original's
     _assert_output_close(yf, y, y64)
     with torch.no_grad():  # inference: fused blocks work in place on their convolutions' outputs
-        _assert_output_close(o(x), m(x), y64)
+        _assert_output_close(o(x), m(xe), y64)
     assert len(g) == len(gf) == len(g64)
     _assert_as_accurate(gf, g, g64, factor, floor, others)
     return o
@@ -611,14 +614,18 @@ def test_nnunet_deep_supervision_outputs_with_upconv():
                   nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
     m = dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), deep_supervision=True,
                           **common).eval()
-    o = fastmed.optimize(m)
-    assert type(o.decoder) is FusedUNetDecoder
     x = torch.randn(2, 1, 12, 16, 20)  # a batch of two: the kernel writes samples a concatenation apart
     with torch.no_grad():
-        ys, yfs, y64s = m(x), o(x), copy.deepcopy(m).double()(x.double())
-    assert isinstance(yfs, list) and len(yfs) == len(ys) == 2
-    for yf, y, y64 in zip(yfs, ys, y64s):
-        _assert_output_close(yf, y, y64)
+        ys, y64s = m(x), copy.deepcopy(m).double()(x.double())
+    for layout in (False, None):  # planar (the upconv kernel), and the default channels-last inference
+        o = fastmed.optimize(m, channels_last=layout)
+        assert type(o.decoder) is FusedUNetDecoder
+        with torch.no_grad():
+            yfs = o(x)
+        assert isinstance(yfs, list) and len(yfs) == len(ys) == 2
+        for yf, y, y64 in zip(yfs, ys, y64s):
+            assert yf.is_contiguous()  # the deep-supervision list comes back planar, as the original's
+            _assert_output_close(yf, y, y64)
 
 
 def test_basicunet_upcat_with_and_without_padding():
@@ -626,7 +633,7 @@ def test_basicunet_upcat_with_and_without_padding():
 
     torch.manual_seed(6)
     m = monai_nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)).eval()
-    o = fastmed.optimize(m)
+    o = fastmed.optimize(m, channels_last=False)  # the planar kernel (the default runs inference channels last)
     assert sum(type(a) is FusedUpCat for a in o.modules()) == 4
     calls = []
     orig = fastmed.nn.UC.upconv_fwd
@@ -651,3 +658,92 @@ def test_basicunet_upcat_with_and_without_padding():
     d = fastmed.optimize(_dynunet(False)).eval()
     with pytest.raises(RuntimeError):
         d.upsamples[0](torch.randn(1, 64, 3, 3, 3), torch.randn(1, 32, 5, 6, 6))
+
+
+def _inner_layouts(model, x, grad=False):
+    """Whether each OneDNNConv3d of model wrote a channels-last output in one forward."""
+    seen = []
+    hooks = [c.register_forward_hook(lambda mod, i, out: seen.append(
+        out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()))
+        for c in model.modules() if isinstance(c, OneDNNConv3d)]
+    try:
+        with torch.set_grad_enabled(grad):
+            y = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return y, seen
+
+
+def test_default_layout_runs_cpu_inference_channels_last():
+    """optimize(m) (channels_last=None): CPU inference runs NDHWC inside, the weights keep their
+    strides, outputs come back planar and equal channels_last=True's bit for bit; training and
+    other dtypes stay planar."""
+    torch.manual_seed(8)
+    m = _dynunet(False).eval()
+    o = fastmed.optimize(m)
+    assert o._fastmed_report["layout"] == "channels last in CPU inference (activations)"
+    assert all(p.is_contiguous() for p in o.parameters())
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(o.state_dict().values(),
+                                                                            m.state_dict().values()))
+    x = torch.randn(1, 1, 24, 24, 24)
+    y, seen = _inner_layouts(o, x)
+    assert seen and all(seen)
+    assert y.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(y, fastmed.optimize(m, channels_last=True)(x))
+        _assert_output_close(y, m(x), copy.deepcopy(m).double()(x.double()))
+    # autograd on (training, or eval with gradients): planar, as the original
+    y2, seen = _inner_layouts(o, x, grad=True)
+    assert seen and not any(seen) and y2.is_contiguous()
+    # float64: as given
+    _, seen = _inner_layouts(copy.deepcopy(o).double(), x.double())
+    assert seen and not any(seen)
+    # channels_last=False: planar, no output hook
+    p = fastmed.optimize(m, channels_last=False)
+    assert p._fastmed_report["layout"] == "planar" and not p._forward_hooks
+    _, seen = _inner_layouts(p, x)
+    assert seen and not any(seen)
+    # optimizing the optimized model in place adds no second hook
+    assert len(fastmed.optimize(o, inplace=True)._forward_hooks) == 1
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(4, 6, 3, padding=1)
+        self.b = nn.Conv3d(6, 2, 1)
+
+    def forward(self, x, scale=1.0):
+        h = self.a(x)
+        return {"seg": self.b(h) * scale, "aux": (h, [h[:, :1]], "tag")}
+
+
+def test_default_layout_outputs_follow_the_input():
+    torch.manual_seed(9)
+    m = _DictNet().eval()
+    o = fastmed.optimize(m)
+    x = torch.randn(1, 4, 10, 11, 12)
+    with torch.no_grad():
+        ref = m(x)
+        out = o(x, scale=2.0)  # keyword arguments pass through the hook
+        assert out["aux"][2] == "tag" and isinstance(out["aux"][1], list)
+        torch.testing.assert_close(out["seg"], ref["seg"] * 2.0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["aux"][0], ref["aux"][0], rtol=1e-5, atol=1e-5)
+        assert out["seg"].is_contiguous() and out["aux"][0].is_contiguous()
+        # a channels-last input: the outputs are left as the network computes them (channels last
+        # here, where PyTorch's own batch-1 loop would have turned them planar)
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        yc, yr = o(xc)["seg"], m(xc)["seg"]
+        assert yc.is_contiguous(memory_format=torch.channels_last_3d) and not yc.is_contiguous()
+        torch.testing.assert_close(yc, yr, rtol=1e-5, atol=1e-5)
+        # input given by keyword
+        assert o(x=x)["seg"].is_contiguous()
+    # a model that already keeps channels-last weights: its layout is the user's, left alone
+    mc = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
+    oc = fastmed.optimize(mc)
+    assert oc._fastmed_report["layout"] == "planar" and not oc._forward_hooks
+    with torch.no_grad():
+        yo = oc(x)["seg"]  # channels last, as the user's weights ask (no hook turns it planar)
+        assert yo.is_contiguous(memory_format=torch.channels_last_3d) and not yo.is_contiguous()
+        torch.testing.assert_close(yo, mc(x)["seg"], rtol=1e-5, atol=1e-5)
