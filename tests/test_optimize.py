@@ -747,3 +747,26 @@ def test_default_layout_outputs_follow_the_input():
         yo = oc(x)["seg"]  # channels last, as the user's weights ask (no hook turns it planar)
         assert yo.is_contiguous(memory_format=torch.channels_last_3d) and not yo.is_contiguous()
         torch.testing.assert_close(yo, mc(x)["seg"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [None, False, True])
+def test_optimized_model_compiles_without_graph_breaks(layout):
+    """torch.compile(optimize(m), fullgraph=True): one graph (no check of the eager routing breaks
+    it), same outputs and gradients, inference and training."""
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    m = _dynunet(False)
+    o = fastmed.optimize(m, channels_last=layout)
+    c = torch.compile(o, backend="eager", fullgraph=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    ref64 = copy.deepcopy(m).double().eval()
+    with torch.no_grad():
+        y = c.eval()(x)
+        assert y.is_contiguous()
+        _assert_output_close(y, m.eval()(x), ref64(x.double()))
+    c.train(), m.train(), o.train(), ref64.train()
+    y, g = _grads(c, x)  # compiled, the convolutions are PyTorch's (another summation order)
+    y0, g0 = _grads(o, x)
+    y64, g64 = _grads(ref64, x.double())
+    _assert_output_close(y, y0, y64)
+    _assert_as_accurate(g, g0, g64, floor=1e-5)

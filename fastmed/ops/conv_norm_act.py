@@ -47,6 +47,9 @@ def onednn_suits(x: Tensor, weight: Tensor, stride=(1, 1, 1), groups: int = 1) -
     other loop would turn contiguous; a weight with one input channel is channels last when its
     channel stride is 1). Never under CPU autocast or torch.compile. Same numbers to float32
     rounding (another summation order)."""
+    if torch.compiler.is_compiling():
+        return False  # the compiler picks its own kernels (and checked first: torch.backends calls
+        # below would break its graph at every convolution)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim != 5
             or weight.ndim != 5 or x.is_mkldnn or weight.is_mkldnn or x.numel() == 0):
         return False
@@ -54,8 +57,8 @@ def onednn_suits(x: Tensor, weight: Tensor, stride=(1, 1, 1), groups: int = 1) -
         return False  # PyTorch already runs oneDNN here
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False  # the compiler picks its own kernels; autocast casts F.conv3d's inputs
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast casts F.conv3d's inputs
     kvol = weight.shape[2] * weight.shape[3] * weight.shape[4]
     cl = torch.channels_last_3d
     if (x.is_contiguous(memory_format=cl) and not x.is_contiguous()) or (kvol > 1 and weight.stride(1) == 1):
