@@ -150,12 +150,18 @@ def test_opcheck(label_map):
 
 
 def test_torch_compile():
-    loss = FL.DiceCELoss(to_onehot_y=True, softmax=True)
+    """Every loss traces as one graph (fullgraph=True): same value and gradient as eager."""
     x = _logits(2, 3, (6, 7, 5)).requires_grad_(True)
     y = _labels(2, 3, (6, 7, 5))
-    eager = loss(x, y)
-    compiled = torch.compile(loss, fullgraph=False, backend="aot_eager")(x, y)
-    torch.testing.assert_close(compiled, eager)
+    for loss in (FL.DiceCELoss(to_onehot_y=True, softmax=True), FL.DiceLoss(to_onehot_y=True, softmax=True),
+                 FL.GeneralizedDiceLoss(to_onehot_y=True, softmax=True), FL.NNUNetDiceCELoss()):
+        torch._dynamo.reset()
+        eager = loss(x, y)
+        (g_eager,) = torch.autograd.grad(eager, x)
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y)
+        (g_comp,) = torch.autograd.grad(compiled, x)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(g_comp, g_eager)
 
 
 def test_deterministic_bit_identical_across_threads():
