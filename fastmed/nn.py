@@ -39,8 +39,8 @@ last, CUDA autocast included) after cuDNN's convolution; ``FASTMED_TRITON=0`` in
 switches them off (eager modules), and should they fail to compile on a GPU the op warns once and
 computes in plain PyTorch.
 
-By default ``optimize(model)`` runs CPU inference (autograd off) on NDHWC activations, which oneDNN
-convolves faster: the stem convolution takes its planar input channels last (free with one input
+By default ``optimize(model)`` runs CPU inference (autograd off) of MONAI's and nnU-Net's U-Nets on
+NDHWC activations, which oneDNN convolves faster: the stem convolution takes its planar input channels last (free with one input
 channel), everything after follows the layout (the fused norm has a channels-last kernel), and a
 forward hook hands the outputs back planar; the weights keep their strides and training stays
 planar. ``channels_last=True`` stores the 3D convolution weights channels last instead (training
@@ -758,6 +758,26 @@ def _layout_hook(module: nn.Module, args: tuple, kwargs: dict, out):
     return _planar_outputs(out)
 
 
+def _nhwc_known_classes() -> list:
+    """The networks whose forward is known to take channels-last activations (no .view of conv
+    features and the like): the U-Nets optimize() targets. A model of another class (a classifier
+    whose head views its features, say) could fail channels last, so the default leaves it planar."""
+    found = []
+    for mod, names in (("monai.networks.nets", ("DynUNet", "UNet", "BasicUNet")),
+                       ("dynamic_network_architectures.architectures.unet", ("PlainConvUNet", "ResidualEncoderUNet"))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+        except ImportError:
+            continue
+        found += [getattr(m, n) for n in names if hasattr(m, n)]
+    return found
+
+
+def _nhwc_known(model: nn.Module) -> bool:
+    """model is one of _nhwc_known_classes (a subclass only if it keeps that class's forward)."""
+    return any(isinstance(model, c) and type(model).forward is c.forward for c in _nhwc_known_classes())
+
+
 def _has_nhwc_weights(model: nn.Module) -> bool:
     """Does the model already keep a 3D convolution weight channels last (the user's own layout)?"""
     for mod in model.modules():
@@ -783,9 +803,12 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     outputs planar when its input was planar, as the original's. Training stays planar: it measured
     no faster channels last here, and PyTorch's channels-last batch norm backward is less exact
     (gradients of a small DynUNet with batch norm came out ~1% from float64 channels last, 6e-6
-    planar). Other devices, dtypes and autocast run as given; nor is anything changed when the
-    model already keeps a 3D convolution weight channels last (the user's own layout) or with
-    ``onednn=False``. ``True`` stores the 3D convolution weights channels last
+    planar). This default applies to the networks whose forward is known to take NDHWC
+    activations (MONAI's ``DynUNet``, ``UNet``, ``BasicUNet``; nnU-Net's ``PlainConvUNet``,
+    ``ResidualEncoderUNet``: the model passed, not a wrapper around one); any other model (a
+    classifier whose head calls ``.view`` on conv features would fail channels last) stays planar.
+    Other devices, dtypes and autocast run as given; nor is anything changed when the model already
+    keeps a 3D convolution weight channels last (the user's own layout) or with ``onednn=False``. ``True`` stores the 3D convolution weights channels last
     (``torch.channels_last_3d``; training and CUDA too, where cuDNN then runs NDHWC) with the same
     output hook. ``False``: planar as given. Values are the same to float32 rounding in every
     layout.
@@ -845,7 +868,11 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                 mod.__class__ = _UPCAT[type(mod)]
                 upconvs.append(f"{name} (upsampling written into the skip concatenation)")
     layout = "planar"
-    auto = channels_last is None and onednn and not _has_nhwc_weights(model)
+    auto = channels_last is None and onednn and _nhwc_known(model) and not _has_nhwc_weights(model)
+    if channels_last is None and not auto:
+        layout = ("planar (the default runs NDHWC only for MONAI's DynUNet / UNet / BasicUNet and nnU-Net's "
+                  "PlainConvUNet / ResidualEncoderUNet, with onednn=True and weights not already channels last; "
+                  "channels_last=True for any model)")
     if auto:
         for mod in model.modules():
             if type(mod) is OneDNNConv3d:
@@ -862,7 +889,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                     w = w.as_strided(w.shape, (w.shape[2] * w.shape[3] * w.shape[4], 1,
                                                w.shape[3] * w.shape[4], w.shape[4], 1))
                 mod.weight.data = w
-    if layout != "planar" and not getattr(model, "_fm_layout_hook", False):
+    if not layout.startswith("planar") and not getattr(model, "_fm_layout_hook", False):
         model.register_forward_hook(_layout_hook, with_kwargs=True)
         model._fm_layout_hook = True
     model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "upconv": upconvs,

@@ -709,21 +709,33 @@ def test_default_layout_runs_cpu_inference_channels_last():
 
 
 class _DictNet(nn.Module):
-    def __init__(self):
+    def __init__(self, flat=True):
         super().__init__()
         self.a = nn.Conv3d(4, 6, 3, padding=1)
         self.b = nn.Conv3d(6, 2, 1)
+        self.flat = flat
 
     def forward(self, x, scale=1.0):
         h = self.a(x)
-        return {"seg": self.b(h) * scale, "aux": (h, [h[:, :1]], "tag")}
+        out = {"seg": self.b(h) * scale, "aux": (h, [h[:, :1]], "tag")}
+        if self.flat:
+            out["flat"] = h.view(h.shape[0], -1)
+        return out
 
 
-def test_default_layout_outputs_follow_the_input():
+def test_layout_hook_outputs_follow_the_input():
     torch.manual_seed(9)
     m = _DictNet().eval()
-    o = fastmed.optimize(m)
     x = torch.randn(1, 4, 10, 11, 12)
+    # the default on a model it does not know: planar (this one views its features, which would
+    # fail channels last), and the report says why
+    d = fastmed.optimize(m)
+    assert d._fastmed_report["layout"].startswith("planar (the default runs NDHWC only for") and not d._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(d(x)["flat"], m(x)["flat"], rtol=1e-5, atol=1e-5)
+    # channels_last=True on a model without .view: nested outputs come back planar
+    m.flat = False
+    o = fastmed.optimize(m, channels_last=True)
     with torch.no_grad():
         ref = m(x)
         out = o(x, scale=2.0)  # keyword arguments pass through the hook
@@ -731,22 +743,39 @@ def test_default_layout_outputs_follow_the_input():
         torch.testing.assert_close(out["seg"], ref["seg"] * 2.0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["aux"][0], ref["aux"][0], rtol=1e-5, atol=1e-5)
         assert out["seg"].is_contiguous() and out["aux"][0].is_contiguous()
-        # a channels-last input: the outputs are left as the network computes them (channels last
-        # here, where PyTorch's own batch-1 loop would have turned them planar)
+        torch.testing.assert_close(out["aux"][1][0], ref["aux"][1][0], rtol=1e-5, atol=1e-5)  # a view: as computed
+        # a channels-last input: the outputs are left as the network computes them
         xc = x.contiguous(memory_format=torch.channels_last_3d)
-        yc, yr = o(xc)["seg"], m(xc)["seg"]
+        yc = o(xc)["seg"]
         assert yc.is_contiguous(memory_format=torch.channels_last_3d) and not yc.is_contiguous()
-        torch.testing.assert_close(yc, yr, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(yc, m(xc)["seg"], rtol=1e-5, atol=1e-5)
         # input given by keyword
         assert o(x=x)["seg"].is_contiguous()
-    # a model that already keeps channels-last weights: its layout is the user's, left alone
+
+
+def test_default_layout_leaves_user_layouts_and_subclasses_alone():
+    m = _dynunet(False).eval()
+    # weights the user already keeps channels last: their layout, left alone
     mc = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
     oc = fastmed.optimize(mc)
-    assert oc._fastmed_report["layout"] == "planar" and not oc._forward_hooks
+    assert oc._fastmed_report["layout"].startswith("planar") and not oc._forward_hooks
+    x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
-        yo = oc(x)["seg"]  # channels last, as the user's weights ask (no hook turns it planar)
-        assert yo.is_contiguous(memory_format=torch.channels_last_3d) and not yo.is_contiguous()
-        torch.testing.assert_close(yo, mc(x)["seg"], rtol=1e-5, atol=1e-5)
+        _assert_output_close(oc(x), mc(x), copy.deepcopy(m).double()(x.double()))
+
+    # a subclass with its own forward: not known to take NDHWC
+    class Viewing(type(m)):
+        def forward(self, x):
+            return super().forward(x).view(x.shape[0], -1)
+
+    v = copy.deepcopy(m)
+    v.__class__ = Viewing
+    ov = fastmed.optimize(v)
+    assert ov._fastmed_report["layout"].startswith("planar")
+    with torch.no_grad():
+        torch.testing.assert_close(ov(x), v(x), rtol=1e-4, atol=1e-5)
+    # onednn=False: no OneDNNConv3d to take the input channels last
+    assert fastmed.optimize(m, onednn=False)._fastmed_report["layout"].startswith("planar")
 
 
 @pytest.mark.parametrize("layout", [None, False, True])
