@@ -522,8 +522,10 @@ def run_optimize(quick: bool, device: str, reps: int = 3, log=print) -> list:
         torch.manual_seed(0)
         m = ctor().to(device).eval()
         # the default (CPU inference channels last inside, planar in and out) and planar throughout
-        nets = {"monai": m, "fastmed": optimize(m).eval(), "fastmed_planar": optimize(m, channels_last=False).eval()}
-        if device == "cuda":  # channels-last weights, and the Triton convolution (FASTMED_TRITON_CONV=1)
+        nets = {"monai": m, "fastmed": optimize(m).eval()}
+        if device != "cuda":  # on CUDA the default is planar already
+            nets["fastmed_planar"] = optimize(m, channels_last=False).eval()
+        else:  # channels-last weights, and the Triton convolution (FASTMED_TRITON_CONV=1)
             # with the prologue chain of DynUNet's basic blocks and without it
             nets["fastmed_cl"] = optimize(m, channels_last=True).eval()
             nets["fastmed_cl_triton_conv"] = nets["fastmed_cl"]
