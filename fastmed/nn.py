@@ -282,6 +282,18 @@ class FastConvTranspose2d(_FastConvTranspose, nn.ConvTranspose2d):
 _FAST_TRANSPOSED = {nn.ConvTranspose2d: FastConvTranspose2d, nn.ConvTranspose3d: FastConvTranspose3d}
 
 
+def _forward_is(cls, *lines: str) -> bool:
+    """Whether cls.forward's source holds these statements (spaces ignored): the forward a fused
+    subclass stands in for, in this version of the package."""
+    import inspect
+
+    try:
+        src = inspect.getsource(cls.forward).replace(" ", "")
+    except (OSError, TypeError):  # pragma: no cover
+        return False
+    return all(t.replace(" ", "") in src for t in lines)
+
+
 def _hooked(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
                 or getattr(mod, "_backward_pre_hooks", None))
@@ -649,16 +661,9 @@ except ImportError:  # pragma: no cover
 def _nnunet_decoder_as_expected() -> bool:
     """Whether this dynamic-network-architectures' UNetDecoder.forward is the loop FusedUNetDecoder
     repeats (transposed convolution, cat with the skip, stage, segmentation layers)."""
-    import inspect
-
-    try:
-        src = inspect.getsource(UNetDecoder.forward)
-    except (OSError, TypeError):  # pragma: no cover
-        return False
-    return all(t in src.replace(" ", "") for t in (
-        "x=self.transpconvs[s](lres_input)", "x=torch.cat((x,skips[-(s+2)]),1)", "x=self.stages[s](x)",
-        "seg_outputs.append(self.seg_layers[s](x))", "seg_outputs.append(self.seg_layers[-1](x))",
-        "seg_outputs=seg_outputs[::-1]"))
+    return _forward_is(UNetDecoder, "x=self.transpconvs[s](lres_input)", "x=torch.cat((x,skips[-(s+2)]),1)",
+                       "x=self.stages[s](x)", "seg_outputs.append(self.seg_layers[s](x))",
+                       "seg_outputs.append(self.seg_layers[-1](x))", "seg_outputs=seg_outputs[::-1]")
 
 
 if UNetDecoder is not None and _nnunet_decoder_as_expected():
@@ -686,8 +691,79 @@ if UNetDecoder is not None and _nnunet_decoder_as_expected():
     _UPCAT[UNetDecoder] = FusedUNetDecoder
 
 
+# nnU-Net's conv -> [dropout] -> norm -> nonlin layers and their stacks: on CUDA with
+# FASTMED_TRITON_CONV=1 a layer runs as fastmed::conv_norm_act (the Triton convolution with the
+# norm statistics in its epilogue), and in inference two layers in a row as conv_norm_act2_infer
+# (the first norm + activation in the second convolution's prologue); everywhere else their own forward
+_NNUNET_BLOCKS = {}
+try:
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
+except ImportError:  # pragma: no cover
+    ConvDropoutNormReLU = StackedConvBlocks = None
+
+
+def _nnunet_layer(block: nn.Module) -> Optional[tuple]:
+    """(conv, norm, spec) of an nnU-Net ConvDropoutNormReLU whose Sequential is conv -> [Dropout(p=0)]
+    -> fused norm -> its activation's emptied slot, with no hook on any of them; else None."""
+    seq = block._modules.get("all_modules")
+    if not isinstance(seq, nn.Sequential) or _hooked(block) or _hooked(seq):
+        return None
+    mods = list(seq)
+    if len(mods) < 2 or any(_hooked(m) for m in mods):
+        return None
+    conv, rest = mods[0], mods[1:]
+    if isinstance(rest[0], nn.modules.dropout._DropoutNd):
+        if rest[0].p != 0:
+            return None
+        rest = rest[1:]
+    if not rest or not isinstance(rest[0], _FusedInstanceNorm) or any(not isinstance(m, nn.Identity) for m in rest[1:]):
+        return None
+    return conv, rest[0], rest[0]._fm_spec
+
+
+def _triton_conv_route(x: Tensor) -> bool:
+    return x.device.type == "cuda" and CNA.triton_conv_enabled()
+
+
+if ConvDropoutNormReLU is not None and _forward_is(ConvDropoutNormReLU, "return self.all_modules(x)") \
+        and _forward_is(StackedConvBlocks, "return self.convs(x)"):
+
+    class FusedConvDropoutNormReLU(ConvDropoutNormReLU):
+        """nnU-Net's ConvDropoutNormReLU (its norm + nonlin already fused by optimize) that runs as one
+        fastmed::conv_norm_act on CUDA with FASTMED_TRITON_CONV=1; else its own forward."""
+
+        def forward(self, x):
+            if _triton_conv_route(x):
+                layer = _nnunet_layer(self)
+                if layer is not None:
+                    z = _conv_norm_act(*layer, x)
+                    if z is not None:
+                        return z
+            return ConvDropoutNormReLU.forward(self, x)
+
+    class FusedStackedConvBlocks(StackedConvBlocks):
+        """nnU-Net's StackedConvBlocks whose layers run two by two as conv_norm_act2_infer in CUDA
+        inference with FASTMED_TRITON_CONV=1 (see above); else its own forward."""
+
+        def forward(self, x):
+            if not (_triton_conv_route(x) and not torch.is_grad_enabled()) or _hooked(self.convs):
+                return StackedConvBlocks.forward(self, x)
+            blocks, i = list(self.convs), 0
+            while i < len(blocks):
+                if i + 1 < len(blocks):
+                    l1, l2 = _nnunet_layer(blocks[i]), _nnunet_layer(blocks[i + 1])
+                    out = _conv_pair((l1, l2), x) if l1 is not None and l2 is not None else None
+                    if out is not None:
+                        x, i = out, i + 2
+                        continue
+                x, i = blocks[i](x), i + 1
+            return x
+
+    _NNUNET_BLOCKS = {ConvDropoutNormReLU: FusedConvDropoutNormReLU, StackedConvBlocks: FusedStackedConvBlocks}
+
+
 # parents whose forward calls their Sequential only, though they also register its norm (nnU-Net)
-_SEQUENTIAL_ONLY_PARENTS = ("ConvDropoutNormReLU",)
+_SEQUENTIAL_ONLY_PARENTS = ("ConvDropoutNormReLU", "FusedConvDropoutNormReLU")
 
 
 def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list, refs: dict,
@@ -852,6 +928,9 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         mod._fm_specs = [sp for sp, _ in specs]
         mod.__class__ = target
         fused.append(name or type(model).__name__)
+    for mod in model.modules():  # nnU-Net's layers and stacks: the Triton convolution's routes on CUDA
+        if type(mod) in _NNUNET_BLOCKS:
+            mod.__class__ = _NNUNET_BLOCKS[type(mod)]
     onednn_convs = []
     if onednn:
         for name, mod in model.named_modules():

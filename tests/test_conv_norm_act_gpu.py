@@ -125,6 +125,43 @@ def test_conv_norm_act_module_bf16_autocast(triton_conv):
     assert _rel(y.float(), r.float()) < 3e-2
 
 
+def _train_step(net, x, autocast):
+    """(output, [dx] + parameter gradients) of one forward + backward of a squared-mean loss."""
+    xx = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = net(xx)
+    out.float().square().mean().backward()
+    return out.detach().float(), [xx.grad] + [p.grad for p in net.parameters()]
+
+
+def _count_prologues(monkeypatch) -> dict:
+    """{"prologue": n}: how many Triton convolutions ran with a prologue (a chained norm + act)."""
+    from fastmed.kernels import conv_triton as KC
+
+    seen = {"prologue": 0}
+    counted = KC.conv_fwd
+
+    def spy(*a, **k):
+        seen["prologue"] += k.get("prologue") is not None
+        return counted(*a, **k)
+
+    monkeypatch.setattr(KC, "conv_fwd", spy)
+    return seen
+
+
+def _trained_alike(m, autocast):
+    """optimize(m, channels_last=True) and m channels last: one training step each on a
+    channels-last batch, outputs and gradients compared. Returns (optimized, eager, x, tolerance)."""
+    o = fastmed.optimize(m, channels_last=True)
+    ref = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 32, 32, 24, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    (y0, g0), (y1, g1) = [_train_step(net, x, autocast) for net in (ref, o)]
+    tol = 3e-2 if autocast else 1e-4
+    assert _rel(y1, y0) < tol
+    assert all(_rel(a, b) < tol * 10 for a, b in zip(g1, g0))
+    return o, ref, x, tol
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_optimized_dynunet_uses_it(autocast, triton_conv):
     monai_nets = pytest.importorskip("monai.networks.nets")
@@ -132,20 +169,8 @@ def test_optimized_dynunet_uses_it(autocast, triton_conv):
     torch.manual_seed(0)
     m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
                            norm_name=("instance", {"affine": True})).cuda().train()
-    o = fastmed.optimize(m, channels_last=True)
-    ref = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
-    x = torch.randn(2, 1, 32, 32, 24, device="cuda").contiguous(memory_format=torch.channels_last_3d)
-    outs = []
-    for net in (ref, o):
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = net(xx)
-        out.float().square().mean().backward()
-        outs.append((out.detach().float(), [xx.grad] + [p.grad for p in net.parameters()]))
+    o, ref, x, tol = _trained_alike(m, autocast)
     assert triton_conv["n"] >= 8
-    tol = 3e-2 if autocast else 1e-4
-    assert _rel(outs[1][0], outs[0][0]) < tol
-    assert all(_rel(a, b) < tol * 10 for a, b in zip(outs[1][1], outs[0][1]))
     n = triton_conv["n"]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol  # conv_norm_act_infer: in place
@@ -158,21 +183,13 @@ def test_prologue_chain_in_dynunet_inference(dtype, triton_conv, monkeypatch):
     second convolution's prologue (conv_norm_act2_infer), bit for bit the unchained result."""
     monai_nets = pytest.importorskip("monai.networks.nets")
     from fastmed import nn as fnn
-    from fastmed.kernels import conv_triton as KC
 
     torch.manual_seed(1)
     m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3] * 3, strides=[1, 2, 2], upsample_kernel_size=[2] * 2,
                            norm_name=("instance", {"affine": True})).cuda().to(dtype).eval()
     o = fastmed.optimize(m, channels_last=True)
     x = torch.randn(2, 1, 32, 32, 24, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
-    seen = {"prologue": 0}
-    counted = KC.conv_fwd
-
-    def spy(*a, **k):
-        seen["prologue"] += k.get("prologue") is not None
-        return counted(*a, **k)
-
-    monkeypatch.setattr(KC, "conv_fwd", spy)
+    seen = _count_prologues(monkeypatch)
     with torch.no_grad():
         chained = o(x)
         assert seen["prologue"] >= 4  # input block, down block, bottleneck, up blocks
@@ -185,3 +202,22 @@ def test_prologue_chain_in_dynunet_inference(dtype, triton_conv, monkeypatch):
                           (x, o.input_block.conv1.conv.weight.detach(), None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01,
                            2, o.input_block.conv2.conv.weight.detach(), None, None, None, [2] * 3, [1] * 3, [1] * 3, 1e-5, 0.01,
                            1))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_optimized_plainconvunet_uses_it(autocast, triton_conv, monkeypatch):
+    """nnU-Net's PlainConvUNet on the Triton convolution: every ConvDropoutNormReLU in training, the
+    stacks two layers at a time (prologue chain) in inference; same results as eager cuDNN."""
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(2)
+    common = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    m = dna.PlainConvUNet(1, 3, (16, 32, 64), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), **common).cuda().train()
+    o, ref, x, tol = _trained_alike(m, autocast)
+    assert triton_conv["n"] >= 10
+    seen = _count_prologues(monkeypatch)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol
+    assert seen["prologue"] == 5  # 3 encoder + 2 decoder stacks of two layers

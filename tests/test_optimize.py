@@ -799,3 +799,61 @@ def test_optimized_model_compiles_without_graph_breaks(layout):
     y64, g64 = _grads(ref64, x.double())
     _assert_output_close(y, y0, y64)
     _assert_as_accurate(g, g0, g64, floor=1e-5)
+
+
+def test_nnunet_layers_take_the_triton_convolution_routes(monkeypatch):
+    """nnU-Net's ConvDropoutNormReLU / StackedConvBlocks on the CUDA route (FASTMED_TRITON_CONV=1),
+    run here with the device check pretended (the CPU ops stand in for the Triton ones): inference
+    runs the stacks two layers at a time (conv_norm_act2_infer), training one layer at a time
+    (conv_norm_act_fwd, with autograd); outputs and gradients as the eager model's. Elsewhere the
+    blocks run their own forward."""
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    from fastmed.nn import FusedConvDropoutNormReLU, FusedStackedConvBlocks
+
+    torch.manual_seed(11)
+    common = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    m = dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), **common)
+    with torch.no_grad():  # non-trivial affine parameters
+        for mod in m.modules():
+            if isinstance(mod, nn.InstanceNorm3d):
+                mod.weight.uniform_(0.5, 1.5), mod.bias.uniform_(-0.5, 0.5)
+    o = fastmed.optimize(m, channels_last=False)
+    assert sum(type(b) is FusedStackedConvBlocks for b in o.modules()) == 5
+    assert sum(type(b) is FusedConvDropoutNormReLU for b in o.modules()) == 10
+    x = torch.randn(2, 1, 12, 16, 16)
+    with torch.no_grad():  # off the route (CPU): the blocks' own forward
+        _assert_output_close(o.eval()(x), m.eval()(x), copy.deepcopy(m).double()(x.double()))
+
+    fnn = fastmed.nn
+    calls = []
+    for name in ("conv_norm_act_infer", "conv_norm_act_fwd", "conv_norm_act2_infer"):
+        def counting(*a, _f=getattr(fnn.CNA, name), _n=name):
+            calls.append(_n)
+            return _f(*a)
+        monkeypatch.setattr(fnn.CNA, name, counting)
+    orig_args = fnn._triton_args
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "force")
+    monkeypatch.setattr(fnn, "_triton_conv_route", lambda x: True)
+    monkeypatch.setattr(fnn, "_triton_args", lambda *a, device=None: orig_args(*a, device=torch.device("cuda")))
+    pytest.importorskip("triton")
+    with torch.no_grad():
+        y = o.eval()(x)
+    # every stack of two layers as one pair (the CPU op standing in runs the two layers inside it)
+    assert calls == ["conv_norm_act2_infer", "conv_norm_act_infer", "conv_norm_act_infer"] * 5
+    _assert_output_close(y, m.eval()(x), copy.deepcopy(m).double()(x.double()))
+    calls.clear()
+    m.train(), o.train()
+    y, g = _grads(o, x)
+    assert calls == ["conv_norm_act_fwd"] * 10
+    y0, g0 = _grads(m, x)
+    y64, g64 = _grads(copy.deepcopy(m).double(), x.double())
+    _assert_output_close(y, y0, y64)
+    _assert_as_accurate(g, g0, g64, floor=1e-5)
+    # a hooked layer runs its own forward (the hook sees it run), the rest still pair up
+    calls.clear()
+    seen = []
+    o.encoder.stages[0][0].convs[1].register_forward_hook(lambda mod, i, out: seen.append(1))
+    with torch.no_grad():
+        o.eval()(x)
+    assert seen == [1] and calls.count("conv_norm_act2_infer") == 4 and calls.count("conv_norm_act_infer") == 4 * 2 + 1
