@@ -216,17 +216,25 @@ def _norm_then_act(norm_forward, norm: nn.Module, spec: dict, x: Tensor, fresh: 
     return _eager_act(spec, norm_forward(norm, x))
 
 
+def _is_nhwc(x: Tensor) -> bool:
+    """x is a dense channels-last 5D tensor (a 1-channel one only when restrided so: channel stride 1)."""
+    return x.ndim == 5 and x.is_contiguous(memory_format=_CL) and not (x.is_contiguous() and x.stride(1) != 1)
+
+
 def _nhwc_suits(x: Tensor) -> bool:
-    """A planar float32 CPU 5D activation that optimize()'s default layout runs channels last."""
+    """A float32 CPU 5D activation, planar or strided but not channels last, that optimize()'s default
+    layout takes channels last (with oneDNN on: PyTorch's generic loop would turn it back)."""
+    if torch.compiler.is_compiling():
+        return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 5 and not x.is_mkldnn
-            and x.numel() > 0 and x.is_contiguous() and not (x.shape[1] > 1 and x.is_contiguous(memory_format=_CL))
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+            and x.numel() > 0 and not _is_nhwc(x) and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.enabled)
 
 
 def _as_nhwc(x: Tensor) -> Tensor:
-    """x in channels-last layout: with one channel the same memory restrided (a view; a 1-channel
-    tensor is both planar and channels last, and PyTorch reads the layout from the strides), else a
-    channels-last copy."""
+    """x in channels-last layout: with one channel the same memory restrided (a view of a contiguous
+    x; a 1-channel tensor is both planar and channels last, and PyTorch reads the layout from the
+    strides), else a channels-last copy."""
     if x.shape[1] == 1:
         n, _, d, h, w = x.shape
         return x.reshape(n, d, h, w, 1).permute(0, 4, 1, 2, 3)
@@ -811,27 +819,52 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
 
 
 def _planar_outputs(out):
-    """out with every 5D channels-last (and not planar) tensor made planar; None if none was."""
+    """out with every dense channels-last 5D tensor made planar (also inside lists, tuples,
+    namedtuples and dicts); None if none was."""
     if isinstance(out, Tensor):
-        return out.contiguous() if out.ndim == 5 and not out.is_contiguous() and out.is_contiguous(
-            memory_format=_CL) else None
-    if type(out) in (list, tuple):
+        return out.contiguous() if _is_nhwc(out) and not out.is_contiguous() else None
+    if isinstance(out, (list, tuple)):
         new = [_planar_outputs(o) for o in out]
-        return type(out)(o if n is None else n for o, n in zip(out, new)) if any(n is not None for n in new) else None
-    if type(out) is dict:
+        if all(n is None for n in new):
+            return None
+        vals = [o if n is None else n for o, n in zip(out, new)]
+        if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple
+            return type(out)(*vals)
+        try:
+            return type(out)(vals)
+        except TypeError:  # a subclass with its own constructor: a plain list / tuple
+            return tuple(vals) if isinstance(out, tuple) else vals
+    if isinstance(out, dict):
         new = {k: _planar_outputs(v) for k, v in out.items()}
-        return {k: v if new[k] is None else new[k] for k, v in out.items()} if any(
-            n is not None for n in new.values()) else None
+        if all(n is None for n in new.values()):
+            return None
+        res = copy.copy(out)  # keeps the dict's class (OrderedDict, ...)
+        for k, n in new.items():
+            if n is not None:
+                res[k] = n
+        return res
     return None
 
 
 def _layout_hook(module: nn.Module, args: tuple, kwargs: dict, out):
     """Forward hook of a model optimize() runs channels last: its outputs come back planar when its
-    (first tensor) input was planar, as the original model's would."""
+    (first tensor) input was not channels last (planar, or a strided view such as a
+    sliding-window patch), as the original model's would."""
     x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-    if x is None or x.ndim != 5 or not x.is_contiguous():
+    if x is None or x.ndim != 5 or _is_nhwc(x):
         return None
     return _planar_outputs(out)
+
+
+def _set_layout_hook(model: nn.Module, on: bool) -> None:
+    """Adds _layout_hook to model once, or removes it."""
+    ours = [k for k, h in model._forward_hooks.items() if h is _layout_hook]
+    if on and not ours:
+        model.register_forward_hook(_layout_hook, with_kwargs=True)
+    elif not on:
+        for k in ours:
+            del model._forward_hooks[k]
+            model._forward_hooks_with_kwargs.pop(k, None)
 
 
 def _nhwc_known_classes() -> list:
@@ -873,21 +906,27 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``channels_last`` chooses the layout of 3D activations. ``None`` (default): CPU inference
     (autograd off, as under ``torch.no_grad()``) runs on NDHWC (channels-last) activations, which
     oneDNN convolves faster (DynUNet 96^3 eval forward on our 2-core CPU: 2.4-2.7 s against
-    2.8-3.6 s planar; the fused norm has a channels-last kernel): every ``OneDNNConv3d`` takes a
-    planar float32 CPU input channels last (free for the 1-channel input, so in practice only the
-    stem converts), the weights keep their strides, and a forward hook on the model returns its 5D
-    outputs planar when its input was planar, as the original's. Training stays planar: it measured
-    no faster channels last here, and PyTorch's channels-last batch norm backward is less exact
-    (gradients of a small DynUNet with batch norm came out ~1% from float64 channels last, 6e-6
-    planar). This default applies to the networks whose forward is known to take NDHWC
-    activations (MONAI's ``DynUNet``, ``UNet``, ``BasicUNet``; nnU-Net's ``PlainConvUNet``,
-    ``ResidualEncoderUNet``: the model passed, not a wrapper around one); any other model (a
-    classifier whose head calls ``.view`` on conv features would fail channels last) stays planar.
-    Other devices, dtypes and autocast run as given; nor is anything changed when the model already
-    keeps a 3D convolution weight channels last (the user's own layout) or with ``onednn=False``. ``True`` stores the 3D convolution weights channels last
-    (``torch.channels_last_3d``; training and CUDA too, where cuDNN then runs NDHWC) with the same
-    output hook. ``False``: planar as given. Values are the same to float32 rounding in every
-    layout.
+    2.8-3.6 s planar; the fused norm has a channels-last kernel). Every ``OneDNNConv3d`` takes a
+    float32 CPU input that is not channels last as channels last: free for a contiguous 1-channel
+    input (the stem), a copy for a strided patch or where PyTorch computed a small transposed
+    convolution in its generic loop (which returns planar data). The weights keep their strides,
+    and a forward hook on the model returns its 5D outputs planar when its input was not channels
+    last, as the original's; forward hooks a user puts on inner modules see channels-last tensors
+    (``.reshape`` works on them, ``.view`` may not). Training stays planar: it measured no faster
+    channels last here, and PyTorch's channels-last batch norm backward is less exact (gradients of
+    a small DynUNet with batch norm came out ~1% from float64 channels last, 6e-6 planar). The check
+    is per convolution, so a block under reentrant checkpointing (first forward without autograd)
+    or a frozen encoder runs channels last in training too (same values). This default applies to
+    the networks whose forward is known to take NDHWC activations (MONAI's ``DynUNet``, ``UNet``,
+    ``BasicUNet``; nnU-Net's ``PlainConvUNet``, ``ResidualEncoderUNet``: the model passed, not a
+    wrapper around one); any other model (a classifier whose head calls ``.view`` on conv features
+    would fail channels last) stays planar. Other devices, dtypes, CPU autocast and oneDNN switched
+    off run as given; nor is anything changed when the model already keeps a 3D convolution weight
+    channels last (the user's own layout) or with ``onednn=False``. ``True`` stores the 3D
+    convolution weights channels last (``torch.channels_last_3d``; training and CUDA too, where
+    cuDNN then runs NDHWC) with the same output hook. ``False``: planar as given. Values are the
+    same to float32 rounding in every layout, and optimizing an optimized model again sets its
+    layout anew.
 
     ``onednn=True`` (default) also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d``
     (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
@@ -952,10 +991,10 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         layout = ("planar (the default runs NDHWC only for MONAI's DynUNet / UNet / BasicUNet and nnU-Net's "
                   "PlainConvUNet / ResidualEncoderUNet, with onednn=True and weights not already channels last; "
                   "channels_last=True for any model)")
-    if auto:
-        for mod in model.modules():
-            if type(mod) is OneDNNConv3d:
-                mod._fm_nhwc = True
+    for mod in model.modules():  # set, or reset on a model optimized before
+        if isinstance(mod, OneDNNConv3d):
+            mod._fm_nhwc = auto
+            if auto:
                 layout = "channels last in CPU inference (activations)"
     if channels_last:
         layout = "channels last (weights)"
@@ -968,9 +1007,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                     w = w.as_strided(w.shape, (w.shape[2] * w.shape[3] * w.shape[4], 1,
                                                w.shape[3] * w.shape[4], w.shape[4], 1))
                 mod.weight.data = w
-    if not layout.startswith("planar") and not getattr(model, "_fm_layout_hook", False):
-        model.register_forward_hook(_layout_hook, with_kwargs=True)
-        model._fm_layout_hook = True
+    _set_layout_hook(model, not layout.startswith("planar"))
     model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "upconv": upconvs,
                              "layout": layout}
     if verbose:

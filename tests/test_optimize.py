@@ -857,3 +857,53 @@ def test_nnunet_layers_take_the_triton_convolution_routes(monkeypatch):
     with torch.no_grad():
         o.eval()(x)
     assert seen == [1] and calls.count("conv_norm_act2_infer") == 4 and calls.count("conv_norm_act_infer") == 4 * 2 + 1
+
+
+def test_default_layout_review_cases():
+    """A strided patch comes back planar (nnU-Net's predictor passes views); namedtuple and
+    OrderedDict outputs; optimizing again switches the layout off; oneDNN switched off runs as given."""
+    import collections
+
+    torch.manual_seed(12)
+    m = _dynunet(False).eval()
+    o = fastmed.optimize(m)
+    data = torch.randn(1, 30, 30, 30)
+    patch = data[:, 3:19, 5:21, 2:18][None]  # a non-contiguous planar view
+    y, seen = _inner_layouts(o, patch)
+    assert all(seen) and y.is_contiguous()
+    with torch.no_grad():
+        _assert_output_close(y, m(patch), copy.deepcopy(m).double()(patch.double()))
+    torch.backends.mkldnn.enabled = False
+    try:
+        _, seen = _inner_layouts(o, patch)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert seen and not any(seen)
+    # optimized again with another layout: the earlier one is undone
+    p = fastmed.optimize(o, channels_last=False, inplace=True)
+    assert p is o and not p._forward_hooks and p._fastmed_report["layout"] == "planar"
+    _, seen = _inner_layouts(p, patch)
+    assert seen and not any(seen)
+    assert len(fastmed.optimize(p, inplace=True)._forward_hooks) == 1
+    _, seen = _inner_layouts(p, patch)
+    assert all(seen)
+
+    Out = collections.namedtuple("Out", "seg aux")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv3d(2, 3, 3, padding=1)
+
+        def forward(self, x):
+            h = self.a(x)
+            return Out(h, collections.OrderedDict(deep=h * 2, n=1))
+
+    n = Net().eval()
+    on = fastmed.optimize(n, channels_last=True)
+    x = torch.randn(1, 2, 6, 7, 8)
+    with torch.no_grad():
+        out, ref = on(x), n(x)
+    assert type(out) is Out and type(out.aux) is collections.OrderedDict and out.aux["n"] == 1
+    assert out.seg.is_contiguous() and out.aux["deep"].is_contiguous()
+    torch.testing.assert_close(out.aux["deep"], ref.aux["deep"], rtol=1e-5, atol=1e-5)
