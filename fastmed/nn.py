@@ -52,8 +52,8 @@ of a batch of one in a generic loop when C * D * H of its input is at most 20480
 the deep layers, sliding-window patches), up to 4x slower than oneDNN and turning channels-last
 data contiguous; ``OneDNNConv3d`` calls oneDNN there. ``ConvNormAct`` uses it for 3D.
 
-With ``FASTMED_TRITON_CONV=1`` on CUDA, ``ConvNormAct`` and the optimized DynUNet blocks run
-convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM
+With ``FASTMED_TRITON_CONV=1`` on CUDA, ``ConvNormAct``, the optimized DynUNet blocks and nnU-Net's
+``ConvDropoutNormReLU`` layers run convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM
 convolution with the norm statistics in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
 default until a GPU has timed it against cuDNN.
 
@@ -66,12 +66,12 @@ channels last and then transposes the whole output). Channels-last data keeps Py
 ``torch.cat``.
 
 With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block in inference runs both its
-layers as ``fastmed::conv_norm_act2_infer``: the first norm + activation in the second
-convolution's prologue.
+layers as ``fastmed::conv_norm_act2_infer`` (the first norm + activation in the second
+convolution's prologue), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
-Not here yet (issue #5): the prologue chain in training and in nnU-Net's Sequential stacks, a fused
-backward, fusing the convolution on the CPU, a copy-free concatenation for channels-last data. The
-CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
+Not here yet (issue #5): the prologue chain in training, a fused backward, fusing the convolution
+on the CPU, a copy-free concatenation for channels-last data. The CUDA paths are checked under
+TRITON_INTERPRET=1 only, not yet on a GPU.
 """
 from __future__ import annotations
 
