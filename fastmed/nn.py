@@ -40,11 +40,11 @@ switches them off (eager modules), and should they fail to compile on a GPU the 
 computes in plain PyTorch.
 
 By default ``optimize(model)`` runs CPU inference (autograd off) of MONAI's and nnU-Net's U-Nets on
-NDHWC activations, which oneDNN convolves faster: the stem convolution takes its planar input channels last (free with one input
-channel), everything after follows the layout (the fused norm has a channels-last kernel), and a
-forward hook hands the outputs back planar; the weights keep their strides and training stays
-planar. ``channels_last=True`` stores the 3D convolution weights channels last instead (training
-and CUDA too); ``channels_last=False`` keeps everything planar.
+NDHWC activations, which oneDNN convolves faster: the stem convolution takes its planar input
+channels last (free with one input channel), everything after follows the layout (the fused norm
+has a channels-last kernel), and a forward hook hands the outputs back planar; the weights keep
+their strides and training stays planar. ``channels_last=True`` stores the 3D convolution weights
+channels last instead (training and CUDA too); ``channels_last=False`` keeps everything planar.
 
 ``optimize(model)`` also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d`` (same
 parameters and state_dict; ``onednn=False`` to keep them): PyTorch runs a float32 CPU convolution
@@ -53,8 +53,9 @@ the deep layers, sliding-window patches), up to 4x slower than oneDNN and turnin
 data contiguous; ``OneDNNConv3d`` calls oneDNN there. ``ConvNormAct`` uses it for 3D.
 
 With ``FASTMED_TRITON_CONV=1`` on CUDA, ``ConvNormAct``, the optimized DynUNet blocks and nnU-Net's
-``ConvDropoutNormReLU`` layers run convolution -> norm -> activation as ``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM
-convolution with the norm statistics in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
+``ConvDropoutNormReLU`` layers run convolution -> norm -> activation as
+``fastmed::conv_norm_act_fwd``: fastmed's Triton implicit-GEMM convolution with the norm statistics
+in its epilogue (``fastmed/kernels/conv_triton.py``). Off by
 default until a GPU has timed it against cuDNN.
 
 ``optimize(model)`` also gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
@@ -249,10 +250,10 @@ class OneDNNConv3d(nn.Conv3d):
     contiguous (see ``fastmed.ops.conv_norm_act.onednn_suits``). Everywhere else it is
     ``nn.Conv3d``. ``optimize()`` gives every plain ``nn.Conv3d`` of a model this class.
 
-    With ``_fm_nhwc`` set (``optimize()``'s default layout on the CPU) a planar float32 CPU input of
-    inference (autograd off, or nothing requiring gradients) is taken channels last (free for one
-    channel, a copy otherwise), so the convolution and everything after it run on NDHWC activations
-    while the weight keeps its strides."""
+    With ``_fm_nhwc`` set (``optimize()``'s default layout on the CPU) a float32 CPU input of
+    inference (autograd off, or nothing requiring gradients) that is not channels last is taken
+    channels last (free for a contiguous 1-channel input, a copy otherwise), so the convolution and
+    everything after it run on NDHWC activations while the weight keeps its strides."""
 
     _fm_nhwc = False
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import fastmed
-from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, _as_nhwc, ConvNormAct, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
-                        _AppliedPReLU)
+from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
+                        _AppliedPReLU, _as_nhwc)
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
