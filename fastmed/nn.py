@@ -907,7 +907,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``channels_last`` chooses the layout of 3D activations. ``None`` (default): CPU inference
     (autograd off, as under ``torch.no_grad()``) runs on NDHWC (channels-last) activations, which
     oneDNN convolves faster (DynUNet 96^3 eval forward on our 2-core CPU: 2.4-2.7 s against
-    2.8-3.6 s planar; the fused norm has a channels-last kernel). Every ``OneDNNConv3d`` takes a
+    2.8-4.0 s planar in the runs of one session; the fused norm has a channels-last kernel). Every ``OneDNNConv3d`` takes a
     float32 CPU input that is not channels last as channels last: free for a contiguous 1-channel
     input (the stem), a copy for a strided patch or where PyTorch computed a small transposed
     convolution in its generic loop (which returns planar data). The weights keep their strides,
