@@ -8,6 +8,14 @@ blending weight applied on the fly (``fastmed::sliding_window_accumulate``; MONA
 batch by the weight map, then adds it, window by window), the normalising weight map is built once
 per tiling and cached, and the final division is one pass in place
 (``fastmed::sliding_window_normalize_``).
+
+With autograd recording (grad mode on and a prediction, or a ``process_fn`` weight, that requires
+grad) MONAI's result is differentiable, and so is fastmed's: such an output is stitched with
+PyTorch's own ops in MONAI's order (same values, bit for bit; gradients flow to the predictor's
+parameters and to the inputs), not by the kernels, which record no graph. Under ``torch.no_grad()``
+or ``torch.inference_mode()``, as in inference, the kernels run. ``sliding_window_labels`` and
+``nnunet_sliding_window_inference`` call the predictor under ``torch.no_grad()`` (an argmax has no
+gradient; nnU-Net predicts under inference mode).
 """
 from __future__ import annotations
 
@@ -347,7 +355,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     roi_size, image_size, pad_size, inputs, condition = _pad_to_roi(inputs, condition, roi_size, padding_mode, cval)
 
     interval = _scan_interval(image_size, roi_size, overlap)
-    starts = _window_starts(image_size, roi_size, interval)
+    starts = grid_starts = _window_starts(image_size, roi_size, interval)
     patch = tuple(min(r, s) for r, s in zip(roi_size, image_size))
     num_win = len(starts)
     total = num_win * batch_size
@@ -371,7 +379,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             imap = imap[None, None]
     own_map = gs is not None
 
-    outputs, counts, zscales, keys = [], [], [], None
+    outputs, counts, zscales, graphs, keys = [], [], [], [], None
     # CPU, plain tiling: each batch is added in one pass (sw_stitch) and every voxel is normalised
     # as it is written for the last time, so no separate normalisation pass
     grid = [sorted({s[d] for s in starts}) for d in range(nsp)]
@@ -428,12 +436,23 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             if len(outputs) <= ss:
                 shape = [batch_size, p.shape[1]] + (
                     [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))
-                # first touches write (no zero fill) in the plain grid order at the input's resolution
-                outputs.append((empty if not buffered and z is None else zeros)(shape, compute_dtype, device))
+                # with autograd recording (a prediction or weight that requires grad), MONAI's result
+                # is differentiable: this output is then stitched with PyTorch ops, as MONAI does
+                graph = torch.is_grad_enabled() and (p.requires_grad or w_t.requires_grad)
+                graphs.append(graph)
                 zscales.append(z)
-                counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
-                                         mode, sigma_scale, shape[2:], device, compute_dtype))
-                stitched.append(stitch_ok and z is None and not softmax and w_t.shape[0] == 1 and w_t.shape[1] == 1)
+                if graph:
+                    outputs.append(torch.zeros(shape, dtype=compute_dtype, device=device))
+                    counts.append(_count_map_autograd(grid_starts, z, w_t[:1, :1].to(device), shape[2:],
+                                                      compute_dtype))
+                    stitched.append(False)
+                else:
+                    # first touches write (no zero fill) in the plain grid order at the input's resolution
+                    outputs.append((empty if not buffered and z is None else zeros)(shape, compute_dtype, device))
+                    counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
+                                             mode, sigma_scale, shape[2:], device, compute_dtype))
+                    stitched.append(stitch_ok and z is None and not softmax and w_t.shape[0] == 1
+                                    and w_t.shape[1] == 1)
             elif list(p.shape[1:2]) != list(outputs[ss].shape[1:2]) or zscales[ss] != z:
                 raise ValueError(
                     f"predictor: output {ss} changed shape between windows ({tuple(p.shape)}); "
@@ -447,7 +466,9 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             p = p.to(device)
             if p.dtype not in FLOAT_DTYPES:
                 p = p.to(compute_dtype)
-            if stitched[ss]:
+            if graphs[ss]:
+                _add_windows_autograd(outputs[ss], p * w_t.to(device), st)
+            elif stitched[ss]:
                 wi = torch.tensor([i % num_win for i in idxs], dtype=torch.int64)
                 g = _pad3(gs) if not custom_w else [None] * 3
                 wm = None if not custom_w else w_t[0, 0].to(device)
@@ -462,7 +483,11 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None, fr)
 
     for ss in range(len(outputs)):
-        if not stitched[ss]:
+        if graphs[ss]:
+            outputs[ss] = outputs[ss] / counts[ss]
+            if softmax:
+                outputs[ss] = torch.softmax(outputs[ss], 1)
+        elif not stitched[ss]:
             sw_normalize_(outputs[ss], counts[ss], softmax)
     if any(pad_size):
         outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
@@ -497,6 +522,30 @@ def _count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmi
     stt = torch.tensor([[0] + s for s in st], dtype=torch.int64)
     sw_accumulate(count, None, stt, None, None, None, 0.0, w_t[0, 0].to(device))
     return count
+
+
+def _count_map_autograd(starts, z, w_t, shape, dtype) -> Tensor:
+    """The weight sum as MONAI builds it (every window of the grid, in grid order, adds the first
+    batch's weight ``w_t``, (1, 1, *window)), with PyTorch ops: differentiable where ``w_t``
+    requires grad."""
+    nsp = len(shape)
+    sc = z or [1.0] * nsp
+    count = torch.zeros([1, 1] + list(shape), dtype=dtype, device=w_t.device)
+    ext = list(w_t.shape[2:])
+    for s0 in starts:
+        idx = (slice(None), slice(None)) + tuple(slice(int(s * f), int(s * f) + n) for s, f, n in zip(s0, sc, ext))
+        count[idx] += w_t
+    return count
+
+
+def _add_windows_autograd(out: Tensor, pw: Tensor, st: Tensor) -> None:
+    """``out[b, :, window] += pw[k]`` for each weighted prediction ``pw[k]`` of a batch, starts
+    ``st[k] = (b, *offsets)``, with PyTorch's in-place indexing ops (recorded by autograd)."""
+    ext = pw.shape[2:]
+    for k, row in enumerate(st.tolist()):
+        b = row[0]
+        idx = (slice(b, b + 1), slice(None)) + tuple(slice(s, s + n) for s, n in zip(row[1:], ext))
+        out[idx] += pw[k:k + 1]
 
 
 def _buffered_batches(starts, patch, batch_size, sw_batch_size, buffer_dim, buffer_steps):
@@ -693,7 +742,8 @@ def sliding_window_labels(
             if base is not None and s > base:
                 finalize(b, base, s)
             base = s
-            pred = predictor(win, *args, **kwargs)
+            with torch.no_grad():  # labels (an argmax) have no gradient: no graph per window
+                pred = predictor(win, *args, **kwargs)
             if not isinstance(pred, Tensor):
                 raise TypeError(f"predictor: must return one tensor (n, C, *roi), got {type(pred).__name__}")
             if pred.ndim != nsp + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != patch:
@@ -833,7 +883,8 @@ def nnunet_sliding_window_inference(
             st = torch.tensor([[b] + starts[i] for i in ids], dtype=torch.int64)
             for n, combo in enumerate(combos):
                 dims = [2 + a for a in combo]
-                pred = network(torch.flip(win, dims) if dims else win)
+                with torch.no_grad():  # nnU-Net predicts under inference mode: no graph per window
+                    pred = network(torch.flip(win, dims) if dims else win)
                 if not isinstance(pred, Tensor) or pred.ndim != nsp + 2 or pred.shape[0] != len(ids) or \
                         tuple(pred.shape[2:]) != patch:
                     raise ValueError(f"network: expected a tensor ({len(ids)}, K, *{patch}), got "

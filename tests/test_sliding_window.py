@@ -342,6 +342,115 @@ def test_label_map_mode_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------------------
+# autograd: MONAI's result is differentiable when grad is recorded; fastmed's too
+
+
+class _TwoRes(torch.nn.Module):
+    """A learnable predictor with a full- and a half-resolution output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, torch.nn.functional.avg_pool3d(y, 2)
+
+
+def _cloned(net):
+    """net with fresh output tensors: MONAI multiplies the predictor's outputs by the weight in place,
+    which autograd refuses where the network's last op saved its output (Tanh, a pooling of it)."""
+
+    def run(w):
+        out = net(w)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+    return run
+
+
+def _loss_and_grads(fn, net, x, *args, **kw):
+    net.zero_grad()
+    x.grad = None
+    out = fn(x, *args, **kw)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    loss = sum(((o - 0.3) ** 2 * (k + 1)).sum() for k, o in enumerate(outs))
+    loss.backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in net.parameters()] + [x.grad.clone()]
+
+
+@pytest.mark.parametrize("kw", [{"mode": "gaussian"}, {"mode": "constant"}, {"mode": "gaussian", "buffer_steps": 2},
+                                {"mode": "gaussian", "sw_batch_size": 1}])
+def test_differentiable_like_monai(kw):
+    """With grad enabled and a learnable predictor, MONAI's result carries a graph: fastmed's too, with
+    the same values and the same gradients for the predictor's parameters and the input (and no
+    in-place product on the predictor's outputs, so a Tanh last needs no clone, as MONAI does)."""
+    torch.manual_seed(21)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh())
+    x = torch.randn(2, 1, 20, 18, 17, requires_grad=True)
+    kw = dict(kw)
+    bs = kw.pop("sw_batch_size", 2)
+    a_out, a_grads = _loss_and_grads(msw, net, x, (12, 12, 12), bs, _cloned(net), 0.5, **kw)
+    b_out, b_grads = _loss_and_grads(FI.sliding_window_inference, net, x, (12, 12, 12), bs, net, 0.5, **kw)
+    exact = "buffer_steps" not in kw  # MONAI's buffered mode sums a buffer first: other rounding
+    for u, v in zip(a_out + a_grads, b_out + b_grads):
+        assert u.abs().max() > 0
+        if exact:
+            assert torch.equal(u, v)
+        else:
+            torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5)
+
+
+def test_differentiable_multi_resolution_padding_and_weights():
+    torch.manual_seed(22)
+    net = _TwoRes()
+    x = torch.randn(1, 1, 10, 22, 20, requires_grad=True)  # smaller than the roi along one axis: padded
+    a_out, a_grads = _loss_and_grads(msw, net, x, (12, 12, 12), 3, _cloned(net), 0.5, "gaussian")
+    b_out, b_grads = _loss_and_grads(FI.sliding_window_inference, net, x, (12, 12, 12), 3, net, 0.5, "gaussian")
+    for u, v in zip(a_out + a_grads, b_out + b_grads):
+        assert torch.equal(u, v)
+    # a learnable blending weight from process_fn gets its gradient too (through the weight sum)
+    scale = torch.tensor(1.5, requires_grad=True)
+
+    def process(seg, win, imap):
+        return seg, imap * scale + 0.25
+
+    got = []
+    for fn, pred in ((msw, _cloned(net)), (FI.sliding_window_inference, net)):
+        scale.grad = None
+        out = fn(x.detach(), (12, 12, 12), 3, pred, 0.5, "gaussian", process_fn=process)
+        (out[0] ** 2).sum().backward()
+        got.append((out[0].detach(), scale.grad.clone()))
+    assert got[0][1] != 0
+    assert torch.equal(got[0][0], got[1][0])
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-5, atol=0)  # a sum of many terms, in another order
+
+
+def test_graph_only_when_recording():
+    """Under no_grad / inference_mode the kernels run (no graph); the values are the same."""
+    torch.manual_seed(23)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.randn(1, 1, 20, 20, 20)
+    with torch.no_grad():
+        a = FI.sliding_window_inference(x, (12, 12, 12), 2, net, 0.5, "gaussian")
+    with torch.inference_mode():
+        b = FI.sliding_window_inference(x, (12, 12, 12), 2, net, 0.5, "gaussian")
+    c = FI.sliding_window_inference(x, (12, 12, 12), 2, net, 0.5, "gaussian")
+    assert not a.requires_grad and not b.requires_grad and c.requires_grad
+    assert torch.equal(a, b) and torch.equal(a, c.detach())
+    # SlidingWindowInferer(softmax=True) on the graph path: softmax of the differentiable result
+    p = FI.SlidingWindowInferer((12, 12, 12), 2, 0.5, "gaussian", softmax=True)(x, net)
+    assert p.requires_grad
+    torch.testing.assert_close(p.detach(), torch.softmax(a, 1), rtol=1e-6, atol=1e-7)
+    # label maps and nnU-Net mode predict under no_grad, as nnU-Net does: same result, no graph
+    lab = FI.sliding_window_labels(x, (12, 12, 12), 2, net, 0.5, "gaussian", slab_dim=0)
+    assert not lab.requires_grad and torch.equal(lab[:, 0].long(), a.argmax(1))
+    n1 = FI.nnunet_sliding_window_inference(x, net, (12, 12, 12), mirror_axes=(0,))
+    with torch.no_grad():
+        n2 = FI.nnunet_sliding_window_inference(x, net, (12, 12, 12), mirror_axes=(0,))
+    assert not n1.requires_grad and torch.equal(n1, n2)
+
+
+# ------------------------------------------------------------------------------------------------
 # nnU-Net mode: against a transcription of nnU-Net v2's predict_sliding_window_return_logits
 
 
