@@ -103,3 +103,11 @@ def stream_ptr(device: torch.device) -> int:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch (CUDA kernels and Triton launch on the current device,
+    whatever device their tensors are on); a no-op context off CUDA."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

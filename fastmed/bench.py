@@ -415,12 +415,15 @@ def _ct_case(quick: bool):
     return x, affine
 
 
-def _median_time(fn, reps: int) -> float:
+def _median_time(fn, reps: int, device: str = "cpu") -> float:
+    """Median seconds of fn() after one warm-up call, the device synchronised around each call."""
     fn()
     ts = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         out = fn()
+        _sync(device)
         ts.append(time.perf_counter() - t0)
         del out
     return statistics.median(ts)
@@ -448,7 +451,8 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
         impls["monai"] = lambda: ms(mx)
     except ImportError as exc:
         log(f"  monai: skipped ({exc})")
-    times = {name: _median_time(fn, reps if name == "fastmed" else max(1, reps - 1)) for name, fn in impls.items()}
+    times = {name: _median_time(fn, reps if name == "fastmed" else max(1, reps - 1), device)
+             for name, fn in impls.items()}
     case = "512x512x200 (0.8, 0.8, 2.5) mm -> 1.5 mm, trilinear, float32 -> " + "x".join(map(str, out_shape[1:]))
     for name, t in times.items():
         r = {"op": "resample", "case": case, "impl": name, "ms": t * 1e3, "gbps": min_bytes / t / 1e9,
@@ -475,7 +479,7 @@ def run_resample(quick: bool, device: str, bw: float, reps: int = 3, log=print) 
         impls["monai"] = lambda: sr(ml, dst_affine=orig_aff, spatial_size=small).argmax(0, keepdim=True)
     except ImportError:
         pass
-    times = {name: _median_time(fn, reps if name == "fastmed" else 1) for name, fn in impls.items()}
+    times = {name: _median_time(fn, reps if name == "fastmed" else 1, device) for name, fn in impls.items()}
     lab_bytes = logits.numel() * 4 + math.prod(small)
     case = f"{C} logits {'x'.join(map(str, lo_shape))} at 1.5 mm -> labels {'x'.join(map(str, small))}"
     for name, t in times.items():
@@ -877,13 +881,23 @@ def format_table(report: dict) -> str:
 
 
 def save(report: dict, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.exists(path):
-        raise FileExistsError(f"out: {path} exists; fastmed never overwrites a file, choose another name")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """Write the report to ``path``, which must not exist (nor be a link): through a fresh temporary
+    file of its own (never an existing one) moved into place without overwriting anything."""
+    from .io import _create_temp, _link_new
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    msg = f"out: {path} exists; fastmed never overwrites a file, choose another name"
+    if os.path.lexists(path):
+        raise FileExistsError(msg)
+    tmp = _create_temp(directory, "." + os.path.basename(path) + ".", ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        _link_new(tmp, path, msg)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return path
 
 

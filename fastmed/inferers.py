@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -172,6 +173,15 @@ def _pad3(gs):
     return [torch.ones(1)] * (3 - len(gs)) + gs
 
 
+def _check_sizes(sizes, name: str, allow_none: bool = False) -> None:
+    """Window sizes are whole numbers of voxels (an int, or None / non-positive for MONAI's fall-back)."""
+    for r in (sizes if isinstance(sizes, Sequence) else [sizes]):
+        if r is None and allow_none:
+            continue
+        if isinstance(r, bool) or not (isinstance(r, numbers.Integral) or (isinstance(r, float) and r.is_integer())):
+            raise ValueError(f"{name}: expected whole numbers of voxels, got {sizes}")
+
+
 def _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode):
     """The argument checks both entry points share; returns (spatial dims, overlap, mode, padding_mode)."""
     if not isinstance(inputs, Tensor):
@@ -179,10 +189,13 @@ def _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode):
     nsp = inputs.ndim - 2
     if nsp not in (2, 3):
         raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"inputs: empty batch or no channels, got shape {tuple(inputs.shape)}")
     if isinstance(roi_size, Sequence) and len(roi_size) != nsp:
         raise ValueError(
             f"roi_size: has {len(roi_size)} dimensions but inputs {tuple(inputs.shape)} has {nsp} spatial dimensions"
         )
+    _check_sizes(roi_size, "roi_size", allow_none=True)
     if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
     if inputs.dtype not in FLOAT_DTYPES:
@@ -335,8 +348,8 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     buffered = buffer_steps is not None and buffer_steps > 0
     if buffered:
-        if buffer_dim < -nsp or buffer_dim > nsp:
-            raise ValueError(f"buffer_dim: must be in [{-nsp}, {nsp}], got {buffer_dim}")
+        if not -nsp <= buffer_dim < nsp:
+            raise ValueError(f"buffer_dim: must be in [{-nsp}, {nsp}), got {buffer_dim}")
         if buffer_dim < 0:
             buffer_dim += nsp
 
@@ -371,7 +384,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     # the window weight: MONAI's importance map, kept as separable factors where it is one
     if patch == roi_size and roi_weight_map is not None:
         gs, wmin = None, None
-        imap = torch.as_tensor(roi_weight_map).to(device=sw_device, dtype=compute_dtype)
+        imap = _weight_map_arg(roi_weight_map, patch).to(device=sw_device, dtype=compute_dtype)
     else:
         gs, wmin = importance_map_factors(patch, mode, sigma_scale)
         imap = _importance_map(gs, wmin).to(device=sw_device, dtype=compute_dtype)
@@ -429,6 +442,9 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 )
             seg_shape = tuple(p.shape[2:])
             z = None
+            if buffered and seg_shape != tuple(roi_size):
+                raise ValueError(f"predictor: with buffer_steps, outputs must have the window's spatial size "
+                                 f"{tuple(roi_size)}, got {tuple(p.shape)}")
             if not buffered and seg_shape != tuple(roi_size):
                 z = [o / float(r) for o, r in zip(seg_shape, roi_size)]
                 w_t = F.interpolate(w_t, seg_shape, mode="nearest-exact")
@@ -522,6 +538,27 @@ def _count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmi
     stt = torch.tensor([[0] + s for s in st], dtype=torch.int64)
     sw_accumulate(count, None, stt, None, None, None, 0.0, w_t[0, 0].to(device))
     return count
+
+
+def _weight_map_arg(roi_weight_map, patch) -> Tensor:
+    """roi_weight_map as a tensor of the window's shape (it may broadcast to it, as MONAI's product
+    with the prediction allows); anything else is refused here rather than misread later."""
+    try:
+        w = torch.as_tensor(roi_weight_map)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"roi_weight_map: expected a tensor of the window's shape {tuple(patch)}, got "
+                        f"{type(roi_weight_map).__name__}") from e
+    full = (1, 1) + tuple(patch)
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(w.shape), full)) == full and w.ndim <= len(full)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"roi_weight_map: expected the window's shape {tuple(patch)} (or one that broadcasts "
+                         f"to (1, 1, *roi_size)), got {tuple(w.shape)}")
+    if w.is_complex():
+        raise TypeError(f"roi_weight_map: expected real weights, got {w.dtype}")
+    return w.expand(tuple(patch) if w.ndim <= len(patch) else full)
 
 
 def _count_map_autograd(starts, z, w_t, shape, dtype) -> Tensor:
@@ -675,6 +712,9 @@ def sliding_window_labels(
     acc_dtype = accumulate_dtype or inputs.dtype
     if acc_dtype not in FLOAT_DTYPES:
         raise TypeError(f"accumulate_dtype: expected a floating-point dtype, got {acc_dtype}")
+    if labels_dtype is not None and (not isinstance(labels_dtype, torch.dtype) or labels_dtype.is_floating_point
+                                     or labels_dtype.is_complex or labels_dtype == torch.bool):
+        raise TypeError(f"labels_dtype: expected an integer dtype, got {labels_dtype}")
     if type(inputs) is not Tensor:
         inputs = inputs.as_subclass(Tensor)
     device = torch.device(device) if device is not None else inputs.device
@@ -692,7 +732,7 @@ def sliding_window_labels(
     order = sorted(range(len(starts)), key=lambda i: starts[i][slab_dim])
     if patch == roi_size and roi_weight_map is not None:
         gs, wmin = None, 0.0
-        wmap = torch.as_tensor(roi_weight_map).to(device=device, dtype=torch.float32).reshape(patch)
+        wmap = _weight_map_arg(roi_weight_map, patch).to(device=device, dtype=torch.float32).reshape(patch)
     else:
         gs, wmin = importance_map_factors(patch, mode, sigma_scale)
         gs = [g.to(device) for g in gs]
@@ -754,10 +794,17 @@ def sliding_window_labels(
                 C = pred.shape[1]
                 if labels is None:
                     ldt = labels_dtype or (torch.uint8 if C <= 256 else torch.int16 if C <= 32768 else torch.int32)
+                    if C - 1 > torch.iinfo(ldt).max:
+                        raise ValueError(f"labels_dtype: {ldt} cannot hold {C} class indices (the predictor "
+                                         f"returned {C} channels)")
                     labels = torch.empty([batch_size, 1] + list(image_size), dtype=ldt, device=device)
                 acc = zeros([1, C] + ring_shape, acc_dtype, device)
                 count = torch.zeros([1, 1] + ring_shape, dtype=acc_dtype, device=device)
-                chunk = R  # sw_argmax needs no temporaries
+                if acc.device.type == "cpu":
+                    chunk = R  # the CPU sw_argmax needs no temporaries
+                else:  # on CUDA it is PyTorch's (acc / count).argmax: temporaries of at most ~256 MB a step
+                    plane = math.prod(ring_shape) // R
+                    chunk = max(1, min(R, (256 << 20) // max(1, C * plane * acc.element_size())))
             elif pred.shape[1] != acc.shape[1]:
                 raise ValueError(f"predictor: returned {pred.shape[1]} channels, earlier {acc.shape[1]}")
             r0 = s % R
@@ -842,11 +889,17 @@ def nnunet_sliding_window_inference(
     nsp = inputs.ndim - 2
     if nsp not in (2, 3):
         raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"inputs: empty batch or no channels, got shape {tuple(inputs.shape)}")
+    _check_sizes(patch_size, "patch_size")
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != nsp or min(patch) < 1:
         raise ValueError(f"patch_size: expected {nsp} positive sizes, got {patch_size}")
     if not 0 < tile_step_size <= 1:
         raise ValueError(f"tile_step_size: must be in (0, 1], got {tile_step_size}")
+    if any(tile_step_size * p < 1 and s > p for p, s in zip(patch, inputs.shape[2:])):
+        raise ValueError(f"tile_step_size: {tile_step_size} of patch_size {patch} is a step of less than one voxel "
+                         "(tiles would repeat; nnU-Net uses 0.5)")
     if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
     axes = tuple(sorted(set(mirror_axes or ())))

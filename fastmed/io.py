@@ -316,6 +316,22 @@ def _create_temp(directory: str, prefix: str, suffix: str) -> str:
     raise FileExistsError(errno.EEXIST, f"path: no free temporary name in {directory!r}", directory)
 
 
+def _link_new(tmp: str, path: str, exists_msg: str) -> None:
+    """Move the finished temporary file ``tmp`` to ``path``, which must not exist: ``os.link`` is
+    atomic and fails if the destination appeared meanwhile (then ``tmp`` is left for the caller to
+    remove); on a file system without hard links, a last existence check and ``os.replace``."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, exists_msg, path) from None
+    except OSError:  # file system without hard links
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, exists_msg, path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
 def _image_from_nibabel(img: Any, path: Optional[str], *, as_tensor: bool, dtype: Any, name: str) -> NiftiImage:
     header = img.header.copy()
     ondisk = _native(header.get_data_dtype())
@@ -589,15 +605,17 @@ def _prepare_data(arr: np.ndarray, out: np.dtype, slope: float, inter: float) ->
     if arr.dtype.kind == "c":
         raise TypeError(f"data: complex values cannot be stored as {out}")
     finite = np.isfinite(arr).all()
-    if finite and np.isfinite(slope) and np.isfinite(inter) and slope != 0 and (slope, inter) != (1.0, 0.0):
+    if not finite:
+        raise ValueError(f"data: NaN or infinite values cannot be stored in the integer on-disk type {out}; "
+                         "replace them first (e.g. numpy.nan_to_num) or pass a floating-point dtype=")
+    if np.isfinite(slope) and np.isfinite(inter) and slope != 0 and (slope, inter) != (1.0, 0.0):
         raw = np.rint((arr.astype(np.float64) - inter) / slope)
         if (raw.size == 0 or (raw.min() >= info.min and raw.max() <= info.max)) and \
                 np.array_equal((raw * slope + inter).astype(arr.dtype), arr):
             return raw.astype(out), (float(slope), float(inter))
-    if finite:
-        ints = np.rint(arr)
-        if np.array_equal(ints, arr) and (arr.size == 0 or (ints.min() >= info.min and ints.max() <= info.max)):
-            return ints.astype(out), (1.0, 0.0)
+    ints = np.rint(arr)
+    if np.array_equal(ints, arr) and (arr.size == 0 or (ints.min() >= info.min and ints.max() <= info.max)):
+        return ints.astype(out), (1.0, 0.0)
     return arr, None  # nibabel picks scl_slope / scl_inter
 
 
@@ -741,17 +759,7 @@ def save_nifti(data: Any, affine: Any, path: Union[str, os.PathLike], *, header:
                 raise SourceOverwriteError(errno.EEXIST, f"path: {path!r} is a file read by load_nifti", path)
             os.replace(tmp, path)
         else:
-            try:
-                os.link(tmp, path)  # atomic: fails if the destination appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(errno.EEXIST, f"path: {path!r} already exists; pass overwrite=True to replace it",
-                                      path) from None
-            except OSError:  # file system without hard links
-                if os.path.lexists(path):
-                    raise FileExistsError(errno.EEXIST, f"path: {path!r} already exists", path) from None
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)
+            _link_new(tmp, path, f"path: {path!r} already exists; pass overwrite=True to replace it")
         _fsync_path(directory, directory=True)
     except BaseException:
         try:

@@ -25,6 +25,7 @@ batch item's values).
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -70,6 +71,15 @@ class AllReduceSum(torch.autograd.Function):
 
 def _ddp_active(ddp: bool) -> bool:
     return bool(ddp) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _check_label_arg(value, name: str):
+    """An ignore label: None or an integer (numpy integers too) that fits int64."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**63 <= int(value) < 2**63:
+        raise TypeError(f"{name}: expected None or an integer label (int64), got {value!r}")
+    return int(value)
 
 
 def _check_reduction(reduction: str, allowed=("none", "mean", "sum")) -> str:
@@ -295,7 +305,7 @@ class DiceLoss(_Loss):
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
         self.batch = batch
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_label_arg(ignore_index, "ignore_index")
         self.register_buffer("class_weight", torch.as_tensor(weight) if weight is not None else None)
         self.soft_label = soft_label
         self.ddp = ddp
@@ -413,6 +423,10 @@ class DiceCELoss(_Loss):
         reduction = _check_reduction(reduction, ("mean", "sum"))
         if weight is not None and not isinstance(weight, Tensor):
             weight = torch.as_tensor(weight, dtype=torch.float32)
+        if weight is not None and weight.ndim != 1:
+            raise ValueError(f"weight: DiceCELoss takes one weight per class (a sequence or a 1D tensor, as the "
+                             f"cross-entropy's), got shape {tuple(weight.shape)}")
+        ignore_index = _check_label_arg(ignore_index, "ignore_index")
         dice_weight = weight[1:] if (weight is not None and not include_background) else weight
         self.dice = DiceLoss(
             include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
@@ -506,7 +520,7 @@ class NNUNetDiceCELoss(torch.nn.Module):
         self.batch_dice = batch_dice
         self.do_bg = do_bg
         self.smooth = float(smooth)
-        self.ignore_label = ignore_label
+        self.ignore_label = _check_label_arg(ignore_label, "ignore_label")
         self.weight_ce = float(weight_ce)
         self.weight_dice = float(weight_dice)
         self.ddp = ddp

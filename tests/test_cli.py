@@ -47,6 +47,16 @@ def test_save_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         bench.save({"x": 1}, str(path))
     assert path.read_text() == "{}"
+    # nor a file (or a link to one) that happens to carry a temporary-looking name
+    victim = tmp_path / "precious.txt"
+    victim.write_text("user data\n")
+    os.symlink(victim, tmp_path / "s.json.tmp")
+    (tmp_path / "t.json.tmp").write_text("mine")
+    bench.save({"x": 1}, str(tmp_path / "s.json"))
+    bench.save({"x": 2}, str(tmp_path / "t.json"))
+    assert victim.read_text() == "user data\n" and (tmp_path / "t.json.tmp").read_text() == "mine"
+    assert json.loads((tmp_path / "t.json").read_text()) == {"x": 2}
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt", "r.json", "s.json", "s.json.tmp", "t.json", "t.json.tmp"]
 
 
 def test_gpu_block_and_training_step_benchmarks_run(monkeypatch):

@@ -429,6 +429,24 @@ def test_label_out_of_range():
         FL.DiceLoss(to_onehot_y=True, softmax=True)(x, y)
 
 
+def test_bad_weight_and_ignore_index_name_the_argument():
+    x = _logits(1, 3, (4, 4, 4))
+    y = _labels(1, 3, (4, 4, 4))
+    with pytest.raises(ValueError, match="weight"):  # MONAI fails with a bare TypeError here
+        FL.DiceCELoss(include_background=False, weight=2.0)
+    for bad in (1.5, 2 ** 63, True, "1"):
+        with pytest.raises(TypeError, match="ignore_index"):
+            FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=bad)
+        with pytest.raises(TypeError, match="ignore_index"):
+            FL.DiceLoss(to_onehot_y=True, softmax=True, ignore_index=bad)
+        with pytest.raises(TypeError, match="ignore_label"):
+            FL.NNUNetDiceCELoss(ignore_label=bad)
+    np = pytest.importorskip("numpy")
+    a = FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=np.int64(1))(x, y)
+    b = FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=1)(x, y)
+    assert torch.equal(a, b)
+
+
 def test_ignore_index_is_not_out_of_range():
     x = _logits(1, 3, (4, 4, 4))
     y = _labels(1, 3, (4, 4, 4))

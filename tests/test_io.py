@@ -535,6 +535,11 @@ def test_save_bad_data_and_paths(tmp_path):
         save_nifti(np.array([["a"]]), RAS, str(tmp_path / "x.nii"))
     with pytest.raises(ValueError, match="data: integer values .* do not fit"):
         save_nifti(np.full(SHAPE, 300, np.int32), RAS, str(tmp_path / "x.nii"), dtype=np.uint8)
+    for v in (np.nan, np.inf, -np.inf):  # nibabel would store 0 / 1 without a word
+        bad = np.ones(SHAPE, np.float32)
+        bad[0, 0, 0] = v
+        with pytest.raises(ValueError, match="data: NaN or infinite"):
+            save_nifti(bad, RAS, str(tmp_path / "x.nii"), dtype=np.int16)
     with pytest.raises(ValueError, match="path: .*must end with .nii or .nii.gz"):
         save_nifti(ok, RAS, str(tmp_path / "x.png"))
     with pytest.raises(FileNotFoundError, match="path: the directory"):

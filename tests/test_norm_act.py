@@ -105,6 +105,10 @@ def test_bad_inputs_name_the_argument():
         NA.norm_act(torch.randn(1, 2, 1, 1, 1))
     with pytest.raises(ValueError, match="eps"):
         NA.norm_act(x, eps=0.0)
+    with pytest.raises(ValueError, match="bias"):  # another device (Triton would be switched off on a GPU)
+        NA.norm_act(x, torch.ones(3), torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="weight"):
+        NA.norm_act(x, torch.ones(3, dtype=torch.long))
 
 
 def test_opcheck_and_compile():

@@ -224,6 +224,8 @@ def test_progress_bar_runs():
         ({"padding_mode": "zeros"}, ValueError, "padding_mode"),
         ({"roi_size": (8, 8)}, ValueError, "roi_size"),
         ({"sw_batch_size": 0}, ValueError, "sw_batch_size"),
+        ({"roi_size": (8.5, 8, 8)}, ValueError, "roi_size"),
+        ({"roi_size": (True, 8, 8)}, ValueError, "roi_size"),
     ],
 )
 def test_bad_arguments(kw, exc, match):
@@ -247,6 +249,58 @@ def test_bad_predictors():
         FI.sliding_window_inference(x.numpy(), (8, 8, 8), 2, pred3, 0.25)
     with pytest.raises(TypeError, match="inputs"):
         FI.sliding_window_inference(x.long(), (8, 8, 8), 2, pred3, 0.25)
+    with pytest.raises(ValueError, match="inputs"):
+        FI.sliding_window_inference(x[:0], (8, 8, 8), 2, pred3, 0.25)
+
+
+def test_bad_buffered_and_weight_map_arguments_raise_before_any_kernel():
+    """Found by review: these used to write or read out of bounds (a crash, or NaN garbage)."""
+    x = torch.randn(1, 1, 20, 17, 13)
+    up = lambda w: torch.nn.functional.interpolate(w, scale_factor=2)  # noqa: E731
+    with pytest.raises(ValueError, match="predictor"):  # MONAI raises too (size mismatch)
+        FI.sliding_window_inference(x, (8, 8, 8), 3, up, buffer_steps=2)
+    for bad in (torch.rand(4, 4, 4), torch.rand(512), torch.rand(2, 1, 8, 8, 8)):
+        with pytest.raises(ValueError, match="roi_weight_map"):
+            FI.sliding_window_inference(x, (8, 8, 8), 3, pred3, roi_weight_map=bad)
+        with pytest.raises(ValueError, match="roi_weight_map"):
+            FI.sliding_window_labels(x, (8, 8, 8), 3, pred3, roi_weight_map=bad)
+    with pytest.raises(ValueError, match="buffer_dim"):
+        FI.sliding_window_inference(x, (8, 8, 8), 2, pred3, buffer_steps=1, buffer_dim=3)
+    # a map that broadcasts to the window is taken, with MONAI's result
+    for w in (torch.rand(8, 1, 8) + 0.1, torch.rand(1, 1, 8, 8, 8) + 0.1):
+        a, b = run_both(x, (8, 8, 8), 3, pred3, 0.5, "constant", roi_weight_map=w)
+        assert torch.equal(a, b)
+
+
+def test_ops_refuse_windows_outside_their_tensors():
+    src = torch.randn(1, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="starts"):
+        SW.sw_gather(src, torch.tensor([[0, 6, 6, 6]]), [8, 8, 8])
+    with pytest.raises(ValueError, match="starts"):
+        SW.sw_gather(src, torch.tensor([[1, 0, 0, 0]]), [8, 8, 8])
+    with pytest.raises(ValueError, match="roi"):
+        SW.sw_gather(src, torch.tensor([[0, 0, 0, 0]]), [8, 8])
+    acc = torch.zeros(1, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="starts"):
+        SW.sw_accumulate(acc, torch.ones(1, 2, 8, 8, 8), torch.tensor([[0, 1000, 1000, 1000]]), None, None, None,
+                         0.0, None)
+    with pytest.raises(ValueError, match="starts"):
+        SW.sw_accumulate(acc, torch.ones(1, 2, 4, 4, 4), torch.tensor([[0, -1, 0, 0]]), None, None, None, 0.0, None)
+    with pytest.raises(ValueError, match="pred"):
+        SW.sw_accumulate(acc, torch.ones(1, 3, 4, 4, 4), torch.tensor([[0, 0, 0, 0]]), None, None, None, 0.0, None)
+    with pytest.raises(ValueError, match="wmap"):
+        SW.sw_accumulate(acc, torch.ones(1, 2, 4, 4, 4), torch.tensor([[0, 0, 0, 0]]), None, None, None, 0.0,
+                         torch.ones(2, 2, 2))
+    gs = [torch.ones(4), torch.ones(4), torch.ones(3)]
+    with pytest.raises(ValueError, match="g0"):
+        SW.sw_accumulate(acc, torch.ones(1, 2, 4, 4, 4), torch.tensor([[0, 0, 0, 0]]), *gs, 0.0, None)
+    with pytest.raises(ValueError, match="fresh"):
+        SW.sw_accumulate(acc, torch.ones(1, 2, 4, 4, 4), torch.tensor([[0, 0, 0, 0]]), None, None, None, 0.0, None,
+                         torch.tensor([[0, 9, 0, 4, 0, 4]]))
+    with pytest.raises(ValueError, match="count"):
+        SW.sw_normalize_(acc, torch.ones(1, 1, 4, 8, 8))
+    with pytest.raises(ValueError, match="out"):
+        SW.sw_argmax(acc, torch.ones(1, 1, 8, 8, 8), torch.zeros(1, 1, 4, 8, 8, dtype=torch.uint8))
 
 
 def test_accumulate_op_matches_reference_and_opcheck():
@@ -339,6 +393,14 @@ def test_label_map_mode_bad_inputs():
         FI.sliding_window_labels(x, (8, 8, 8), 2, lambda w: w[:1])
     with pytest.raises(ValueError, match="slab_dim"):
         FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=3)
+    many = lambda w: torch.cat([w * 0] * 299 + [w * 0 + 1], 1)  # noqa: E731
+    with pytest.raises(ValueError, match="labels_dtype"):  # 299 would wrap around in uint8
+        FI.sliding_window_labels(x, (8, 8, 8), 2, many, labels_dtype=torch.uint8)
+    assert FI.sliding_window_labels(x, (8, 8, 8), 2, many).unique().tolist() == [299]  # int16 by default
+    with pytest.raises(TypeError, match="labels_dtype"):
+        FI.sliding_window_labels(x, (8, 8, 8), 2, pred4, labels_dtype=torch.float32)
+    with pytest.raises(ValueError, match="inputs"):
+        FI.sliding_window_labels(x[:0], (8, 8, 8), 2, pred4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,6 +626,12 @@ def test_nnunet_mode_bad_inputs():
         FI.nnunet_sliding_window_inference(x, asym_net, (8, 8), 0.5)
     with pytest.raises(ValueError, match="network"):
         FI.nnunet_sliding_window_inference(x, lambda w: w[:, :, :4], (8, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="tile_step_size"):  # 1.5e9 tiles a dim: used to hang
+        FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), 1e-9)
+    with pytest.raises(ValueError, match="patch_size"):
+        FI.nnunet_sliding_window_inference(x, asym_net, (8.7, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="inputs"):
+        FI.nnunet_sliding_window_inference(x[:0], asym_net, (8, 8, 8), 0.5)
 
 
 def test_adapt_inferer_on_cpu_is_the_plain_inferer():

@@ -277,9 +277,9 @@ def _scalars(eps: float, slope: float, device):
 
 def _guard(device):
     """Launch on x's GPU (Triton launches on the current device)."""
-    import contextlib
+    from .. import _ext
 
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return _ext.device_guard(device)
 
 
 def _acc(dtype):

@@ -284,6 +284,9 @@ def _check(x, weight, bias, eps, act, prelu=None, norm="instance norm") -> int:
         if t is not None and (not isinstance(t, Tensor) or t.shape != (C,)):
             raise ValueError(f"{name} must be a tensor of shape ({C},), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t is not None and (t.device != x.device or not t.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor on x's device {x.device}, got {t.dtype} on "
+                             f"{t.device}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     code = _act_code(act)

@@ -90,11 +90,7 @@ def _resample_op(
     return out
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensor's own GPU (its current stream), whatever the current device is."""
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_device_guard = _ext.device_guard  # launch on the tensor's own GPU (its current stream)
 
 
 def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels):

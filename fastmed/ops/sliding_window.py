@@ -21,6 +21,7 @@ channels) in ``dtype``, or its softmax over channels; ``sw_normalize_`` does it 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -76,6 +77,15 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     gathered in one pass (any dtype, any strides; every window inside ``src``), into pinned memory
     on request (to be copied to a GPU without staging)."""
     nsp = src.ndim - 2
+    if nsp not in (1, 2, 3) or len(roi) != nsp or any(r < 0 for r in roi):
+        raise ValueError(f"roi: expected {max(nsp, 0)} non-negative sizes for src of shape {tuple(src.shape)}, "
+                         f"got {list(roi)}")
+    if starts.ndim != 2 or starts.shape[1] != nsp + 1:
+        raise ValueError(f"starts: expected (N, {nsp + 1}) rows (batch index, offsets), got {tuple(starts.shape)}")
+    for n, row in enumerate(starts.tolist()):
+        if not 0 <= row[0] < src.shape[0] or any(s < 0 or s + r > a for s, r, a in zip(row[1:], roi, src.shape[2:])):
+            raise ValueError(f"starts: window {n} at {row} of size {tuple(roi)} is not inside src of shape "
+                             f"{tuple(src.shape)}")
     shape = (starts.shape[0], src.shape[1], *roi)
     if pin_memory and src.device.type == "cpu":
         out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
@@ -92,8 +102,9 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     st = _starts4(starts, src.device)
     p.starts = st.data_ptr()
     p.num_threads = _ext.num_threads()
-    p.stream = _ext.stream_ptr(src.device)
-    mod.sw_gather(p)
+    with _ext.device_guard(src.device):  # launch on src's GPU, in its current stream
+        p.stream = _ext.stream_ptr(src.device)
+        mod.sw_gather(p)
     return out
 
 
@@ -115,6 +126,7 @@ def sw_accumulate(
     fresh: Optional[Tensor] = None,
     flip: int = 0,
 ) -> None:
+    _check_windows(acc, pred, starts, g0, g1, g2, wmap, fresh)
     mod = _ext.require(acc.device, "sw_accumulate")
     p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip)
     if fresh is not None:
@@ -124,8 +136,48 @@ def sw_accumulate(
         fr = fr.contiguous()
         keep.append(fr)
         p.fresh = fr.data_ptr()
-    mod.sw_accumulate(p)
+    with _ext.device_guard(acc.device):  # the stream in p is acc's device's
+        mod.sw_accumulate(p)
     del keep
+
+
+def _check_windows(acc, pred, starts, g0, g1, g2, wmap, fresh=None) -> None:
+    """The kernels trust their windows: every one inside acc, pred's channels those of acc, the weight
+    (factors or map) the window's size, the fresh boxes inside the window. Checked here, in Python,
+    so that a wrong call raises instead of writing out of bounds."""
+    nsp = acc.ndim - 2
+    if nsp not in (1, 2, 3):
+        raise ValueError(f"acc: expected (B, C, *spatial) with 1 to 3 spatial dims, got shape {tuple(acc.shape)}")
+    if starts.ndim != 2 or starts.shape[1] != nsp + 1:
+        raise ValueError(f"starts: expected (N, {nsp + 1}) rows (batch index, offsets), got {tuple(starts.shape)}")
+    if pred is not None:
+        if pred.ndim != acc.ndim or pred.shape[0] != starts.shape[0] or pred.shape[1] != acc.shape[1]:
+            raise ValueError(f"pred: expected ({starts.shape[0]}, {acc.shape[1]}, *window) for acc of shape "
+                             f"{tuple(acc.shape)}, got {tuple(pred.shape)}")
+        win = list(pred.shape[2:])
+    elif wmap is not None:
+        win = list(wmap.shape[-nsp:])
+    else:
+        win = [int(g.numel()) for g in (g0, g1, g2)][3 - nsp:] if g1 is not None else None
+    if win is None:
+        raise ValueError("pred, wmap or g0 / g1 / g2: one of them must give the window's size")
+    if wmap is not None and (wmap.ndim < nsp or list(wmap.shape[-nsp:]) != win or wmap.numel() != math.prod(win)):
+        raise ValueError(f"wmap: expected the window's shape {tuple(win)}, got {tuple(wmap.shape)}")
+    if g1 is not None:
+        sizes = [int(g.numel()) for g in (g0, g1, g2)]
+        if sizes != [1] * (3 - nsp) + win:
+            raise ValueError(f"g0 / g1 / g2: expected the window's sizes {[1] * (3 - nsp) + win}, got {sizes}")
+    for n, row in enumerate(starts.tolist()):
+        if not 0 <= row[0] < acc.shape[0] or any(
+                s < 0 or s + w > a for s, w, a in zip(row[1:], win, acc.shape[2:])):
+            raise ValueError(f"starts: window {n} at {row} of size {tuple(win)} is not inside acc of shape "
+                             f"{tuple(acc.shape)}")
+    if fresh is not None:
+        if fresh.ndim != 2 or fresh.shape[0] != starts.shape[0] or fresh.shape[1] != 2 * nsp:
+            raise ValueError(f"fresh: expected ({starts.shape[0]}, {2 * nsp}), got {tuple(fresh.shape)}")
+        for row in fresh.tolist():
+            if any(not 0 <= lo <= hi <= w for lo, hi, w in zip(row[0::2], row[1::2], win)):
+                raise ValueError(f"fresh: boxes must lie inside the window {tuple(win)}, got {row}")
 
 
 def _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip=0):
@@ -200,7 +252,10 @@ def sw_stitch(
     if len(grid_n) != nsp or sum(grid_n) != len(grid):
         raise ValueError(f"grid_n: one count per spatial dim ({nsp}) adding up to len(grid) ({len(grid)}), "
                          f"got {list(grid_n)}")
+    _check_windows(acc, pred, starts, g0, g1, g2, wmap)
     _check_stitch(acc, pred, starts, widx, grid, grid_n)
+    if count is not None and tuple(count.shape[-nsp:]) != tuple(acc.shape[2:]):
+        raise ValueError(f"count: expected the spatial shape of acc {tuple(acc.shape[2:])}, got {tuple(count.shape)}")
     mod = _ext.require(acc.device, "sw_stitch")
     p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap)
     gt = torch.tensor([0] * (3 - nsp) + list(grid), dtype=torch.int64)
@@ -273,7 +328,20 @@ def sw_normalize_reference(acc: Tensor, count: Tensor, softmax: bool = False) ->
     return torch.softmax(out, 1) if softmax else out
 
 
+def _check_count(acc: Tensor, count: Tensor, out: Tensor, out_channels: Optional[int] = None) -> None:
+    """count: the spatial shape of acc (leading size-1 dims allowed); out: acc's batch and spatial
+    shape (and channels, unless out_channels says otherwise)."""
+    nsp = acc.ndim - 2
+    sp = tuple(acc.shape[2:])
+    if count.ndim < nsp or tuple(count.shape[count.ndim - nsp:]) != sp or count.numel() != math.prod(sp):
+        raise ValueError(f"count: expected the spatial shape of acc {sp}, got {tuple(count.shape)}")
+    want = (acc.shape[0], acc.shape[1] if out_channels is None else out_channels) + sp
+    if tuple(out.shape) != want:
+        raise ValueError(f"out: expected shape {want}, got {tuple(out.shape)}")
+
+
 def _normalize_into(acc: Tensor, count: Tensor, out: Tensor, softmax: bool = False) -> None:
+    _check_count(acc, count, out)
     mod = _ext.require(acc.device, "sw_normalize")
     p = mod.SWNormParams()
     count = count.to(device=acc.device, dtype=acc.dtype)
@@ -286,14 +354,16 @@ def _normalize_into(acc: Tensor, count: Tensor, out: Tensor, softmax: bool = Fal
     p.acc, p.acc_dtype = acc.data_ptr(), _ext.DTYPE_CODES[acc.dtype]
     p.count, p.dst, p.dst_dtype = count.data_ptr(), out.data_ptr(), _ext.DTYPE_CODES[out.dtype]
     p.num_threads = _ext.num_threads()
-    p.stream = _ext.stream_ptr(acc.device)
-    mod.sw_normalize(p)
+    with _ext.device_guard(acc.device):  # launch on acc's GPU, in its current stream
+        p.stream = _ext.stream_ptr(acc.device)
+        mod.sw_normalize(p)
 
 
 @torch.library.custom_op("fastmed::sliding_window_argmax", mutates_args=("out",))
 def sw_argmax(acc: Tensor, count: Tensor, out: Tensor) -> None:
     """``out[b, 0] = argmax over c of acc[b, c] / count`` (the division rounded to acc's dtype; first
     maximum wins, NaN counts as the largest, as ``torch.argmax``). CUDA: plain PyTorch."""
+    _check_count(acc, count, out, 1)
     if acc.device.type != "cpu":
         out.copy_((acc / count.to(acc.dtype)).argmax(1, keepdim=True))
         return
