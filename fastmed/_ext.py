@@ -111,3 +111,15 @@ def device_guard(device: torch.device):
     import contextlib
 
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor:
+    """``t.to(device, dtype)``; a CPU tensor bound for a GPU (the small index and weight tensors the
+    ops pass on every call) goes through pinned memory without blocking: a pageable copy makes the
+    host wait for all the GPU work queued so far (the network's forward), so it could not queue the
+    next batch meanwhile."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

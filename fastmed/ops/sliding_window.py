@@ -65,7 +65,7 @@ def _vec3(t: Tensor, lead: int):
 
 def _starts4(starts: Tensor, device) -> Tensor:
     """(N, 4) contiguous int64 on `device`: batch index, then z, y, x offsets (2D: z = 0)."""
-    st = starts.to(device=device, dtype=torch.int64)
+    st = _ext.to_device(starts, torch.device(device), torch.int64)
     if st.shape[1] < 4:
         st = torch.cat([st[:, :1], st.new_zeros((st.shape[0], 4 - st.shape[1])), st[:, 1:]], 1)
     return st.contiguous()
@@ -130,7 +130,7 @@ def sw_accumulate(
     mod = _ext.require(acc.device, "sw_accumulate")
     p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip)
     if fresh is not None:
-        fr = fresh.to(device=acc.device, dtype=torch.int64)
+        fr = _ext.to_device(fresh, acc.device, torch.int64)
         if fr.shape[1] < 6:  # 2D: the depth range is [0, 1)
             fr = torch.cat([fr.new_tensor([[0, 1]]).expand(fr.shape[0], 2), fr], 1)
         fr = fr.contiguous()
@@ -204,12 +204,12 @@ def _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap, flip=0):
         p.win = ([1] * (3 - nsp) + list(wmap.shape[-nsp:])) if wmap is not None else [
             int(g.numel()) for g in (g0 if g0 is not None else torch.ones(1), g1, g2)]
     if g1 is not None:
-        gs = [g.to(device=acc.device, dtype=torch.float32).contiguous() for g in (g0, g1, g2)]
+        gs = [_ext.to_device(g, acc.device, torch.float32).contiguous() for g in (g0, g1, g2)]
         keep += gs
         p.wmode, p.wmin = 1, float(wmin)
         p.g0, p.g1, p.g2 = (g.data_ptr() for g in gs)
     elif wmap is not None:
-        wm = wmap.to(device=acc.device, dtype=torch.float32).contiguous()
+        wm = _ext.to_device(wmap, acc.device, torch.float32).contiguous()
         keep.append(wm)
         p.wmode, p.wmap = 2, wm.data_ptr()
     p.num_threads = _ext.num_threads()
@@ -344,7 +344,7 @@ def _normalize_into(acc: Tensor, count: Tensor, out: Tensor, softmax: bool = Fal
     _check_count(acc, count, out)
     mod = _ext.require(acc.device, "sw_normalize")
     p = mod.SWNormParams()
-    count = count.to(device=acc.device, dtype=acc.dtype)
+    count = _ext.to_device(count, acc.device, acc.dtype)
     count = count.reshape(count.shape[-(acc.ndim - 2):]) if count.ndim > acc.ndim - 2 else count
     (p.a_sb, p.a_sc), p.a_s, p.size = _vec3(acc, 2)
     _, p.n_s, _ = _vec3(count, 0)
