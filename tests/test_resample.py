@@ -208,6 +208,39 @@ def test_far_outside_and_huge_coordinates_do_not_crash():
     assert torch.equal(y[:, :, 1:], torch.full_like(y[:, :, 1:], 2.0))
 
 
+@pytest.mark.parametrize("order, padding", [(1, "zeros"), (1, "border"), (0, "reflect"), (1, "mirror"),
+                                            (1, "constant"), (0, "zeros"), ((0, 1, 1), "reflect")])
+def test_gradient_is_the_adjoint(order, padding):
+    """The values mode is differentiable in src (as MONAI's grid_sample path is): gradcheck in
+    float64, and the same gradient as autograd through the float64 reference, batched theta too."""
+    torch.manual_seed(3)
+    th = torch.tensor([[0.9, 0.1, 0.0, -0.3], [0.05, 1.1, 0.0, 0.4], [0.0, 0.2, 0.7, 0.1]], dtype=torch.float64)
+    small = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s: R.resample(s, th, (3, 4, 3), order, padding, cval=0.5, compute_dtype=torch.float64), (small,))
+    src = torch.randn(2, 3, 7, 6, 5, dtype=torch.float64, requires_grad=True)
+    thb = torch.stack([th, th * 0.9])
+    out = R.resample(src, thb, (6, 8, 5), order, padding, compute_dtype=torch.float64)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, src, g)
+    (ref,) = torch.autograd.grad(R.resample_reference(src, thb, (6, 8, 5), order, padding), src, g)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # float32 in, float32 gradient; integer outputs (argmax) carry no gradient
+    x = src.detach().float().requires_grad_()
+    R.resample(x, th, (6, 8, 5), order, padding).sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().max() > 0
+    assert not R.resample(x, th, (6, 8, 5), order, padding, out="argmax").requires_grad
+
+
+def test_no_gradient_through_the_spline_prefilter():
+    th = torch.cat([torch.eye(3, dtype=torch.float64) * 0.8, torch.zeros(3, 1, dtype=torch.float64)], 1)
+    x = torch.randn(1, 1, 6, 6, 6, requires_grad=True)
+    y = R.resample(x, th, (5, 5, 5), order=3, padding="mirror")
+    with pytest.raises(NotImplementedError, match="prefilter"):
+        y.sum().backward()
+
+
 def test_identity_is_exact_and_empty_output():
     x = torch.randn(2, 3, 5, 6, 7)
     th = torch.cat([torch.eye(3, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)], 1)
@@ -249,6 +282,8 @@ def test_opcheck():
     th = _theta(3, "oblique")
     torch.library.opcheck(R._resample_op, (x, th, [3, 4, 5], [1, 1, 1], 0, 0.0, False, torch.float32, False, 0, None))
     torch.library.opcheck(R._prefilter_op, (x, [0, 2], 3))
+    xg = x.double().requires_grad_()  # with its autograd formula
+    torch.library.opcheck(R._resample_op, (xg, th, [3, 4, 5], [1, 0, 1], 0, 0.0, False, torch.float64, True, 0, None))
 
 
 def test_torch_compile():
@@ -259,6 +294,11 @@ def test_torch_compile():
         return R.resample(x * 2, th, (3, 4, 5), order=1) + 1
 
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))
+    xg = x.clone().requires_grad_()
+    torch.compile(f, backend="aot_eager", fullgraph=True)(xg).sum().backward()
+    xe = x.clone().requires_grad_()
+    f(xe).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
 
 
 @pytest.mark.parametrize("scale", [0.37, 0.6, 1.0, 1.3, 1.55, 1.9, 2.5])

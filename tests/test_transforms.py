@@ -634,6 +634,23 @@ def test_fallback_to_reference_warns(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [{"mode": "bilinear"}, {"mode": "nearest"}, {"mode": "bilinear", "align_corners": True},
+                                {"mode": "bilinear", "padding_mode": "zeros"}])
+def test_spacing_gradient_equals_monai(kw):
+    """MONAI's grid_sample path is differentiable in the image; fastmed's Spacing too (same gradient)."""
+    torch.manual_seed(31)
+    aff = torch.as_tensor(np.diag([1.5, 0.8, 2.5, 1.0]))
+    x = torch.randn(2, 17, 15, 11)
+    grads = []
+    for cls in (MSpacing, T.Spacing):
+        xx = x.clone().requires_grad_()
+        y = cls((1.0, 1.2, 1.7), **kw)(MetaTensor(xx, affine=aff))
+        (y.as_tensor() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append(xx.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 

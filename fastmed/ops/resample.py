@@ -23,6 +23,12 @@ background label; nnU-Net's ``resize_segmentation`` for orders 0 and 1 without a
 always computed in float64, so ties at exactly 0.5 fall as in float64).
 
 ``resample_reference`` is the same computation in plain PyTorch float64 (the tests' oracle).
+
+Gradients: the values mode is differentiable in ``src`` (as MONAI's ``grid_sample`` path): the
+backward adds each output voxel's gradient onto the input voxels it was sampled from, with the same
+weights (``resample_adjoint``: float64, PyTorch's ``index_add_``, output rows in chunks). Not in
+``theta`` (an affine built from headers), and not through the cubic B-spline prefilter, whose
+backward raises.
 """
 from __future__ import annotations
 
@@ -34,8 +40,8 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["resample", "spline_prefilter", "resample_reference", "spline_prefilter_reference", "PADDINGS",
-           "OUT_MODES", "LABEL_DTYPES"]
+__all__ = ["resample", "spline_prefilter", "resample_reference", "spline_prefilter_reference", "resample_adjoint",
+           "PADDINGS", "OUT_MODES", "LABEL_DTYPES"]
 
 PADDINGS = {"zeros": 0, "border": 1, "reflect": 2, "mirror": 3, "constant": 4}
 OUT_MODES = {"values": 0, "argmax": 1, "labels": 2}
@@ -124,6 +130,71 @@ def _(src, theta, out_size, order, padding, cval, nearest_half_up, out_dtype, co
     return src.new_empty((src.shape[0], oc, *out_size), dtype=out_dtype)
 
 
+def _resample_setup(ctx, inputs, output):
+    src, theta, out_size, order, padding, cval, nearest_half_up = inputs[:7]
+    ctx.src_shape, ctx.src_dtype = tuple(src.shape), src.dtype
+    ctx.args = (list(out_size), list(order), int(padding), bool(nearest_half_up), int(inputs[9]))
+    ctx.save_for_backward(theta)
+
+
+def _resample_backward(ctx, grad):
+    """The gradient with respect to src of the values mode: the adjoint of the interpolation (each
+    output voxel's gradient added back onto the input voxels it was sampled from, with the same
+    weights), in float64, output rows in chunks of ~2M voxels. Integer outputs (argmax / labels)
+    have none."""
+    (theta,) = ctx.saved_tensors
+    out_size, order, padding, half_up, out_mode = ctx.args
+    if grad is None or out_mode != 0 or not ctx.needs_input_grad[0]:
+        return (None,) * 11
+    g = resample_adjoint(grad, ctx.src_shape, theta, out_size, order, padding, half_up)
+    return (g.to(ctx.src_dtype),) + (None,) * 10
+
+
+def resample_adjoint(grad: Tensor, src_shape, theta: Tensor, out_size, order, padding, half_up: bool = False) -> Tensor:
+    """``d(sum(resample(src) * grad)) / d src`` for the values mode: float64, shape ``src_shape``."""
+    B, C = src_shape[0], src_shape[1]
+    size = list(src_shape[2:])
+    nsp = len(size)
+    orders = _orders(order, nsp)
+    pad = _padding_code(padding)
+    dev = grad.device
+    th = theta.to(device=dev, dtype=torch.float64)
+    th = th.unsqueeze(0).expand(B, -1, -1) if th.ndim == 2 else th.expand(B, -1, -1)
+    strides = [math.prod(size[d + 1:]) for d in range(nsp)]
+    gsrc = torch.zeros((B, C, math.prod(size)), dtype=torch.float64, device=dev)
+    rest = math.prod(out_size[1:])
+    step = max(1, (1 << 21) // max(1, rest))
+    tail = torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=dev) for n in out_size[1:]], indexing="ij")
+    tail = [t.reshape(-1) for t in tail]
+    for i0 in range(0, out_size[0], step):
+        n0 = min(step, out_size[0] - i0)
+        first = torch.arange(i0, i0 + n0, dtype=torch.float64, device=dev).repeat_interleave(rest)
+        hom = torch.stack([first] + [t.repeat(n0) for t in tail] + [torch.ones_like(first)], 0)  # (nsp+1, P)
+        for b in range(B):
+            coords = th[b] @ hom
+            inside = None
+            if pad == 4:  # scipy "constant": points outside [0, n - 1] take cval (no gradient)
+                inside = torch.ones(coords.shape[1], dtype=torch.bool, device=dev)
+                for d in range(nsp):
+                    inside &= (coords[d] >= 0) & (coords[d] <= size[d] - 1)
+            taps = [_taps(coords[d], orders[d], size[d], 3 if pad == 4 else pad, half_up) for d in range(nsp)]
+            gb = grad[b].reshape(C, -1)[:, i0 * rest:(i0 + n0) * rest].to(torch.float64)
+            combos = [[]]
+            for d in range(nsp):
+                combos = [c + [t] for c in combos for t in taps[d]]
+            for combo in combos:
+                idx = sum(t[0] * st for t, st in zip(combo, strides))
+                w = math.prod(t[1] for t in combo) if len(combo) > 1 else combo[0][1]
+                ok = torch.stack([t[2] for t in combo]).all(0)
+                if inside is not None:
+                    ok &= inside
+                gsrc[b].index_add_(1, idx, gb * torch.where(ok, w, torch.zeros_like(w)))
+    return gsrc.view(B, C, *size)
+
+
+_resample_op.register_autograd(_resample_backward, setup_context=_resample_setup)
+
+
 @torch.library.custom_op("fastmed::spline_prefilter", mutates_args=())
 def _prefilter_op(x: Tensor, dims: Sequence[int], boundary: int) -> Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
@@ -152,6 +223,15 @@ def _launch_prefilter(mod, flat, dims, boundary, nsp, device):
 @_prefilter_op.register_fake
 def _(x, dims, boundary):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _prefilter_backward(ctx, grad):
+    raise NotImplementedError(
+        "fastmed: no gradient through the cubic B-spline prefilter (spline order 3 with prefilter): "
+        "resample with order 0 or 1 (MONAI 'nearest' / 'bilinear') where a gradient is needed")
+
+
+_prefilter_op.register_autograd(_prefilter_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _padding_code(padding) -> int:
