@@ -205,6 +205,44 @@ def test_prelu_gradcheck_opcheck_compile():
     torch.testing.assert_close(f(xf), NA.norm_act(xf * 2, act="prelu", prelu=pf) + 1)
 
 
+@pytest.mark.parametrize("kind", ["float64", "strided"])
+def test_prelu_weight_of_another_dtype_or_layout(kind):
+    """Found by review: a PReLU weight the kernels take converted (another dtype, a strided view) was
+    a temporary freed before the backward / in-place kernels ran (read after free: wrong values)."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 4, 5, 6)
+    w, b, g = torch.rand(4) + 0.5, torch.randn(4), torch.randn(2, 4, 5, 6)
+    base = torch.rand(8)
+    p = base[:4].double() if kind == "float64" else base[::2]
+
+    def grads(fn):
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        fn(xx, ww, bb).backward(g)
+        return xx.grad, ww.grad, bb.grad
+
+    for fused, eager in (
+            (lambda xx, ww, bb: NA.norm_act(xx, ww, bb, 1e-5, "prelu", 0.0, p),
+             lambda xx, ww, bb: F.prelu(F.instance_norm(xx, weight=ww, bias=bb, eps=1e-5), p.float())),
+            (lambda xx, ww, bb: NA.group_norm_act(xx, 2, ww, bb, 1e-5, "prelu", 0.0, p),
+             lambda xx, ww, bb: F.prelu(F.group_norm(xx, 2, ww, bb, 1e-5), p.float()))):
+        for u, v in zip(grads(fused), grads(eager)):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    y = NA.norm_act_(x.clone(), w, b, 1e-5, "prelu", 0.0, p)
+    torch.testing.assert_close(y, F.prelu(F.instance_norm(x, weight=w, bias=b, eps=1e-5), p.float()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_variants_refuse_a_recorded_tensor():
+    a = torch.randn(2, 4, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        NA.norm_act_(a * 1.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        NA.batch_norm_act(a * 1.0, torch.zeros(4), torch.ones(4), inplace=True)
+    with torch.no_grad():  # no graph: fine
+        y = NA.norm_act_(a * 1.0)
+    torch.testing.assert_close(y, F.leaky_relu(F.instance_norm(a.detach(), eps=1e-5), 0.01), rtol=1e-5, atol=1e-5)
+
+
 def test_prelu_bad_inputs_name_the_argument():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="prelu"):

@@ -34,6 +34,12 @@ KINDS = {"instance": 0, "group": 1, "batch": 2, "batch_eval": 3}
 
 def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, slope: float, act: int,
             prelu: Optional[Tensor] = None, kind: int = 0, groups: int = 1):
+    """(module, params, keep): weight / bias / PReLU weight converted for the kernel here, and
+    ``keep`` holds the converted tensors, whose pointers ``params`` carries: the caller keeps it
+    until the kernel has run (a temporary freed before the call would be read after free)."""
+    weight, bias = _affine_arg(weight, x), _affine_arg(bias, x)
+    prelu = _prelu_arg(prelu, x, act)
+    keep = [weight, bias, prelu]
     mod = _ext.require(x.device, "norm_act")
     p = mod.NormActParams()
     p.N, p.C = x.shape[0], x.shape[1]
@@ -48,7 +54,7 @@ def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     p.kind, p.groups = int(kind), int(groups)
     p.channels_last = int(_cl_format(x) is not None)
     p.num_threads = _ext.num_threads()
-    return mod, p
+    return mod, p, keep
 
 
 _TRITON = []
@@ -167,11 +173,10 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
         return y, mean.copy_(m.flatten()), rstd.copy_(r.flatten())
     y = _like(x)
     if x.numel():
-        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        pw = _prelu_arg(prelu, x, act)
-        mod, p = _params(x, w, b, eps, slope, act, pw, kind, groups)
+        mod, p, keep = _params(x, weight, bias, eps, slope, act, prelu, kind, groups)
         p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         mod.norm_act_fwd(p)
+        del keep
     return y, mean, rstd
 
 
@@ -208,13 +213,13 @@ def norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     db = torch.empty(N * C, dtype=torch.float64)
     dp = torch.zeros(N * C if act == 3 else 0, dtype=torch.float64)
     if x.numel():
-        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, 0.0, slope, act, _prelu_arg(prelu, x, act), kind, groups)
+        mod, p, keep = _params(x, weight, bias, 0.0, slope, act, prelu, kind, groups)
         p.dy, p.dx, p.mean, p.rstd = dy.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         p.dweight, p.dbias = dw.data_ptr(), db.data_ptr()
         if act == 3:
             p.dprelu = dp.data_ptr()
         mod.norm_act_bwd(p)
+        del keep
     # float64 (a float16 sum would overflow)
     return dx, dw.view(N, C).sum(0), db.view(N, C).sum(0), _prelu_grad(dp, prelu, N, C, act)
 
@@ -342,6 +347,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     kind = 2 if training else 3
     rm, rv = (running_mean, running_var) if kind == 3 else (None, None)
     if inplace:
+        _no_graph_inplace(x)
         mean = torch.empty(N * C, dtype=torch.float64, device=x.device)
         rstd = torch.empty_like(mean)
         with torch.no_grad():
@@ -383,14 +389,14 @@ def norm_act_inplace_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                 o.copy_(v.flatten())
         return
     if x.numel():
-        w, b = _affine_arg(weight, x), _affine_arg(bias, x)
-        mod, p = _params(x, w, b, eps, slope, act, _prelu_arg(prelu, x, act), kind, groups)
+        mod, p, keep = _params(x, weight, bias, eps, slope, act, prelu, kind, groups)
         mean = mean_out if mean_out is not None else torch.empty(planes, dtype=torch.float64)
         rstd = rstd_out if rstd_out is not None else torch.empty_like(mean)
         if kind == 3:
             _given_stats(x, run_mean, run_var, eps, mean, rstd)
         p.y, p.mean, p.rstd = x.data_ptr(), mean.data_ptr(), rstd.data_ptr()  # y = x: each voxel is
         mod.norm_act_fwd(p)  # read for the statistics first, then written once
+        del keep
 
 
 @norm_act_inplace_op.register_fake
@@ -407,9 +413,18 @@ def norm_act_(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor]
     code = _check(x, weight, bias, eps, act, prelu)
     if not x.is_contiguous() and _cl_format(x) is None:
         raise ValueError("x must be contiguous (or channels last) to be normalised in place")
+    _no_graph_inplace(x)
     with torch.no_grad():
         norm_act_inplace_op(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None)
     return x
+
+
+def _no_graph_inplace(x: Tensor) -> None:
+    """The in-place variants are for inference: overwriting a tensor autograd records would leave it
+    a wrong gradient without a word, so that is refused."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("x requires grad: the in-place variant is not differentiable (it would silently give a "
+                         "wrong gradient); use the out-of-place function, or run under torch.no_grad()")
 
 
 def _prelu_ref(z: Tensor, prelu: Tensor) -> Tensor:
