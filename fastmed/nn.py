@@ -112,6 +112,10 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
         return None, f"norm is {type(norm).__name__} (InstanceNorm, BatchNorm and GroupNorm are fused)"
     if type(norm) in _INSTANCE_NORMS and norm.track_running_stats:
         return None, "InstanceNorm with track_running_stats=True (eval uses running statistics)"
+    if _hooked(norm) or _hooked(act):
+        return None, "a hook is registered on the norm or the activation (a fused pair would skip it)"
+    if not norm.eps > 0:
+        return None, f"eps={norm.eps} (the fused kernels take eps > 0)"
     if type(act) is nn.LeakyReLU:
         spec = dict(act="leaky_relu", slope=float(act.negative_slope))
     elif type(act) is nn.ReLU:
@@ -620,6 +624,7 @@ if UnetBasicBlock is not None:
     _FUSED = {UnetBasicBlock: (FusedUnetBasicBlock, ("norm1", "norm2")), UnetResBlock: (FusedUnetResBlock, ("norm1",))}
 else:  # pragma: no cover
     _FUSED = {}
+_FUSED_TARGETS = {target for target, _ in _FUSED.values()}
 
 
 # decoder blocks whose "upsample, then concatenate with the skip" runs as one fastmed::upconv_fwd
@@ -783,9 +788,12 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
     for k, name in enumerate(names):
         norm = seq._modules[name]
         if not isinstance(norm, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d,
-                                 nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)) or isinstance(norm, _FusedInstanceNorm):
+                                 nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
             continue
         where = f"{prefix}.{name}" if prefix else name
+        if isinstance(norm, _FusedInstanceNorm):  # fused by an earlier optimize()
+            fused.append(f"{where} (fused before)")
+            continue
         j = k + 1
         while j < len(names) and isinstance(seq._modules[names[j]], nn.modules.dropout._DropoutNd) \
                 and seq._modules[names[j]].p == 0:
@@ -957,6 +965,9 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         if isinstance(mod, nn.Sequential):
             _fuse_sequential(mod, name, fused, skipped, refs, parents.get(id(mod)))
             continue
+        if type(mod) in _FUSED_TARGETS:  # fused by an earlier optimize()
+            fused.append(f"{name or type(model).__name__} (fused before)")
+            continue
         if type(mod) not in _FUSED:
             continue
         target, norms = _FUSED[type(mod)]
@@ -987,6 +998,10 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                 mod.__class__ = _UPCAT[type(mod)]
                 upconvs.append(f"{name} (upsampling written into the skip concatenation)")
     layout = "planar"
+    for mod in model.modules():  # weights an earlier optimize(channels_last=True) stored NDHWC: back first
+        if getattr(mod, "_fm_cl_weight", False):
+            mod.weight.data = mod.weight.data.contiguous()
+            del mod._fm_cl_weight
     auto = channels_last is None and onednn and _nhwc_known(model) and not _has_nhwc_weights(model)
     if channels_last is None and not auto:
         layout = ("planar (the default runs NDHWC only for MONAI's DynUNet / UNet / BasicUNet and nnU-Net's "
@@ -1007,6 +1022,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                     # channels-last output only when the weight's strides say so
                     w = w.as_strided(w.shape, (w.shape[2] * w.shape[3] * w.shape[4], 1,
                                                w.shape[3] * w.shape[4], w.shape[4], 1))
+                if w.stride() != mod.weight.data.stride():
+                    mod._fm_cl_weight = True  # ours: optimizing again restores the planar weight
                 mod.weight.data = w
     _set_layout_hook(model, not layout.startswith("planar"))
     model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "upconv": upconvs,

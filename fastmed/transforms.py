@@ -251,6 +251,7 @@ class _Plan:
     prepad: Optional[str] = None     # scipy's 12-voxel pre-padding before the prefilter: "replicate"/"constant"
     cval: float = 0.0
     backend: str = "torch"       # "torch" (grid_sample semantics) or "scipy"
+    index_offset: float = 0.0    # 0.5: coordinates (i + 0.5) * scale - 0.5 as scipy's zoom(grid_mode) rounds them
 
 
 def _scipy_plan(order: int, padding_mode, nsp: int) -> _Plan:
@@ -399,7 +400,7 @@ def _use_kernel(device: torch.device) -> bool:
 
 
 def _sample(src: Tensor, theta: Tensor, out_size, orders, padding, cval, half_up, out_dtype, compute_dtype,
-            out="values", labels=None) -> Tensor:
+            out="values", labels=None, index_offset: float = 0.0) -> Tensor:
     """One op call on prepared input (B-spline coefficients for order-3 dims)."""
     if (_FORCE_BACKEND is None and src.device.type != "cpu" and not _kernel_available(src.device)
             and _kernel_available(torch.device("cpu"))):
@@ -407,13 +408,14 @@ def _sample(src: Tensor, theta: Tensor, out_size, orders, padding, cval, half_up
                       "CPU kernel and copying back (rebuild fastmed with CUDA to resample on the GPU)",
                       RuntimeWarning, stacklevel=3)
         return _R.resample(src.cpu(), theta.cpu(), out_size, orders, padding, cval, half_up, out_dtype,
-                           compute_dtype, out, labels, prefilter=False).to(src.device)
+                           compute_dtype, out, labels, prefilter=False, index_offset=index_offset).to(src.device)
     if _use_kernel(src.device):
         return _R.resample(src, theta, out_size, orders, padding, cval, half_up, out_dtype, compute_dtype, out,
-                           labels, prefilter=False)
+                           labels, prefilter=False, index_offset=index_offset)
     if out == "labels" and labels is None:
         labels = torch.unique(src).tolist()
-    res = _R.resample_reference(src.cpu(), theta.cpu(), out_size, orders, padding, cval, half_up, out, labels)
+    res = _R.resample_reference(src.cpu(), theta.cpu(), out_size, orders, padding, cval, half_up, out, labels,
+                                index_offset=index_offset)
     if out == "argmax" and out_dtype is None:
         out_dtype = torch.uint8 if src.shape[1] <= 256 else torch.int16
     if out == "labels" and out_dtype is None:
@@ -468,12 +470,12 @@ def _run(img: Tensor, theta: np.ndarray, out_shape, plan: _Plan, compute_dtype: 
             raise AssertionError(f"plan {plan} disagrees with the op's scipy prefilter")
         if _use_kernel(src.device):
             res = _R.resample(src, theta_t, size, plan.orders, plan.padding, plan.cval, plan.half_up, od,
-                              compute_dtype, out, labels, prefilter=True)
+                              compute_dtype, out, labels, prefilter=True, index_offset=plan.index_offset)
             return res if batched else res[0]
         src, theta_t = _R._spline_coefficients(src.to(compute_dtype), theta_t, plan.orders,
                                                _R.PADDINGS[plan.padding], plan.cval, compute_dtype, reference=True)
     res = _sample(src, theta_t, size, plan.orders, plan.padding, plan.cval, plan.half_up, od, compute_dtype, out,
-                  labels)
+                  labels, plan.index_offset)
     return res if batched else res[0]
 
 
@@ -1037,8 +1039,8 @@ def resample_nnunet(data, current_spacing, new_spacing, is_seg: bool = False, or
         orders[axis] = order_z
     scale = [i / o for i, o in zip(in_shape, new_shape)]
     theta = np.zeros((3, 4))
-    for d in range(3):
-        theta[d, d], theta[d, 3] = scale[d], 0.5 * scale[d] - 0.5
+    for d in range(3):  # (i + 0.5) * scale - 0.5 with the index offset of _edge_plan: scipy's rounding
+        theta[d, d], theta[d, 3] = scale[d], -0.5
     what = f"resampling {tuple(x.shape)} to {tuple(new_shape)}"
     if is_seg:
         res = torch.stack([_nnunet_seg(x[c], theta, in_shape, new_shape, order, order_z, do_sep, axis, compute,
@@ -1051,16 +1053,16 @@ def resample_nnunet(data, current_spacing, new_spacing, is_seg: bool = False, or
 def _edge_plan(orders) -> _Plan:
     cubic = any(o == 3 for o in orders)
     return _Plan(list(orders), "border", True, "mirror" if cubic else None, "replicate" if cubic else None,
-                 backend="scipy")
+                 backend="scipy", index_offset=0.5)
 
 
 def _axis_pass_theta(theta: np.ndarray, axis: int) -> tuple:
     """(in-plane theta with identity along axis, axis-only theta with identity in-plane)."""
     t1, t2 = theta.copy(), np.zeros_like(theta)
     t1[axis, :] = 0
-    t1[axis, axis] = 1
+    t1[axis, axis], t1[axis, 3] = 1, -0.5  # (i + 0.5) - 0.5 = i under _edge_plan's index offset
     for d in range(3):
-        t2[d, d] = 1
+        t2[d, d], t2[d, 3] = 1, -0.5
     t2[axis] = theta[axis]
     return t1, t2
 

@@ -232,6 +232,39 @@ def test_prelu_weight_of_another_dtype_or_layout(kind):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_double_backward():
+    """backward(create_graph=True) (a gradient penalty): the backward is then recomputed with PyTorch
+    ops, so that it is itself differentiable (found by review: a raw torch.library error)."""
+    torch.manual_seed(12)
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    for f in (lambda x, w, b: NA.norm_act(x, w, b, 1e-5, "leaky_relu", 0.1),
+              lambda x, w, b: NA.norm_act(x, w, b, 1e-5, "prelu", 0.0, p),
+              lambda x, w, b: NA.group_norm_act(x, 2, w, b, 1e-5, "relu"),
+              lambda x, w, b: NA.batch_norm_act(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5, "leaky_relu", 0.1),
+              lambda x, w, b: NA.batch_norm_act(x, rm + 0.1, rv * 2, w, b, False, 0.1, 1e-5, "leaky_relu", 0.1)):
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+    # a gradient penalty through ConvNormAct equals the eager layers'
+    from fastmed.nn import ConvNormAct
+
+    c = ConvNormAct(2, 4, 3, spatial_dims=3).double()
+    eager = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.InstanceNorm3d(4),
+                                torch.nn.LeakyReLU(0.01)).double()
+    eager[0].load_state_dict(c.conv.state_dict())
+    xs = torch.randn(2, 2, 6, 6, 6, dtype=torch.float64)
+    got = []
+    for net in (c, eager):
+        xx = xs.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx).pow(2).sum(), xx, create_graph=True)
+        g.pow(2).sum().backward()
+        got.append((xx.grad, net[0].weight.grad if net is eager else c.conv.weight.grad))
+    for u, v in zip(*got):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+
+
 def test_inplace_variants_refuse_a_recorded_tensor():
     a = torch.randn(2, 4, 6, requires_grad=True)
     with pytest.raises(ValueError, match="requires grad"):

@@ -386,6 +386,55 @@ def test_unsupported_patterns_left_untouched_and_reported(capsys):
     _assert_same_but_convs(seq, o)
     with pytest.raises(TypeError, match="model"):
         fastmed.optimize("not a model")
+    # eps=0 (valid in torch.nn; the kernels take eps > 0): left as it is, and it still runs
+    seq = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, eps=0.0, affine=True), nn.LeakyReLU())
+    o = fastmed.optimize(seq)
+    assert not o._fastmed_report["fused"] and "eps" in o._fastmed_report["skipped"][0][1]
+    x = torch.randn(1, 1, 6, 6, 6)
+    torch.testing.assert_close(o(x), seq(x), rtol=1e-5, atol=1e-5)
+    c = ConvNormAct(1, 4, norm_kwargs={"eps": 0.0})
+    assert c._spec() is None and c(x).shape == (1, 4, 6, 6, 6)
+
+
+def test_hooked_norm_or_activation_is_not_fused():
+    """Found by review: a fused pair skipped a user's hook on the activation (its slot became
+    nn.Identity) and showed a hook on the norm the activated tensor."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    m = BasicUNet(3, 1, 2, (4, 8, 16, 32, 64, 8)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    for where in ("down_1.convs.conv_0.adn.A", "down_1.convs.conv_0.adn.N"):
+        h = copy.deepcopy(m)
+        calls = []
+        h.get_submodule(where).register_forward_hook(lambda mod, i, o: (calls.append(1), o - 0.7)[1])
+        with torch.no_grad():
+            ref = h(x)
+            o = fastmed.optimize(h)
+            out = o(x)
+        assert len(calls) == 2 and any("hook" in why for _, why in o._fastmed_report["skipped"])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_optimizing_again_restores_what_it_changed():
+    """channels_last=True then channels_last=False: the weights fastmed stored NDHWC come back planar
+    (found by review: outputs stayed channels last), and earlier fusions stay in the report."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    m = BasicUNet(3, 1, 2, (4, 8, 16, 32, 64, 8)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    fastmed.optimize(m, inplace=True, channels_last=True)
+    n = len(m._fastmed_report["fused"])
+    assert n > 0
+    fastmed.optimize(m, inplace=True, channels_last=False)
+    with torch.no_grad():
+        y = m(x)
+    assert m._fastmed_report["layout"] == "planar" and y.is_contiguous()
+    assert all(c.weight.is_contiguous() for c in m.modules() if isinstance(c, nn.Conv3d))
+    assert len(m._fastmed_report["fused"]) == n
+    fastmed.optimize(m, inplace=True)  # and the default layout applies again
+    assert m._fastmed_report["layout"].startswith("channels last in CPU inference")
 
 
 def test_inplace_pickle_and_fallback_dtypes():

@@ -529,6 +529,39 @@ def test_nnunet_seg_matches_per_label_loop(backend, case, seg_order):
     assert len(np.unique(out)) >= 3
 
 
+TIE_CASES = [
+    # ratios not exact in binary, where sample points fall exactly half-way between voxels (found by
+    # review: folding (i + 0.5) * s - 0.5 into s * i + t rounded those ties the other way)
+    ((2, 4, 6), (1.0, 1.0, 1.0), (1.0, 2 / 3, 1.0), 1, 0, None),
+    ((12, 9, 10), (1.0, 1.0, 1.0), (4 / 3, 0.75, 10 / 13), 1, 0, None),
+    ((10, 6, 9), (3.0, 1.0, 1.0), (3 * 10 / 13, 0.6, 1.5), 1, 1, None),   # separate z, order_z 1
+    ((10, 6, 9), (3.0, 1.0, 1.0), (3 * 10 / 13, 0.6, 1.5), 0, 0, None),
+]
+
+
+@pytest.mark.parametrize("case", TIE_CASES)
+def test_nnunet_exact_at_half_way_ties(backend, case):
+    shape, cur, new, order, order_z, force = case
+    rng = np.random.default_rng(7)
+    seg = rng.integers(0, 3, (1, *shape)).astype(np.int16)
+    img = rng.standard_normal((1, *shape)).astype(np.float32)
+    do_sep, axis = T.nnunet_separate_z(cur, new, force)
+    new_shape = T.nnunet_new_shape(shape, cur, new)
+    for cd in (torch.float32, torch.float64):
+        ref = nnunet_reference(seg, new_shape, True, axis, order, do_sep, order_z)
+        out = T.resample_nnunet(seg, cur, new, is_seg=True, order=order, order_z=order_z, force_separate_z=force,
+                                compute_dtype=cd)
+        np.testing.assert_array_equal(out, ref)
+    ref = nnunet_reference(img, new_shape, False, axis, order, do_sep, order_z)
+    out = T.resample_nnunet(img, cur, new, order=order, order_z=order_z, force_separate_z=force,
+                            compute_dtype=torch.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    # the smallest case by hand: labels [0, 1] to 3 voxels, the middle one's indicator exactly 0.5
+    two = np.array([0, 1], dtype=np.uint8).reshape(1, 1, 1, 2)
+    got = T.resample_nnunet(two, (1, 1, 1), (1, 1, 1), is_seg=True, order=1, new_shape=(1, 1, 3))
+    assert np.asarray(got).ravel().tolist() == [0, 1, 1]
+
+
 def test_nnunet_labels_op_vs_one_hot_argmaxless_loop(backend):
     """The op's out='labels' directly, against interpolating each label's indicator and thresholding
     at 0.5 in label order (later labels win, else cval), for orders 0 and 1 in 2D and 3D."""

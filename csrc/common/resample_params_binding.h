@@ -27,6 +27,7 @@ inline void bind_resample_params(py::module_& m) {
   r.def_readwrite("d_sb", &ResampleParams::d_sb).def_readwrite("d_sc", &ResampleParams::d_sc);
   r.def_readwrite("theta_sb", &ResampleParams::theta_sb).def_readwrite("padding", &ResampleParams::padding);
   r.def_readwrite("nearest_half_up", &ResampleParams::nearest_half_up).def_readwrite("cval", &ResampleParams::cval);
+  r.def_readwrite("index_offset", &ResampleParams::index_offset);
   r.def_readwrite("compute_f64", &ResampleParams::compute_f64).def_readwrite("out_mode", &ResampleParams::out_mode);
   r.def_readwrite("nlabels", &ResampleParams::nlabels).def_readwrite("num_threads", &ResampleParams::num_threads);
   FM_RS_VEC3(r, ResampleParams, s_s, int64_t); FM_RS_VEC3(r, ResampleParams, in_size, int64_t);

@@ -47,6 +47,9 @@ struct ResampleParams {
   const int64_t* labels; int64_t nlabels;
   int num_threads;
   void* stream;
+  // added to every output index before theta applies: 0, or 0.5 for scipy's zoom(grid_mode=True) /
+  // skimage / nnU-Net convention (i + 0.5) * scale - 0.5, whose rounding a folded offset would not keep
+  double index_offset = 0.0;
 };
 
 // In-place cubic B-spline prefilter along one dim (0, 1, 2 of the spatial dims) of a float32 or

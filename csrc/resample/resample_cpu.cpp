@@ -169,7 +169,8 @@ void general(const ResampleParams& p) {
       for (int64_t x = 0; x < nx; ++x) {
         double c[3];
         for (int d = 0; d < 3; ++d)
-          c[d] = th[4 * d] * (double)z + th[4 * d + 1] * (double)y + th[4 * d + 2] * (double)x + th[4 * d + 3];
+          c[d] = th[4 * d] * ((double)z + p.index_offset) + th[4 * d + 1] * ((double)y + p.index_offset) +
+                 th[4 * d + 2] * ((double)x + p.index_offset) + th[4 * d + 3];
         bool out_pt = false;
         if (p.padding == kPadConstantMirror)
           for (int d = 0; d < 3; ++d) out_pt |= outside(c[d], p.in_size[d]);
@@ -355,7 +356,7 @@ void rows(const ResampleParams& p) {
   for (int64_t b = 0; b < nb; ++b) {
     const double* th = p.theta + b * p.theta_sb;
     for (int64_t x = 0; x < nx; ++x) {
-      const double c = th[10] * (double)x + th[11];
+      const double c = th[10] * ((double)x + p.index_offset) + th[11];
       int64_t ti[4];
       T tw[4];
       taps<T>(c, p.order[2], inx, p.padding, p.nearest_half_up, ti, tw);
@@ -417,8 +418,9 @@ void rows(const ResampleParams& p) {
       // interleaved row by row would be more streams than the prefetchers follow)
       for (int64_t ch = 0; ch < p.C; ++ch) {
         for (int64_t y = y0; y < y1; ++y) {
-          const double cz = th[0] * (double)z + th[1] * (double)y + th[3];
-          const double cy = th[4] * (double)z + th[5] * (double)y + th[7];
+          const double zo = (double)z + p.index_offset, yo = (double)y + p.index_offset;
+          const double cz = th[0] * zo + th[1] * yo + th[3];
+          const double cy = th[4] * zo + th[5] * yo + th[7];
           int64_t zi[4], yi[4];
           T zw[4], yw[4];
           const int tz = taps<T>(cz, p.order[0], p.in_size[0], p.padding, p.nearest_half_up, zi, zw);

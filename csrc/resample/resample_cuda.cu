@@ -270,13 +270,15 @@ RS_HD void resample_voxel(const ResampleParams& p, int64_t e) {
   const int64_t b = r / p.out_size[0];
 
   const double* th = p.theta + b * p.theta_sb;
+  const double zo = add_rn((double)z, p.index_offset), yo = add_rn((double)y, p.index_offset);
+  const double xo = add_rn((double)x, p.index_offset);
   double c[3];
 RS_UNROLL
   for (int d = 0; d < 3; ++d) {
     // ((t0 z + t1 y) + t2 x) + t3, every product and sum rounded on its own: the CPU kernel's order
     // (built with -ffp-contract=off), so both pick the same voxel at exact ties
-    const double v = add_rn(add_rn(add_rn(mul_rn(th[4 * d], (double)z), mul_rn(th[4 * d + 1], (double)y)),
-                                   mul_rn(th[4 * d + 2], (double)x)), th[4 * d + 3]);
+    const double v = add_rn(add_rn(add_rn(mul_rn(th[4 * d], zo), mul_rn(th[4 * d + 1], yo)),
+                                   mul_rn(th[4 * d + 2], xo)), th[4 * d + 3]);
     c[d] = fmin(fmax(v, -4.0e15), 4.0e15);  // keeps floor(c) + 2 an int64 for any finite theta
   }
   const int64_t doff = b * p.d_sb + z * p.d_s[0] + y * p.d_s[1] + x * p.d_s[2];

@@ -240,10 +240,29 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.slope, ctx.act, ctx.kind, ctx.groups = slope, act, kind, groups
     ctx.has_w, ctx.has_b = weight is not None, bias is not None
+    ctx.eps = eps
+
+
+def _graph_backward(ctx, dy, x, weight, bias, mean, rstd, prelu):
+    """The backward as PyTorch ops that autograd records (create_graph=True: a gradient penalty, a
+    Hessian-vector product): the forward recomputed in float64 plain PyTorch and differentiated,
+    so the gradient is itself differentiable. The kernels record no graph."""
+    with torch.enable_grad():
+        stats = (mean, rstd) if ctx.kind == 3 else None  # given statistics (batch norm in eval)
+        y = _reference_fwd(x, weight, bias, ctx.eps, ctx.slope, ctx.act, prelu, ctx.kind, ctx.groups, stats=stats)[0]
+        wrt = [(i, t) for i, t in ((0, x), (1, weight), (2, bias), (6, prelu))
+               if t is not None and ctx.needs_input_grad[i]]
+        gs = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
+    out = [None] * 11
+    for (i, _), g in zip(wrt, gs):
+        out[i] = g
+    return tuple(out)
 
 
 def _backward(ctx, dy, dmean, drstd):
     x, weight, bias, mean, rstd, prelu = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        return _graph_backward(ctx, dy, x, weight, bias, mean, rstd, prelu)
     dx, dw, db, dp = norm_act_bwd(dy, x, weight, bias, mean, rstd, ctx.slope, ctx.act, prelu, ctx.kind, ctx.groups)
     dprelu = dp.view(prelu.shape).to(prelu.dtype) if prelu is not None and ctx.act == 3 and ctx.needs_input_grad[6] \
         else None
@@ -453,9 +472,15 @@ def _reference_stats(x64: Tensor, eps: float, kind: int = 0, groups: int = 1, ru
     return mean.expand((N, C) + one), (1.0 / torch.sqrt(var + eps)).expand((N, C) + one)
 
 
-def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None, kind=0, groups=1, run_mean=None, run_var=None):
+def _reference_fwd(x, weight, bias, eps, slope, act, prelu=None, kind=0, groups=1, run_mean=None, run_var=None,
+                   stats=None):
+    """float64 plain PyTorch (differentiable); ``stats``: given per-plane (mean, rstd), (N * C,)."""
     x64 = x.double()
-    mean, rstd = _reference_stats(x64, eps, kind, groups, run_mean, run_var)
+    if stats is not None:
+        shape = tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
+        mean, rstd = stats[0].view(shape), stats[1].view(shape)
+    else:
+        mean, rstd = _reference_stats(x64, eps, kind, groups, run_mean, run_var)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     z = (x64 - mean) * rstd
     if weight is not None:

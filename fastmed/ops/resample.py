@@ -82,6 +82,7 @@ def _resample_op(
     compute_f64: bool,
     out_mode: int,
     labels: Optional[Tensor],
+    index_offset: float = 0.0,
 ) -> Tensor:
     B, C = src.shape[0], src.shape[1]
     oc = C if out_mode == 0 else 1
@@ -92,14 +93,16 @@ def _resample_op(
         _ext.cpu.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     mod = _ext.require(src.device, "resample")
     with _device_guard(src.device):
-        _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels)
+        _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels,
+                         index_offset)
     return out
 
 
 _device_guard = _ext.device_guard  # launch on the tensor's own GPU (its current stream)
 
 
-def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels):
+def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up, compute_f64, out_mode, labels,
+                     index_offset=0.0):
     nsp = src.ndim - 2
     B, C = src.shape[0], src.shape[1]
     p = mod.ResampleParams()
@@ -113,6 +116,7 @@ def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up
     p.order = [0] * (3 - nsp) + [int(o) for o in order]
     p.padding, p.cval, p.nearest_half_up = int(padding), float(cval), int(bool(nearest_half_up))
     p.compute_f64, p.out_mode = int(bool(compute_f64)), int(out_mode)
+    p.index_offset = float(index_offset)
     keep = [th]
     if labels is not None:
         lab = labels.to(device=src.device, dtype=torch.int64).contiguous()
@@ -125,7 +129,8 @@ def _launch_resample(mod, src, theta, out, order, padding, cval, nearest_half_up
 
 
 @_resample_op.register_fake
-def _(src, theta, out_size, order, padding, cval, nearest_half_up, out_dtype, compute_f64, out_mode, labels):
+def _(src, theta, out_size, order, padding, cval, nearest_half_up, out_dtype, compute_f64, out_mode, labels,
+      index_offset=0.0):
     oc = src.shape[1] if out_mode == 0 else 1
     return src.new_empty((src.shape[0], oc, *out_size), dtype=out_dtype)
 
@@ -133,7 +138,8 @@ def _(src, theta, out_size, order, padding, cval, nearest_half_up, out_dtype, co
 def _resample_setup(ctx, inputs, output):
     src, theta, out_size, order, padding, cval, nearest_half_up = inputs[:7]
     ctx.src_shape, ctx.src_dtype = tuple(src.shape), src.dtype
-    ctx.args = (list(out_size), list(order), int(padding), bool(nearest_half_up), int(inputs[9]))
+    ctx.args = (list(out_size), list(order), int(padding), bool(nearest_half_up), int(inputs[9]),
+                float(inputs[11]) if len(inputs) > 11 else 0.0)
     ctx.save_for_backward(theta)
 
 
@@ -143,14 +149,15 @@ def _resample_backward(ctx, grad):
     weights), in float64, output rows in chunks of ~2M voxels. Integer outputs (argmax / labels)
     have none."""
     (theta,) = ctx.saved_tensors
-    out_size, order, padding, half_up, out_mode = ctx.args
+    out_size, order, padding, half_up, out_mode, offset = ctx.args
     if grad is None or out_mode != 0 or not ctx.needs_input_grad[0]:
-        return (None,) * 11
-    g = resample_adjoint(grad, ctx.src_shape, theta, out_size, order, padding, half_up)
-    return (g.to(ctx.src_dtype),) + (None,) * 10
+        return (None,) * 12
+    g = resample_adjoint(grad, ctx.src_shape, theta, out_size, order, padding, half_up, offset)
+    return (g.to(ctx.src_dtype),) + (None,) * 11
 
 
-def resample_adjoint(grad: Tensor, src_shape, theta: Tensor, out_size, order, padding, half_up: bool = False) -> Tensor:
+def resample_adjoint(grad: Tensor, src_shape, theta: Tensor, out_size, order, padding, half_up: bool = False,
+                     index_offset: float = 0.0) -> Tensor:
     """``d(sum(resample(src) * grad)) / d src`` for the values mode: float64, shape ``src_shape``."""
     B, C = src_shape[0], src_shape[1]
     size = list(src_shape[2:])
@@ -164,11 +171,12 @@ def resample_adjoint(grad: Tensor, src_shape, theta: Tensor, out_size, order, pa
     gsrc = torch.zeros((B, C, math.prod(size)), dtype=torch.float64, device=dev)
     rest = math.prod(out_size[1:])
     step = max(1, (1 << 21) // max(1, rest))
-    tail = torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=dev) for n in out_size[1:]], indexing="ij")
+    tail = torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=dev) + index_offset for n in out_size[1:]],
+                          indexing="ij")
     tail = [t.reshape(-1) for t in tail]
     for i0 in range(0, out_size[0], step):
         n0 = min(step, out_size[0] - i0)
-        first = torch.arange(i0, i0 + n0, dtype=torch.float64, device=dev).repeat_interleave(rest)
+        first = (torch.arange(i0, i0 + n0, dtype=torch.float64, device=dev) + index_offset).repeat_interleave(rest)
         hom = torch.stack([first] + [t.repeat(n0) for t in tail] + [torch.ones_like(first)], 0)  # (nsp+1, P)
         for b in range(B):
             coords = th[b] @ hom
@@ -272,8 +280,11 @@ def _check(src: Tensor, theta: Tensor, out_size, nsp_allowed=(2, 3)) -> int:
 
 def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, padding="zeros", cval: float = 0.0,
              nearest_half_up: bool = False, out_dtype: Optional[torch.dtype] = None, compute_dtype=torch.float32,
-             out: str = "values", labels: Optional[Sequence[int]] = None, prefilter: bool = True) -> Tensor:
-    """Sample ``src`` at ``theta @ (out_index, 1)``; see the module docstring. ``out_dtype`` defaults to
+             out: str = "values", labels: Optional[Sequence[int]] = None, prefilter: bool = True,
+             index_offset: float = 0.0) -> Tensor:
+    """Sample ``src`` at ``theta @ (out_index + index_offset, 1)``; see the module docstring.
+    ``index_offset`` 0.5 with ``theta`` = (scale, -0.5) per dim is scipy's ``zoom(grid_mode=True)``
+    (skimage's resize, nnU-Net) coordinate ``(i + 0.5) * scale - 0.5`` rounded as scipy rounds it. ``out_dtype`` defaults to
     ``src``'s floating dtype (float32 for integer input) for values, uint8/int16 (by label range) for
     argmax and ``src``'s dtype for labels. ``compute_dtype`` float32 or float64. With ``prefilter``
     (as scipy's), dims of order 3 are sampled from B-spline coefficients computed here the way
@@ -329,8 +340,10 @@ def resample(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, paddi
     # label sums are often exactly 0.5 (upsampling by 2, cubic taps at integer coordinates): float64
     # decides those ties as the reference (and nnU-Net's float64 masks) do
     f64 = compute_dtype == torch.float64 or out == "labels"
+    if not math.isfinite(float(index_offset)):
+        raise ValueError(f"index_offset must be finite, got {index_offset}")
     return _resample_op(src, theta, [int(s) for s in out_size], orders, pad, float(cval),
-                        bool(nearest_half_up), out_dtype, f64, OUT_MODES[out], lab)
+                        bool(nearest_half_up), out_dtype, f64, OUT_MODES[out], lab, float(index_offset))
 
 
 _SPLINE_PAD = 12  # scipy's extension before prefiltering with border / zeros padding
@@ -435,7 +448,7 @@ def _taps(c: Tensor, order: int, n: int, pad: int, half_up: bool):
 
 def resample_reference(src: Tensor, theta: Tensor, out_size: Sequence[int], order=1, padding="zeros",
                        cval: float = 0.0, nearest_half_up: bool = False, out: str = "values",
-                       labels: Optional[Sequence[int]] = None) -> Tensor:
+                       labels: Optional[Sequence[int]] = None, index_offset: float = 0.0) -> Tensor:
     """float64 version of :func:`resample` (values as float64; argmax/labels as int64)."""
     nsp = src.ndim - 2
     orders = _orders(order, nsp)
@@ -444,7 +457,7 @@ def resample_reference(src: Tensor, theta: Tensor, out_size: Sequence[int], orde
     size = list(src.shape[2:])
     th = theta.to(torch.float64)
     th = th.unsqueeze(0).expand(B, -1, -1) if th.ndim == 2 else th.expand(B, -1, -1)
-    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in out_size], indexing="ij")
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) + index_offset for s in out_size], indexing="ij")
     hom = torch.stack([*grids, torch.ones_like(grids[0])], 0).reshape(nsp + 1, -1)  # (nsp+1, P)
     res = []
     for b in range(B):
