@@ -543,6 +543,10 @@ class ConvNormAct(nn.Module):
             raise ValueError(f"norm must be one of {sorted(_NORMS)} or None, got {norm!r}")
         if act_name is not None and act_name not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)} or None, got {act!r}")
+        for name, v in (("kernel_size", kernel_size), ("dilation", dilation)):
+            vals = v if isinstance(v, (tuple, list)) else [v]
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in vals):
+                raise ValueError(f"{name} must be a positive int or {spatial_dims} of them, got {v!r}")
         ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
         dl = (dilation,) * spatial_dims if isinstance(dilation, int) else tuple(dilation)
         if len(ks) != spatial_dims or len(dl) != spatial_dims:

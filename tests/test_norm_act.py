@@ -265,6 +265,14 @@ def test_double_backward():
         torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
 
 
+def test_unclear_arguments_name_themselves():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="momentum"):
+        NA.batch_norm_act(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), training=True, momentum=None)
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(NA.group_norm_act(x, np.int64(2)), NA.group_norm_act(x, 2))
+
+
 def test_inplace_variants_refuse_a_recorded_tensor():
     a = torch.randn(2, 4, 6, requires_grad=True)
     with pytest.raises(ValueError, match="requires grad"):

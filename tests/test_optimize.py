@@ -196,6 +196,8 @@ def test_conv_norm_act_state_dict_names_and_fallbacks():
     ({"act": "gelu"}, ValueError, "act"),
     ({"act": 3}, TypeError, "act"),
     ({"kernel_size": (3, 3)}, ValueError, "kernel_size"),
+    ({"kernel_size": 2.5}, ValueError, "kernel_size"),
+    ({"dilation": 0}, ValueError, "dilation"),
 ])
 def test_conv_norm_act_bad_arguments(kw, exc, match):
     args = dict(in_channels=2, out_channels=4)

@@ -138,6 +138,10 @@ def test_bad_inputs_name_the_argument():
         U.upconv(x, w, skip=torch.randn(1, 2, 6, 6, 5))
     with pytest.raises(ValueError, match="skip must be"):
         U.upconv(x, w, skip=torch.randn(2, 2, 6, 6, 6))
+    with pytest.raises(ValueError, match="output channels"):
+        U.upconv(x, torch.randn(4, 0, 2, 2, 2))
+    with pytest.raises(TypeError, match="skip_first"):
+        U.upconv(x, w, None, torch.randn(1, 3, 6, 6, 6), "yes")
 
 
 def test_large_output_streaming_stores():

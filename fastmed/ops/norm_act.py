@@ -16,6 +16,7 @@ plain PyTorch (float64).
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -332,8 +333,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     CPU, Triton kernels on CUDA; other devices compute it in float64 plain PyTorch."""
     code = _check(x, weight, bias, eps, act, prelu, "group norm")
     C = x.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {C} channels, got {num_groups!r}")
+    num_groups = int(num_groups)
     if not x.is_contiguous() and _cl_format(x) is None:
         x = x.contiguous()
     return norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None, 1,
@@ -350,6 +352,9 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     ``inplace=True`` (inference only) writes the result over x."""
     code = _check(x, weight, bias, eps, act, prelu, "batch norm")
     N, C = x.shape[0], x.shape[1]
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a number (F.batch_norm's; nn.BatchNorm's momentum=None is its cumulative "
+                        f"average, 1 / num_batches_tracked), got {momentum!r}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()):
             raise ValueError(f"{name} must be a floating-point tensor of shape ({C},), got "

@@ -49,7 +49,8 @@ def upconv_suits(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     output padding or dilation, one group; not under torch.compile or CPU autocast (they pick
     their own kernels)."""
     nd = x.ndim - 2
-    if nd not in (2, 3) or weight.ndim != x.ndim or x.numel() == 0 or x.is_mkldnn or weight.is_mkldnn:
+    if (nd not in (2, 3) or weight.ndim != x.ndim or x.numel() == 0 or weight.numel() == 0 or x.is_mkldnn
+            or weight.is_mkldnn):
         return False
 
     def tup(v):
@@ -159,6 +160,8 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Optional[Ten
         raise ValueError(f"upconv: weight must be (C_in={x.shape[1]}, C_out, *kernel) with {x.ndim - 2} kernel "
                          f"sizes (torch.nn.ConvTranspose layout), got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.shape[1] == 0 or any(k < 1 for k in weight.shape[2:]):
+        raise ValueError(f"upconv: weight must have output channels and a kernel, got shape {tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[1],)):
         raise ValueError(f"upconv: bias must have shape ({weight.shape[1]},), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
@@ -184,6 +187,8 @@ def upconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, skip: Optio
     channels when given (after it with ``skip_first``). Same values as PyTorch to float32
     rounding (each output sums its input channels in order)."""
     _check(x, weight, bias, skip)
+    if not isinstance(skip_first, bool):
+        raise TypeError(f"upconv: skip_first must be a bool, got {skip_first!r}")
     if not upconv_suits(x, weight, _kernel(weight)) or (skip is not None and skip.dtype != x.dtype):
         return _composite(x, weight, bias, skip, skip_first)  # (a dtype mismatch: cat's type promotion)
     return upconv_fwd(x, weight, bias, skip, skip_first)
