@@ -80,12 +80,7 @@ def sw_gather(src: Tensor, starts: Tensor, roi: list[int], pin_memory: bool = Fa
     if nsp not in (1, 2, 3) or len(roi) != nsp or any(r < 0 for r in roi):
         raise ValueError(f"roi: expected {max(nsp, 0)} non-negative sizes for src of shape {tuple(src.shape)}, "
                          f"got {list(roi)}")
-    if starts.ndim != 2 or starts.shape[1] != nsp + 1:
-        raise ValueError(f"starts: expected (N, {nsp + 1}) rows (batch index, offsets), got {tuple(starts.shape)}")
-    for n, row in enumerate(starts.tolist()):
-        if not 0 <= row[0] < src.shape[0] or any(s < 0 or s + r > a for s, r, a in zip(row[1:], roi, src.shape[2:])):
-            raise ValueError(f"starts: window {n} at {row} of size {tuple(roi)} is not inside src of shape "
-                             f"{tuple(src.shape)}")
+    _check_starts(starts, list(roi), src, "src")
     shape = (starts.shape[0], src.shape[1], *roi)
     if pin_memory and src.device.type == "cpu":
         out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
@@ -141,6 +136,18 @@ def sw_accumulate(
     del keep
 
 
+def _check_starts(starts: Tensor, win: list, target: Tensor, name: str) -> None:
+    """Every window (batch index, offsets) of size ``win`` lies inside ``target`` (B, C, *spatial)."""
+    nsp = target.ndim - 2
+    if starts.ndim != 2 or starts.shape[1] != nsp + 1:
+        raise ValueError(f"starts: expected (N, {nsp + 1}) rows (batch index, offsets), got {tuple(starts.shape)}")
+    for n, row in enumerate(starts.tolist()):
+        if not 0 <= row[0] < target.shape[0] or any(
+                s < 0 or s + w > a for s, w, a in zip(row[1:], win, target.shape[2:])):
+            raise ValueError(f"starts: window {n} at {row} of size {tuple(win)} is not inside {name} of shape "
+                             f"{tuple(target.shape)}")
+
+
 def _check_windows(acc, pred, starts, g0, g1, g2, wmap, fresh=None) -> None:
     """The kernels trust their windows: every one inside acc, pred's channels those of acc, the weight
     (factors or map) the window's size, the fresh boxes inside the window. Checked here, in Python,
@@ -167,11 +174,7 @@ def _check_windows(acc, pred, starts, g0, g1, g2, wmap, fresh=None) -> None:
         sizes = [int(g.numel()) for g in (g0, g1, g2)]
         if sizes != [1] * (3 - nsp) + win:
             raise ValueError(f"g0 / g1 / g2: expected the window's sizes {[1] * (3 - nsp) + win}, got {sizes}")
-    for n, row in enumerate(starts.tolist()):
-        if not 0 <= row[0] < acc.shape[0] or any(
-                s < 0 or s + w > a for s, w, a in zip(row[1:], win, acc.shape[2:])):
-            raise ValueError(f"starts: window {n} at {row} of size {tuple(win)} is not inside acc of shape "
-                             f"{tuple(acc.shape)}")
+    _check_starts(starts, win, acc, "acc")
     if fresh is not None:
         if fresh.ndim != 2 or fresh.shape[0] != starts.shape[0] or fresh.shape[1] != 2 * nsp:
             raise ValueError(f"fresh: expected ({starts.shape[0]}, {2 * nsp}), got {tuple(fresh.shape)}")
@@ -254,8 +257,8 @@ def sw_stitch(
                          f"got {list(grid_n)}")
     _check_windows(acc, pred, starts, g0, g1, g2, wmap)
     _check_stitch(acc, pred, starts, widx, grid, grid_n)
-    if count is not None and tuple(count.shape[-nsp:]) != tuple(acc.shape[2:]):
-        raise ValueError(f"count: expected the spatial shape of acc {tuple(acc.shape[2:])}, got {tuple(count.shape)}")
+    if count is not None:
+        _check_count(acc, count, acc)
     mod = _ext.require(acc.device, "sw_stitch")
     p, keep = _acc_params(mod, acc, pred, starts, g0, g1, g2, wmin, wmap)
     gt = torch.tensor([0] * (3 - nsp) + list(grid), dtype=torch.int64)
