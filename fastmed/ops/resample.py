@@ -192,7 +192,7 @@ def resample_adjoint(grad: Tensor, src_shape, theta: Tensor, out_size, order, pa
                 combos = [c + [t] for c in combos for t in taps[d]]
             for combo in combos:
                 idx = sum(t[0] * st for t, st in zip(combo, strides))
-                w = math.prod(t[1] for t in combo) if len(combo) > 1 else combo[0][1]
+                w = math.prod(t[1] for t in combo)
                 ok = torch.stack([t[2] for t in combo]).all(0)
                 if inside is not None:
                     ok &= inside
