@@ -61,18 +61,20 @@ default until a GPU has timed it against cuDNN.
 ``optimize(model)`` also gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
 ``FastConvTranspose2d`` / ``3d``, and the decoders of DynUNet (``UnetUpBlock``), BasicUNet (``UpCat``,
 where MONAI does not pad) and nnU-Net (``UNetDecoder``) a forward that writes the upsampled channels
-straight into the concatenation with the skip (``upconv=False`` to keep them): planar float32 CPU
-upsampling with kernel == stride is fastmed's kernel (``fastmed.ops.upconv``; PyTorch computes it
-channels last and then transposes the whole output). Channels-last data keeps PyTorch's path and
-``torch.cat``.
+straight into the concatenation with the skip (``upconv=False`` to keep them): float32 CPU
+upsampling with kernel == stride is fastmed's kernel (``fastmed.ops.upconv``). On planar data
+PyTorch computes it channels last and then transposes the whole output; on channels-last data
+(the default CPU inference layout) the kernel writes the upsampled channels into the
+concatenation and copies the skip in the same pass, so ``torch.cat`` never reads the upsampled
+tensor back. The skip itself is still copied once: it is also the dense input of the encoder's
+next convolution, which oneDNN needs whole.
 
 With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block in inference runs both its
 layers as ``fastmed::conv_norm_act2_infer`` (the first norm + activation in the second
 convolution's prologue), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
 Not here yet (issue #5): the prologue chain in training, a fused backward, fusing the convolution
-on the CPU, a copy-free concatenation for channels-last data. The CUDA paths are checked under
-TRITON_INTERPRET=1 only, not yet on a GPU.
+on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
 """
 from __future__ import annotations
 
@@ -318,7 +320,7 @@ def _global_hooks() -> bool:
                                               "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-def _plain_upconv(m: nn.Module, x: Tensor) -> Optional[nn.Module]:
+def _plain_upconv(m: nn.Module, x: Tensor, concat: bool = False) -> Optional[nn.Module]:
     """The nn.ConvTranspose2d / 3d that ``m`` is (or that a Sequential holding only it wraps, as
     MONAI's ``Convolution(is_transposed=True, conv_only=True)``) when fastmed::upconv_fwd computes it
     for ``x`` exactly as its forward would (kernel == stride, no padding, no hooks); else None."""
@@ -328,7 +330,7 @@ def _plain_upconv(m: nn.Module, x: Tensor) -> Optional[nn.Module]:
         return None
     if _hooked(m) or _global_hooks() or m.padding_mode != "zeros":
         return None
-    if not UC.upconv_suits(x, m.weight, m.stride, m.padding, m.output_padding, m.dilation, m.groups):
+    if not UC.upconv_suits(x, m.weight, m.stride, m.padding, m.output_padding, m.dilation, m.groups, concat):
         return None
     return m
 
@@ -337,7 +339,7 @@ def _upsample_cat(upsample: nn.Module, x: Tensor, skip: Tensor, skip_first: bool
     """``torch.cat((upsample(x), skip), 1)`` (``(skip, upsample(x))`` with ``skip_first``) with the
     upsampled channels written straight into the concatenation (only the skip is copied), where
     fastmed's kernel computes ``upsample`` and the shapes fit; else None (the caller's own code)."""
-    m = _plain_upconv(upsample, x)
+    m = _plain_upconv(upsample, x, concat=True)
     if m is None or not isinstance(skip, Tensor) or skip.dtype != x.dtype or skip.device != x.device:
         return None
     if skip.ndim != x.ndim or skip.shape[0] != x.shape[0] or \
@@ -950,10 +952,13 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
     ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``), BasicUNet
     (``UpCat``) and nnU-Net (``UNetDecoder``) a forward that writes the upsampled channels straight
-    into the concatenation with the skip: on planar float32 CPU data with kernel == stride the
-    upsampling is fastmed's kernel (``fastmed.ops.upconv``), which PyTorch computes channels last and
-    then transposes (DynUNet 96^3 eval forward: 1.21x with it against 1.10x without, on our 2-core
-    CPU). The report's ``"upconv"`` lists both. ``upconv=False`` leaves them alone."""
+    into the concatenation with the skip: on float32 CPU data with kernel == stride the
+    upsampling is fastmed's kernel (``fastmed.ops.upconv``). On planar data PyTorch computes it
+    channels last and then transposes (DynUNet 96^3 eval forward: 1.21x with it against 1.10x
+    without, on our 2-core CPU); on channels-last data (the default layout) the kernel writes its
+    channels into the concatenation buffer and copies the skip in the same pass, where PyTorch's
+    ``torch.cat`` reads the upsampled tensor back (the same forward 2.2% faster). The report's
+    ``"upconv"`` lists both. ``upconv=False`` leaves them alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -1004,7 +1009,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     layout = "planar"
     for mod in model.modules():  # weights an earlier optimize(channels_last=True) stored NDHWC: back first
         if getattr(mod, "_fm_cl_weight", False):
-            mod.weight.data = mod.weight.data.contiguous()
+            # a clone: .contiguous() keeps the strides of a 1-input-channel weight restrided below
+            mod.weight.data = mod.weight.data.clone(memory_format=torch.contiguous_format)
             del mod._fm_cl_weight
     auto = channels_last is None and onednn and _nhwc_known(model) and not _has_nhwc_weights(model)
     if channels_last is None and not auto:

@@ -50,6 +50,10 @@ for name, bs in (("sw_b2", 2), ("sw_b5", 5)):  # the stitching kernels: bit-exac
 from fastmed.ops import upconv as U
 ux, uw, ub = torch.randn(2, 13, 5, 7, 37), torch.randn(13, 11, 2, 2, 2), torch.randn(11)
 out["uc_3d"] = (U.upconv(ux, uw, ub).double(), U.upconv(ux, uw[:, :, :1], None, torch.randn(2, 3, 5, 14, 74)).double())
+cl = torch.channels_last_3d  # channels last, into the concatenation (40 channels: a partial register block)
+ucx, ucw = ux.contiguous(memory_format=cl), torch.randn(13, 40, 2, 2, 1)
+out["uc_cl"] = (U.upconv(ucx, ucw, None, torch.randn(2, 5, 10, 14, 37).contiguous(memory_format=cl)).double(),
+                U.upconv(ucx, uw, ub, torch.randn(2, 3, 10, 14, 74), True).double())
 torch.save(out, sys.argv[1])
 """
 

@@ -72,6 +72,64 @@ def test_concatenation_with_skip_and_gradients(skip_first, n):
         assert _err(a.grad, r.grad) <= 1e-5 * scale, name
 
 
+CL_CASES = CASES + [
+    ((1, 5, 3, 4, 7), (2, 3, 3)),  # last kernel size 3: channels last takes any kernel == stride
+    ((2, 3, 2, 2, 2), (1, 1, 1)),
+]
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last_3d if t.ndim == 5 else torch.channels_last)
+
+
+@pytest.mark.parametrize("shape,k", CL_CASES)
+@pytest.mark.parametrize("cout", [1, 7, 32, 40])  # 40: column vectors no multiple of the register block
+@pytest.mark.parametrize("skip_layout", ["channels_last", "planar", "first"])
+def test_channels_last_concatenation(shape, k, cout, skip_layout):
+    # channels-last x with a skip: the kernel writes the upsampled channels into their slice of a
+    # channels-last concatenation buffer (and copies a channels-last skip in the same pass)
+    g = torch.Generator().manual_seed(len(shape) * 100 + cout + sum(k))
+    x, w, b = _data(shape, k, cout, cout != 7, g)
+    x = _cl(x)
+    out_sp = [s * kk for s, kk in zip(shape[2:], k)]
+    skip = torch.randn([shape[0], 6] + out_sp, generator=g)
+    if skip_layout != "planar":
+        skip = _cl(skip)
+    first = skip_layout == "first"
+    if shape[1] > 1:
+        assert U.upconv_suits(x, w, k, concat=True) and not U.upconv_suits(x, w, k)
+    y = U.upconv(x, w, b, skip, first)
+    ref = U.upconv_reference(x, w, b, skip, first)
+    fn = F.conv_transpose3d if x.ndim == 5 else F.conv_transpose2d
+    up = fn(x, w, b, stride=k)
+    torch_y = torch.cat((skip, up) if first else (up, skip), 1)
+    assert y.shape == torch_y.shape and y.dtype == torch.float32
+    if shape[1] > 1:  # (one input channel: x is contiguous too, and planar is the path)
+        assert y.is_contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    assert _err(y, ref) <= 3 * _err(torch_y, ref) + 1e-6
+    assert _err(y, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert torch.equal(y[:, :6] if first else y[:, cout:], skip)  # the skip is copied exactly
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_channels_last_concatenation_gradients(skip_first):
+    g = torch.Generator().manual_seed(11)
+    x, w, b = _data((2, 10, 3, 5, 6), (2, 2, 2), 9, True, g)
+    skip = torch.randn(2, 4, 6, 10, 12, generator=g)
+    ins = [t.clone().requires_grad_(True) for t in (_cl(x), w, b, _cl(skip))]
+    refs = [t.double().requires_grad_(True) for t in (x, w, b, skip)]
+    y = U.upconv(*ins, skip_first=skip_first)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    up = F.conv_transpose3d(refs[0], refs[1], refs[2], stride=2)
+    ref = torch.cat((refs[3], up) if skip_first else (up, refs[3]), 1)
+    assert _err(y, ref.detach()) < 1e-5
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for a, r, name in zip(ins, refs, ("x", "weight", "bias", "skip")):
+        assert _err(a.grad, r.grad) <= 1e-5 * r.grad.abs().max().item(), name
+
+
 def test_double_backward_and_gradcheck_through_the_op():
     # float64 takes PyTorch's path inside the op; float32 the kernel. gradcheck on the op itself.
     x = torch.randn(2, 3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -85,7 +143,9 @@ def test_double_backward_and_gradcheck_through_the_op():
 def test_opcheck():
     x, w, b = _data((2, 5, 3, 4, 6), (2, 2, 2), 3, True, torch.Generator().manual_seed(1))
     skip = torch.randn(2, 2, 6, 8, 12)
-    for args in ((x, w, b, None, False), (x, w, None, skip, True), (x.double(), w.double(), None, None, False)):
+    for args in ((x, w, b, None, False), (x, w, None, skip, True), (x.double(), w.double(), None, None, False),
+                 (_cl(x), w, b, _cl(skip), False), (_cl(x), w, None, skip, True),
+                 (_cl(x).double(), w.double(), None, skip.double(), False)):  # the last: PyTorch's path
         torch.library.opcheck(torch.ops.fastmed.upconv_fwd.default, args)
 
 
@@ -98,7 +158,10 @@ def test_paths_pytorch_keeps():
     assert not U.upconv_suits(x, w, 2, output_padding=1)
     assert not U.upconv_suits(x, w, 2, groups=2)
     assert not U.upconv_suits(x.double(), w.double(), 2)
+    # channels last alone: PyTorch's oneDNN path; with a concatenation: the kernel
     assert not U.upconv_suits(x.contiguous(memory_format=torch.channels_last_3d), w, 2)
+    assert U.upconv_suits(x.contiguous(memory_format=torch.channels_last_3d), w, 2, concat=True)
+    assert not U.upconv_suits(x.permute(0, 1, 3, 2, 4), w, 2, concat=True)  # other strides
     assert not U.upconv_suits(x, torch.randn(4, 3, 3, 3, 3), 3)  # last kernel size 3
     assert not U.upconv_suits(x[0], w, 2)  # unbatched
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,8 +212,8 @@ def test_large_output_streaming_stores():
     g = torch.Generator().manual_seed(7)
     x, w, b = _data((1, 8, 32, 32, 48), (2, 2, 2), 16, True, g)
     skip = torch.randn(1, 3, 64, 64, 96, generator=g)
-    for s in (None, skip):
-        y = U.upconv(x, w, b, s)
+    for xx, s in ((x, None), (x, skip), (_cl(x), _cl(skip))):
+        y = U.upconv(xx, w, b, s)
         ref = U.upconv_reference(x, w, b, s)
         assert y.numel() * 4 > 16e6
         assert _err(y, ref) <= 1e-5 * ref.abs().max().item()

@@ -21,9 +21,13 @@ inline void bind_upconv_params(py::module_& m) {
   c.def_readwrite("kD", &UpConvParams::kD).def_readwrite("kH", &UpConvParams::kH);
   c.def_readwrite("kW", &UpConvParams::kW).def_readwrite("dtype", &UpConvParams::dtype);
   c.def_readwrite("y_batch_stride", &UpConvParams::y_batch_stride);
+  c.def_readwrite("y_voxel_stride", &UpConvParams::y_voxel_stride);
+  c.def_readwrite("channels_last", &UpConvParams::channels_last);
+  c.def_readwrite("skip_channels", &UpConvParams::skip_channels);
+  c.def_readwrite("skip_y_offset", &UpConvParams::skip_y_offset);
   c.def_readwrite("num_threads", &UpConvParams::num_threads);
   FM_UC_PTR(c, x, const void*); FM_UC_PTR(c, weight, const void*); FM_UC_PTR(c, bias, const void*);
-  FM_UC_PTR(c, y, void*);
+  FM_UC_PTR(c, y, void*); FM_UC_PTR(c, skip, const void*);
 }
 #undef FM_UC_PTR
 

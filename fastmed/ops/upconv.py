@@ -11,9 +11,14 @@ is copied. Kernel sizes with no overlap have no input/output ambiguity, so no ``
 Why: on planar (NCDHW) float32 data PyTorch's CPU path computes the transposed convolution in
 channels-last order and then transposes the whole output; for 64 -> 32 channels at 48^3 -> 96^3
 that copy alone took longer (150 ms) than the convolution on our 2-core CPU. The C++ kernel
-(``csrc/upconv/``) writes planar rows directly. Float32 on the CPU only, ``kernel_size[-1]`` 1 or
-2, planar data; everywhere else (CUDA, channels-last data, float64, other kernels) the same op is
-PyTorch's ``conv_transpose`` + ``cat`` (``upconv_suits`` says which).
+(``csrc/upconv/``) writes planar rows directly. On channels-last (NDHWC) data, the default layout
+of ``fastmed.optimize`` on the CPU, PyTorch's transposed convolution is fast, but ``torch.cat``
+then reads its whole output back and writes it again: there the kernel writes the upsampled
+channels straight into their slice of a channels-last concatenation buffer (a GEMM of the input
+voxels by the packed weights), and the op returns a channels-last tensor. Float32 on the CPU only:
+planar data with ``kernel_size[-1]`` 1 or 2, or channels-last data with a skip; everywhere else
+(CUDA, float64, channels-last data without a skip, other kernels) the same op is PyTorch's
+``conv_transpose`` + ``cat`` (``upconv_suits`` says which).
 
 Backward: PyTorch's ``convolution_backward`` (transposed) on the upsampled part of the gradient;
 the skip's gradient is its slice of the incoming one.
@@ -35,19 +40,40 @@ def _kernel(weight: Tensor) -> list:
     return list(weight.shape[2:])
 
 
-def _kernel_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether the C++ kernel computes this one (else conv_transpose + cat inside the op)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+def _channels_last(x: Tensor) -> bool:
+    """x is dense channels last (NDHWC / NHWC) and not also contiguous (one channel, size-1 dims)."""
+    cl = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    return x.is_contiguous(memory_format=cl) and not x.is_contiguous()
+
+
+def _kernel_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], concat: bool = False) -> bool:
+    """Whether the C++ kernel computes this one (else conv_transpose + cat inside the op): float32
+    CPU; planar x with the kernel's last size 1 or 2, or channels-last x concatenated with a skip
+    (any kernel: the upsampled channels are written into the concatenation, see _run_kernel)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.ndim in (4, 5)
-            and weight.shape[-1] in (1, 2) and _ext.cpu is not None and hasattr(_ext.cpu, "upconv"))
+            and _ext.cpu is not None and hasattr(_ext.cpu, "upconv")):
+        return False
+    if _channels_last(x):
+        return concat and hasattr(_ext.cpu.UpConvParams(), "channels_last")
+    return weight.shape[-1] in (1, 2)
+
+
+def _out_format(x: Tensor):
+    """The op's output layout: channels last for channels-last x, else contiguous (its fake says so)."""
+    if _channels_last(x):
+        return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    return torch.contiguous_format
 
 
 def upconv_suits(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int] = 0,
-                 output_padding: Sequence[int] = 0, dilation: Sequence[int] = 1, groups: int = 1) -> bool:
+                 output_padding: Sequence[int] = 0, dilation: Sequence[int] = 1, groups: int = 1,
+                 concat: bool = False) -> bool:
     """True where fastmed's kernel computes ``conv_transpose{2,3}d(x, weight, stride=...)`` itself:
-    batched planar float32 CPU input, kernel == stride with its last size 1 or 2, no padding,
-    output padding or dilation, one group; not under torch.compile or CPU autocast (they pick
-    their own kernels)."""
+    batched float32 CPU input, kernel == stride, no padding, output padding or dilation, one group;
+    planar x with the kernel's last size 1 or 2, or (``concat``: the result is to be concatenated
+    with a skip) channels-last x with any such kernel; not under torch.compile or CPU autocast (they
+    pick their own kernels). Channels-last x alone keeps PyTorch's own path (oneDNN, as fast)."""
     nd = x.ndim - 2
     if (nd not in (2, 3) or weight.ndim != x.ndim or x.numel() == 0 or weight.numel() == 0 or x.is_mkldnn
             or weight.is_mkldnn):
@@ -59,8 +85,10 @@ def upconv_suits(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     if (tup(stride) != _kernel(weight) or any(tup(padding)) or any(tup(output_padding))
             or any(d != 1 for d in tup(dilation)) or groups != 1):
         return False
-    if not _kernel_ok(x, weight, None) or not x.is_contiguous():
-        return False  # channels-last input: PyTorch's own path (oneDNN) is the fast one
+    if not _kernel_ok(x, weight, None, concat):
+        return False
+    if not (x.is_contiguous() or (concat and _channels_last(x))):
+        return False  # other strides (channels last without a concatenation: oneDNN is as fast)
     return not (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"))
 
 
@@ -69,19 +97,25 @@ def _out_shape(x: Tensor, weight: Tensor) -> list:
     return [x.shape[0], weight.shape[1]] + [s * kk for s, kk in zip(x.shape[2:], k)]
 
 
-def _composite(x, weight, bias, skip, skip_first, contiguous=False):
-    """PyTorch's conv_transpose (+ cat); contiguous inside the op (its fake function says so)."""
+def _composite(x, weight, bias, skip, skip_first, in_op=False):
+    """PyTorch's conv_transpose (+ cat); laid out as _out_format says inside the op (its fake
+    function says so)."""
     fn = F.conv_transpose3d if x.ndim == 5 else F.conv_transpose2d
     y = fn(x, weight, bias, stride=_kernel(weight))
     if skip is not None:
         y = torch.cat((skip, y) if skip_first else (y, skip), 1)
-    return y.contiguous() if contiguous else y
+    return y.contiguous(memory_format=_out_format(x)) if in_op else y
 
 
-def _run_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor) -> None:
-    """The C++ kernel: conv_transpose(x) into y (y: (N, Cout, ...) whose samples may lie further
-    apart, a channel slice of a contiguous concatenation buffer)."""
-    x = x.contiguous()
+def _run_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, skip: Optional[Tensor] = None,
+                skip_at: Optional[Tensor] = None) -> None:
+    """The C++ kernel: conv_transpose(x) into y (y: (N, Cout, ...), a channel slice of a
+    concatenation buffer laid out as x: planar, its samples further apart; or channels last, its
+    voxels further apart). Channels last: ``skip`` (dense channels last) is copied into
+    ``skip_at`` (its slice of the same buffer) in the same pass."""
+    cl = _channels_last(x)
+    if not cl:
+        x = x.contiguous()
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
     mod = _ext.require(x.device, "upconv")
@@ -98,6 +132,13 @@ def _run_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor) ->
     p.bias = b.data_ptr() if b is not None else 0
     p.y = y.data_ptr()
     p.y_batch_stride = y.stride(0)
+    if cl:
+        p.channels_last = 1
+        p.y_voxel_stride = y.stride(-1)  # the channels of the whole concatenation
+        if skip is not None:
+            p.skip = skip.data_ptr()
+            p.skip_channels = skip.shape[1]
+            p.skip_y_offset = (skip_at.data_ptr() - y.data_ptr()) // y.element_size()
     p.num_threads = _ext.num_threads()
     mod.upconv(p)
 
@@ -105,16 +146,21 @@ def _run_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor) ->
 @torch.library.custom_op("fastmed::upconv_fwd", mutates_args=())
 def upconv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Optional[Tensor],
                skip_first: bool) -> Tensor:
-    if not _kernel_ok(x, weight, bias) or (skip is not None and skip.dtype != x.dtype):
-        return _composite(x, weight, bias, skip, skip_first, contiguous=True)
+    if not _kernel_ok(x, weight, bias, skip is not None) or (skip is not None and skip.dtype != x.dtype):
+        return _composite(x, weight, bias, skip, skip_first, in_op=True)
     shape = _out_shape(x, weight)
     cup = shape[1]
     cs = 0 if skip is None else skip.shape[1]
-    y = torch.empty([shape[0], cup + cs] + shape[2:], dtype=x.dtype, device=x.device)
+    y = torch.empty([shape[0], cup + cs] + shape[2:], dtype=x.dtype, device=x.device,
+                    memory_format=_out_format(x))
     up = y[:, cs:] if skip_first else y[:, :cup]
-    _run_kernel(x, weight, bias, up)
-    if skip is not None:
-        (y[:, :cs] if skip_first else y[:, cup:]).copy_(skip)
+    at = None if skip is None else (y[:, :cs] if skip_first else y[:, cup:])
+    if at is not None and _channels_last(x) and _channels_last(skip):
+        _run_kernel(x, weight, bias, up, skip, at)  # the skip copied in the kernel's pass
+    else:
+        _run_kernel(x, weight, bias, up)
+        if at is not None:
+            at.copy_(skip)
     return y
 
 
@@ -123,7 +169,7 @@ def _(x, weight, bias, skip, skip_first):
     shape = _out_shape(x, weight)
     if skip is not None:
         shape[1] += skip.shape[1]
-    return x.new_empty(shape)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,7 +235,8 @@ def upconv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, skip: Optio
     _check(x, weight, bias, skip)
     if not isinstance(skip_first, bool):
         raise TypeError(f"upconv: skip_first must be a bool, got {skip_first!r}")
-    if not upconv_suits(x, weight, _kernel(weight)) or (skip is not None and skip.dtype != x.dtype):
+    if not upconv_suits(x, weight, _kernel(weight), concat=skip is not None) or (
+            skip is not None and skip.dtype != x.dtype):
         return _composite(x, weight, bias, skip, skip_first)  # (a dtype mismatch: cat's type promotion)
     return upconv_fwd(x, weight, bias, skip, skip_first)
 
