@@ -69,12 +69,13 @@ concatenation and copies the skip in the same pass, so ``torch.cat`` never reads
 tensor back. The skip itself is still copied once: it is also the dense input of the encoder's
 next convolution, which oneDNN needs whole.
 
-With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block in inference runs both its
-layers as ``fastmed::conv_norm_act2_infer`` (the first norm + activation in the second
-convolution's prologue), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
+With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block runs both its layers as
+``fastmed::conv_norm_act2_infer`` in inference and ``fastmed::conv_norm_act2_fwd`` in training (the
+first norm + activation in the second convolution's prologue; the training backward recomputes
+that activation), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
-Not here yet (issue #5): the prologue chain in training, a fused backward, fusing the convolution
-on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
+Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
+fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
 """
 from __future__ import annotations
 
@@ -426,6 +427,31 @@ def _triton_args(conv_mod: nn.Module, norm: nn.Module, spec: dict, x: Tensor, de
             list(conv.padding), list(conv.dilation), spec["eps"], spec["slope"], CNA.NA.ACTS[spec["act"]])
 
 
+def _train_pair(layers, x: Tensor) -> Optional[Tensor]:
+    """Two conv -> instance norm -> act layers ((conv, norm, spec) each) in training as one
+    ``fastmed::conv_norm_act2_fwd`` where the Triton convolution runs both (CUDA,
+    ``FASTMED_TRITON_CONV=1``): the first norm + activation in the second convolution's prologue, so
+    the first normalised activation is never written (its backward recomputes it). Not elsewhere:
+    on the CPU the op saved 17% of the activations kept for the backward of a DynUNet step but
+    raised its peak memory (the one autograd node keeps the second layer's gradient and output
+    alive through the first layer's backward). None: the caller runs them one by one."""
+    if not torch.is_grad_enabled():
+        return None
+    a1 = _triton_args(*layers[0], x)
+    if a1 is None:
+        return None
+    xin, w1 = a1[0], a1[1]
+    shape = CNA._out_shape(xin, w1, a1[5], a1[6], a1[7])
+    probe = torch.empty(shape, dtype=xin.dtype, device="meta", memory_format=CNA._out_format(xin, w1))
+    a2 = _triton_args(*layers[1], probe, device=x.device)
+    if a2 is None:
+        return None
+    if not any(isinstance(t, Tensor) and t.requires_grad for t in a1[:5] + a2[1:5]):
+        return None  # inference with autograd on: the layers one by one normalise in place
+    with torch.autocast("cuda", enabled=False):
+        return CNA.conv_norm_act2_fwd(*a1, *a2[1:])[0]
+
+
 def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor) -> Tensor:
     z = _conv_norm_act(conv, norm, spec, x)
     if z is not None:
@@ -608,6 +634,10 @@ if UnetBasicBlock is not None:
                                                                             self._fm_specs[1])), inp)
             if out is not None:  # inference with the Triton convolution: norm1 + act in conv2's prologue
                 return out
+            out = _train_pair(((self.conv1, self.norm1, self._fm_specs[0]), (self.conv2, self.norm2,
+                                                                             self._fm_specs[1])), inp)
+            if out is not None:  # training with the Triton convolution: the same prologue
+                return out
             out = _conv_then_norm_act(self.conv1, self.norm1, self._fm_specs[0], inp)
             return _conv_then_norm_act(self.conv2, self.norm2, self._fm_specs[1], out)
 
@@ -762,17 +792,19 @@ if ConvDropoutNormReLU is not None and _forward_is(ConvDropoutNormReLU, "return 
             return ConvDropoutNormReLU.forward(self, x)
 
     class FusedStackedConvBlocks(StackedConvBlocks):
-        """nnU-Net's StackedConvBlocks whose layers run two by two as conv_norm_act2_infer in CUDA
-        inference with FASTMED_TRITON_CONV=1 (see above); else its own forward."""
+        """nnU-Net's StackedConvBlocks whose layers run two by two on CUDA with FASTMED_TRITON_CONV=1:
+        as conv_norm_act2_infer in inference and conv_norm_act2_fwd in training (the first norm +
+        activation in the second convolution's prologue, see above); else its own forward."""
 
         def forward(self, x):
-            if not (_triton_conv_route(x) and not torch.is_grad_enabled()) or _hooked(self.convs):
+            if not _triton_conv_route(x) or _hooked(self.convs):
                 return StackedConvBlocks.forward(self, x)
+            pair = _train_pair if torch.is_grad_enabled() else _conv_pair
             blocks, i = list(self.convs), 0
             while i < len(blocks):
                 if i + 1 < len(blocks):
                     l1, l2 = _nnunet_layer(blocks[i]), _nnunet_layer(blocks[i + 1])
-                    out = _conv_pair((l1, l2), x) if l1 is not None and l2 is not None else None
+                    out = pair((l1, l2), x) if l1 is not None and l2 is not None else None
                     if out is not None:
                         x, i = out, i + 2
                         continue

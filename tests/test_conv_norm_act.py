@@ -186,6 +186,77 @@ def test_two_layer_inference_op(channels_last):
     torch.library.opcheck(CN.conv_norm_act2_infer, (x, *l1, *l2))
 
 
+def _two_layers(g, cin, dtype=torch.float32):
+    w1, b1 = torch.randn(5, cin, 3, 3, 3, generator=g, dtype=dtype) * 0.3, torch.randn(5, generator=g, dtype=dtype)
+    w2, b2 = torch.randn(6, 5, 3, 3, 3, generator=g, dtype=dtype) * 0.3, torch.randn(6, generator=g, dtype=dtype)
+    nw, nb = torch.rand(5, generator=g, dtype=dtype) + 0.5, torch.randn(5, generator=g, dtype=dtype)
+    nw2, nb2 = torch.rand(6, generator=g, dtype=dtype) + 0.5, torch.randn(6, generator=g, dtype=dtype)
+    return [w1, b1, nw, nb, w2, b2, nw2, nb2]
+
+
+def _chain(x, w1, b1, nw, nb, w2, b2, nw2, nb2, act1=2, slope1=0.01):
+    return CN.conv_norm_act2_fwd(x, w1, b1, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, slope1, act1,
+                                 w2, b2, nw2, nb2, [2, 1, 2], [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cin", [1, 3])
+@pytest.mark.parametrize("act1", [(2, 0.01), (1, 0.0), (0, 0.0)])
+def test_two_layer_training_op_equals_the_layers_with_gradients(channels_last, cin, act1):
+    """conv_norm_act2_fwd keeps y1 and y2 for its backward, not the first normalised activation z1
+    (recomputed bit for bit from y1): values and every gradient as the two conv_norm_act_fwd layers
+    one after the other, and as float64 eager layers."""
+    g = torch.Generator().manual_seed(20 + cin)
+    x = torch.randn(2, cin, 9, 8, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ps = _two_layers(g, cin)
+    a = [t.clone().requires_grad_(True) for t in [x] + ps]
+    b = [t.clone().requires_grad_(True) for t in [x] + ps]
+    r = [t.double().requires_grad_(True) for t in [x] + ps]
+    out = _chain(*a, *act1)
+    z = out[0]
+    w1, b1, nw, nb, w2, b2, nw2, nb2 = b[1:]
+    z1, y1 = CN.conv_norm_act_fwd(b[0], w1, b1, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, act1[1], act1[0])[:2]
+    zb, y2 = CN.conv_norm_act_fwd(z1, w2, b2, nw2, nb2, [2, 1, 2], [1] * 3, [1] * 3, 1e-5, 0.01, 2)[:2]
+    # (a 1-channel x: the single-layer op writes y1 channels last, the training pair keeps it planar,
+    # so the norms sum in another order there)
+    exact = cin > 1
+    assert out[1].is_contiguous(memory_format=torch.channels_last_3d) == (channels_last and exact)
+    for t, u in ((z, zb), (out[1], y1), (out[4], y2)):
+        assert torch.equal(t, u) if exact else (t - u).abs().max().item() < 1e-5
+    acts = {2: "leaky_relu", 1: "relu", 0: "none"}
+    w1, b1, nw, nb, w2, b2, nw2, nb2 = r[1:]
+    ref = eager(eager(r[0], w1, b1, nw, nb, 1, 1, 1, 1e-5, acts[act1[0]], act1[1]), w2, b2, nw2, nb2, (2, 1, 2), 1, 1,
+                1e-5, "leaky_relu", 0.01)
+    assert (z.double() - ref).abs().max().item() < 1e-5
+    dz = torch.randn(z.shape, generator=g)
+    z.backward(dz)
+    zb.backward(dz)
+    ref.backward(dz.double())
+    names = ("x", "weight", "bias", "norm_weight", "norm_bias", "weight2", "bias2", "norm_weight2", "norm_bias2")
+    for ta, tb, tr, name in zip(a, b, r, names):
+        if exact:
+            assert torch.equal(ta.grad, tb.grad), name  # the recomputed z1 is z1's bits
+        scale = max(tr.grad.abs().max().item(), 1.0 if name.startswith("bias") else 0.0)  # conv biases: 0
+        assert (ta.grad.double() - tr.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
+def test_two_layer_training_op_gradcheck_gradgradcheck_and_opcheck():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ps = [t.requires_grad_(True) for t in _two_layers(g, 2, torch.float64)]
+    assert torch.autograd.gradcheck(lambda *a: _chain(*a)[0], (x, *ps))
+    l2 = (ps[4], None, None, None, [1] * 3, [0] * 3, [1] * 3, 1e-5, 0.01, 2)
+    args = (x.detach().float(), *(t.detach().float() for t in ps[:4]), [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.0, 1,
+            *(t.detach().float() if isinstance(t, torch.Tensor) else t for t in l2))
+    torch.library.opcheck(CN.conv_norm_act2_fwd, args)
+    out = _chain(x, *ps)
+    assert not any(out[i].requires_grad for i in (2, 3, 5, 6))
+    # double backward (a gradient penalty) through a float64 recompute of both layers
+    assert torch.autograd.gradgradcheck(lambda *a: _chain(*a)[0], (x, *ps))
+
+
 def test_statistics_are_not_differentiable_and_double_backward_says_so():
     x = torch.randn(1, 2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)

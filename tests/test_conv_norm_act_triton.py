@@ -182,7 +182,7 @@ def test_triton_conv_under_the_interpreter():
 CHAIN_SCRIPT = r"""
 import torch
 from fastmed.kernels import conv_triton as KC, norm_act_triton as KN
-from fastmed.ops import conv_norm_act as CN
+from fastmed.ops import conv_norm_act as CN, norm_act as NA
 
 CN._use_triton = lambda *a, **k: (KC, KN)  # CPU tensors under the interpreter stand for CUDA ones
 torch.backends.cudnn.allow_tf32 = False
@@ -210,8 +210,36 @@ for shape, cmid, cout, st2, cl in CASES:
             got = CN._try_chain(x, l1, l2)
             assert got is not None and got.stride() == ref.stride() and got.dtype == ref.dtype
             assert torch.equal(got, ref), (shape, dt, act1, (got.double() - ref.double()).abs().max())
+            # training (conv_norm_act2_fwd): the same z2, and y1, y2 and statistics kept for the backward
+            tr = CN._try_chain_train(x, l1, l2)
+            z1_, y1, m1, r1 = CN._triton_fwd(KC, KN, x, *l1[:7], *l1[7:])
+            assert torch.equal(tr[0], ref) and torch.equal(tr[1], y1) and torch.equal(tr[2], m1)
+            assert torch.equal(tr[3], r1)
+            # the backward's recompute of z1 (Triton's given-statistics pass) is z1's bits
+            za = NA._triton_fwd(KN, tr[1], nw1, nb1, 0.0, slope1, act1, tr[2].clone(), tr[3].clone(), None, 3)
+            assert za is not None and torch.equal(za, z1_), (shape, dt, act1)
             n += 1
 print("chained cases", n)
+# the training op end to end (its backward here on the CPU): gradients as the CPU layers'
+g = torch.Generator().manual_seed(6)
+for shape, cmid in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    ps = [torch.randn(cmid, shape[1], 3, 3, 3, generator=g) / 4, torch.randn(cmid, generator=g),
+          torch.rand(cmid, generator=g) + 0.5, torch.randn(cmid, generator=g),
+          torch.randn(5, cmid, 3, 3, 3, generator=g) / 6, torch.randn(5, generator=g),
+          torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)]
+    grads = []
+    for tri in (True, False):
+        CN._use_triton = (lambda *a, **k: (KC, KN)) if tri else (lambda *a, **k: None)
+        ins = [t.clone().requires_grad_(True) for t in [x] + ps]
+        w1, b1, nw1, nb1, w2, b2, nw2, nb2 = ins[1:]
+        z = CN.conv_norm_act2_fwd(ins[0], w1, b1, nw1, nb1, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2,
+                                  w2, b2, nw2, nb2, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0]
+        z.backward(torch.linspace(-1, 1, z.numel()).view(z.shape))
+        grads.append([z.detach()] + [t.grad for t in ins])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-4 * max(b.abs().max().item(), 1.0), (shape, a.shape)
+print("training chain ok")
 """
 
 

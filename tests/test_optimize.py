@@ -858,8 +858,8 @@ def test_optimized_model_compiles_without_graph_breaks(layout):
 def test_nnunet_layers_take_the_triton_convolution_routes(monkeypatch):
     """nnU-Net's ConvDropoutNormReLU / StackedConvBlocks on the CUDA route (FASTMED_TRITON_CONV=1),
     run here with the device check pretended (the CPU ops stand in for the Triton ones): inference
-    runs the stacks two layers at a time (conv_norm_act2_infer), training one layer at a time
-    (conv_norm_act_fwd, with autograd); outputs and gradients as the eager model's. Elsewhere the
+    runs the stacks two layers at a time (conv_norm_act2_infer), and so does training
+    (conv_norm_act2_fwd, with autograd); outputs and gradients as the eager model's. Elsewhere the
     blocks run their own forward."""
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
     from fastmed.nn import FusedConvDropoutNormReLU, FusedStackedConvBlocks
@@ -881,7 +881,7 @@ def test_nnunet_layers_take_the_triton_convolution_routes(monkeypatch):
 
     fnn = fastmed.nn
     calls = []
-    for name in ("conv_norm_act_infer", "conv_norm_act_fwd", "conv_norm_act2_infer"):
+    for name in ("conv_norm_act_infer", "conv_norm_act_fwd", "conv_norm_act2_infer", "conv_norm_act2_fwd"):
         def counting(*a, _f=getattr(fnn.CNA, name), _n=name):
             calls.append(_n)
             return _f(*a)
@@ -899,7 +899,7 @@ def test_nnunet_layers_take_the_triton_convolution_routes(monkeypatch):
     calls.clear()
     m.train(), o.train()
     y, g = _grads(o, x)
-    assert calls == ["conv_norm_act_fwd"] * 10
+    assert calls == ["conv_norm_act2_fwd"] * 5  # training: two by two too (the prologue chain)
     y0, g0 = _grads(m, x)
     y64, g64 = _grads(copy.deepcopy(m).double(), x.double())
     _assert_output_close(y, y0, y64)
@@ -961,3 +961,39 @@ def test_default_layout_review_cases():
     assert type(out) is Out and type(out.aux) is collections.OrderedDict and out.aux["n"] == 1
     assert out.seg.is_contiguous() and out.aux["deep"].is_contiguous()
     torch.testing.assert_close(out.aux["deep"], ref.aux["deep"], rtol=1e-5, atol=1e-5)
+
+
+def test_dynunet_basic_blocks_take_the_training_chain_on_the_triton_route(monkeypatch):
+    """With the Triton convolution's route (CUDA, FASTMED_TRITON_CONV=1; pretended here, the CPU ops
+    standing in), a DynUNet basic block in training runs its two layers as one conv_norm_act2_fwd
+    (the first norm + activation in the second convolution's prologue there, recomputed in the
+    backward): outputs and every gradient as the eager model's. Off the route: its own layers."""
+    pytest.importorskip("triton")
+    m = _dynunet(False).train()
+    o = fastmed.optimize(m, channels_last=False)
+    fnn = fastmed.nn
+    calls = []
+    orig_chain = fnn.CNA.conv_norm_act2_fwd
+
+    def counting(*a):
+        calls.append(1)
+        return orig_chain(*a)
+
+    monkeypatch.setattr(fnn.CNA, "conv_norm_act2_fwd", counting)
+    x = torch.randn(2, 1, 16, 16, 16)
+    _grads(o, x)
+    assert calls == []  # the CPU: the layers one by one
+    orig_args = fnn._triton_args
+    monkeypatch.setenv("FASTMED_TRITON_CONV", "force")
+    monkeypatch.setattr(fnn, "_triton_args", lambda *a, device=None: orig_args(*a, device=torch.device("cuda")))
+    y, g = _grads(o, x)
+    blocks = sum(type(b).__name__ == "FusedUnetBasicBlock" for b in o.modules())
+    assert blocks > 0 and len(calls) == blocks
+    y0, g0 = _grads(m, x)
+    y64, g64 = _grads(copy.deepcopy(m).double(), x.double())
+    _assert_output_close(y, y0, y64)
+    _assert_as_accurate(g, g0, g64, floor=1e-5)
+    calls.clear()
+    with torch.no_grad():  # inference: not the training op
+        o(x)
+    assert calls == []

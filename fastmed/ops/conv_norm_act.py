@@ -13,6 +13,12 @@ groups > 1; float64) the convolution is PyTorch's (cuDNN / oneDNN) followed by `
 convolution the first layer's norm + activation are applied in the second convolution's prologue
 (the first normalised activation is never stored), elsewhere two ``conv_norm_act_infer`` calls.
 
+``fastmed::conv_norm_act2_fwd``: the same two layers in training, with autograd. With the Triton
+convolution the first norm + activation run in the second convolution's prologue (z1 never
+written); everywhere the backward keeps y1 and y2 but not z1, which it recomputes from y1 and the
+saved statistics (``norm_act_apply``: the same bits). fastmed.optimize uses it on the Triton route
+only (see ``fastmed.nn._train_pair`` for why not on the CPU).
+
 Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
 saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
 ``convolution_backward`` (cuDNN / oneDNN). Not fused into an implicit GEMM yet.
@@ -354,6 +360,171 @@ def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, s
                      memory_format=_out_format(x, weight))
     return torch.empty(_out_shape(y1, weight2, stride2, padding2, dilation2), dtype=x.dtype, device=x.device,
                        memory_format=_out_format(y1, weight2))
+
+
+# ------------------------------------------------------------------------------------------------
+# two layers in training: the first normalised activation is not kept for the backward
+
+
+@torch.library.custom_op("fastmed::conv_norm_act2_fwd", mutates_args=())
+def conv_norm_act2_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                       norm_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                       eps: float, slope: float, act: int, weight2: Tensor, bias2: Optional[Tensor],
+                       norm_weight2: Optional[Tensor], norm_bias2: Optional[Tensor], stride2: list[int],
+                       padding2: list[int], dilation2: list[int], eps2: float, slope2: float,
+                       act2: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Two conv -> instance norm -> activation layers in a row with autograd: (z2, y1, mean1, rstd1,
+    y2, mean2, rstd2). The backward keeps x, y1 and y2 (the raw convolution outputs the norms'
+    backward needs) but not the first layer's normalised activation z1, the second convolution's
+    input: the backward recomputes it from y1 and the saved statistics (norm_act_apply, the same
+    bits), so a block's training memory holds one activation less (eager keeps y1, z1, y2 and z2).
+    Where the Triton convolution runs both layers, z1 is never written at all (the first norm +
+    activation in the second convolution's prologue, as conv_norm_act2_infer)."""
+    l1 = (weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act)
+    l2 = (weight2, bias2, norm_weight2, norm_bias2, stride2, padding2, dilation2, eps2, slope2, act2)
+    out = _try_chain_train(x, l1, l2)
+    if out is not None:
+        return out
+    z1, y1, m1, r1 = _layer_fwd(x, *l1)
+    z2, y2, m2, r2 = _layer_fwd(z1, *l2)
+    return z2, y1, m1, r1, y2, m2, r2
+
+
+def _chain_format(x, weight):
+    """conv_norm_act2_fwd's y1 / y2 / z2 layout: as conv_norm_act_fwd's on CUDA (where the Triton
+    convolution writes channels last); on the CPU channels last only when x or the weight already
+    is (a 1-channel planar input stays planar: training runs planar there)."""
+    if x.device.type == "cuda":
+        return _out_format(x, weight)
+    if NA._cl_format(x) is not None or NA._cl_format(weight) is not None:
+        return _cl(x.ndim)
+    return torch.contiguous_format
+
+
+def _layer_fwd(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act):
+    """(z, y, mean, rstd) of one layer by PyTorch's convolution and norm_act, laid out as _chain_format."""
+    if x.device.type == "cuda":
+        out = _try_triton(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, act, False)
+        if out is not None:
+            return out
+    y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_chain_format(x, weight))
+    z, mean, rstd = NA.norm_act_fwd(y, nw, nb, eps, slope, act)
+    return z, y, mean, rstd
+
+
+def _try_chain_train(x, l1, l2):
+    """conv_norm_act2_fwd's result with the prologue (z1 never stored), or None where the Triton
+    convolution does not run both layers."""
+    w1, b1, nw1, nb1, st1, pd1, dl1, eps1, slope1, act1 = l1
+    w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2 = l2
+    use = _use_triton(x, w1, st1, pd1, dl1)
+    if use is None:
+        return None
+    kc, kn = use
+    probe = torch.empty(kc.out_shape(x, w1, st1, pd1, dl1), dtype=x.dtype, device="meta")
+    if _use_triton(probe, w2.to("meta"), st2, pd2, dl2, device=x.device) is None:
+        return None
+    try:
+        y1, psum, pm2, bm, m1, r1 = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
+        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, m1, r1)
+        z2, y2, m2, r2 = _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, False,
+                                     prologue=(a, beta, act1, slope1))
+        return z2, y1, m1, r1, y2, m2, r2
+    except _OUR_BUGS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
+        _triton_failed(exc)
+        return None
+
+
+@conv_norm_act2_fwd.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act, weight2, bias2,
+      norm_weight2, norm_bias2, stride2, padding2, dilation2, eps2, slope2, act2):
+    fmt1 = _chain_format(x, weight)
+    y1 = torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                     memory_format=fmt1)
+    y2 = torch.empty(_out_shape(y1, weight2, stride2, padding2, dilation2), dtype=x.dtype, device=x.device,
+                     memory_format=_chain_format(y1, weight2))
+    p1, p2 = y1.shape[0] * y1.shape[1], y2.shape[0] * y2.shape[1]
+    st = lambda n: x.new_empty(n, dtype=torch.float64)  # noqa: E731
+    return torch.empty_like(y2), y1, st(p1), st(p1), y2, st(p2), st(p2)
+
+
+def _setup_chain(ctx, inputs, output):
+    x, w1, b1, nw1, nb1, st1, pd1, dl1, eps1, slope1, act1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2 = inputs
+    _, y1, m1, r1, y2, m2, r2 = output
+    ctx.save_for_backward(x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, b1, b2)
+    ctx.mark_non_differentiable(m1, r1, m2, r2)
+    ctx.conf = ((st1, pd1, dl1, slope1, act1), (st2, pd2, dl2, slope2, act2))
+    ctx.eps = (eps1, eps2)
+    ctx.bias_shapes = (None if b1 is None else list(b1.shape), None if b2 is None else list(b2.shape))
+    ctx.has = (b1 is not None, nw1 is not None, nb1 is not None, b2 is not None, nw2 is not None, nb2 is not None)
+
+
+def _layer_bwd(dz, dy_, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, need):
+    """One layer's backward: (dx, dweight, dbias, dnorm_weight, dnorm_bias) as conv_norm_act_fwd's."""
+    stride, padding, dilation, slope, act = conf
+    dy, dnw, dnb, _ = NA.norm_act_bwd(dz, y, nw, nb, mean, rstd, slope, act)
+    if dy_ is not None:
+        dy = dy + dy_
+    nd = x.ndim - 2
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dy.to(x.dtype), x, weight, bias_shape, stride, padding, dilation, False, [0] * nd, 1,
+        [need[0], need[1], need[2] and bias_shape is not None])
+    return dx, dw, db, dnw, dnb
+
+
+def _chain_graph_backward(ctx, dz2, dy1_, dy2_):
+    """The backward as PyTorch ops that autograd records (create_graph=True: a gradient penalty):
+    both layers recomputed in float64 plain PyTorch and differentiated, as norm_act's own graph
+    backward does, so the gradient is itself differentiable."""
+    x, w1, _, nw1, nb1, _, _, w2, _, nw2, nb2, _, _, b1, b2 = ctx.saved_tensors
+    (st1, pd1, dl1, slope1, act1), (st2, pd2, dl2, slope2, act2) = ctx.conf
+    ins = (x, w1, b1, nw1, nb1, w2, b2, nw2, nb2)
+    at = (0, 1, 2, 3, 4, 11, 12, 13, 14)  # their places among the op's inputs
+    with torch.enable_grad():
+        d = [None if t is None else t.double() for t in ins]
+        y1 = _conv(d[0], d[1], d[2], st1, pd1, dl1)
+        z1 = NA._reference_fwd(y1, d[3], d[4], ctx.eps[0], slope1, act1)[0]
+        y2 = _conv(z1, d[5], d[6], st2, pd2, dl2)
+        z2 = NA._reference_fwd(y2, d[7], d[8], ctx.eps[1], slope2, act2)[0]
+        outs, grads = [z2], [dz2.double()]
+        for y, dy_ in ((y1, dy1_), (y2, dy2_)):  # y1 / y2 are outputs too (rarely used)
+            if dy_ is not None:
+                outs.append(y)
+                grads.append(dy_.double())
+        wrt = [(i, t) for i, t in zip(at, ins) if t is not None and ctx.needs_input_grad[i]]
+        gs = torch.autograd.grad(outs, [t for _, t in wrt], grads, create_graph=True, allow_unused=True)
+    out = [None] * 21
+    for (i, t), gr in zip(wrt, gs):
+        out[i] = None if gr is None else gr.to(t.dtype)
+    return tuple(out)
+
+
+def _chain_backward(ctx, dz2, dy1_, dm1, dr1, dy2_, dm2, dr2):
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        return _chain_graph_backward(ctx, dz2, dy1_, dy2_)
+    x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, _, _ = ctx.saved_tensors
+    c1, c2 = ctx.conf
+    need = ctx.needs_input_grad
+    z1 = NA.norm_act_apply(y1, nw1, nb1, m1, r1, c1[3], c1[4])  # the second convolution's input again
+    dz1, dw2, db2, dnw2, dnb2 = _layer_bwd(dz2, dy2_, z1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
+                                           (True, need[11], need[12]))
+    del z1
+    dx, dw1, db1, dnw1, dnb1 = _layer_bwd(dz1, dy1_, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0],
+                                          (need[0], need[1], need[2]))
+    has = ctx.has
+
+    def g(t, ok, ref):
+        return t.to(ref.dtype) if ok and t is not None else None
+
+    return (dx, dw1, db1 if has[0] else None, g(dnw1, has[1] and need[3], nw1), g(dnb1, has[2] and need[4], nb1),
+            None, None, None, None, None, None,
+            dw2 if need[11] else None, db2 if has[3] and need[12] else None, g(dnw2, has[4] and need[13], nw2),
+            g(dnb2, has[5] and need[14], nb2), None, None, None, None, None, None)
+
+
+conv_norm_act2_fwd.register_autograd(_chain_backward, setup_context=_setup_chain)
 
 
 def _triple(v, nd: int, name: str) -> list[int]:

@@ -181,6 +181,29 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     return y, mean, rstd
 
 
+def norm_act_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   slope: float, act: int) -> Tensor:
+    """norm_act_fwd's y again from its saved per-plane ``mean`` / ``rstd`` (float64, N * C): the
+    elementwise pass alone (the kernels' given-statistics variant), the same arithmetic and so the
+    same bits as the forward that computed them. Not an op and no autograd: a backward's recompute
+    of an activation that was not kept (conv_norm_act2_fwd). No PReLU."""
+    mean, rstd = mean.detach().clone(), rstd.detach().clone()  # the kernels' given statistics
+    if x.device.type != "cpu" or _ext.cpu is None:
+        tri = _triton() if x.device.type == "cuda" else None
+        y = _triton_fwd(tri, x, weight, bias, 0.0, slope, act, mean, rstd, None, 3) if tri is not None else None
+        if y is not None:
+            return y
+        return _reference_fwd(x, weight, bias, 0.0, slope, act, stats=(mean, rstd))[0].contiguous(
+            memory_format=_cl_format(x) or torch.contiguous_format)
+    y = _like(x)
+    if x.numel():
+        mod, p, keep = _params(x, weight, bias, 0.0, slope, act, None, 3)
+        p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
+        mod.norm_act_fwd(p)
+        del keep
+    return y
+
+
 def _given_stats(x: Tensor, run_mean: Tensor, run_var: Tensor, eps: float, mean: Tensor, rstd: Tensor) -> None:
     """Batch norm in eval: the running statistics per plane (float64), rstd = 1 / sqrt(var + eps)."""
     N, C = x.shape[0], x.shape[1]
