@@ -75,7 +75,8 @@ first norm + activation in the second convolution's prologue; the training backw
 that activation), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
 Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
-fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a GPU.
+fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not
+yet on a GPU.
 """
 from __future__ import annotations
 
