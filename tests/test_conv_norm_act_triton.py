@@ -211,7 +211,7 @@ for shape, cmid, cout, st2, cl in CASES:
             assert got is not None and got.stride() == ref.stride() and got.dtype == ref.dtype
             assert torch.equal(got, ref), (shape, dt, act1, (got.double() - ref.double()).abs().max())
             # training (conv_norm_act2_fwd): the same z2, and y1, y2 and statistics kept for the backward
-            tr = CN._try_chain_train(x, l1, l2)
+            tr = CN._try_chain(x, l1, l2, train=True)
             z1_, y1, m1, r1 = CN._triton_fwd(KC, KN, x, *l1[:7], *l1[7:])
             assert torch.equal(tr[0], ref) and torch.equal(tr[1], y1) and torch.equal(tr[2], m1)
             assert torch.equal(tr[3], r1)

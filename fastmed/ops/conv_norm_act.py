@@ -328,9 +328,10 @@ def conv_norm_act2_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm
     return conv_norm_act_infer(conv_norm_act_infer(x, *l1), *l2)
 
 
-def _try_chain(x, l1, l2):
-    """conv_norm_act2_infer's result with the prologue, or None where the Triton convolution does not
-    run both layers (then, should it fail to compile or launch, one warning as in _try_triton)."""
+def _try_chain(x, l1, l2, train: bool = False):
+    """conv_norm_act2_infer's result with the prologue (``train``: conv_norm_act2_fwd's, y2 kept
+    apart from z2), or None where the Triton convolution does not run both layers (then, should it
+    fail to compile or launch, one warning as in _try_triton)."""
     w1, b1, nw1, nb1, st1, pd1, dl1, eps1, slope1, act1 = l1
     w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2 = l2
     use = _use_triton(x, w1, st1, pd1, dl1)
@@ -341,11 +342,11 @@ def _try_chain(x, l1, l2):
     if _use_triton(probe, w2.to("meta"), st2, pd2, dl2, device=x.device) is None:
         return None
     try:
-        y1, psum, pm2, bm, mean, rstd = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
-        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, mean,
-                                  rstd)
-        return _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, True,
-                           prologue=(a, beta, act1, slope1))[0]
+        y1, psum, pm2, bm, m1, r1 = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
+        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, m1, r1)
+        z2, y2, m2, r2 = _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, not train,
+                                     prologue=(a, beta, act1, slope1))
+        return (z2, y1, m1, r1, y2, m2, r2) if train else z2
     except _OUR_BUGS:
         raise
     except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
@@ -382,7 +383,7 @@ def conv_norm_act2_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_w
     activation in the second convolution's prologue, as conv_norm_act2_infer)."""
     l1 = (weight, bias, norm_weight, norm_bias, stride, padding, dilation, eps, slope, act)
     l2 = (weight2, bias2, norm_weight2, norm_bias2, stride2, padding2, dilation2, eps2, slope2, act2)
-    out = _try_chain_train(x, l1, l2)
+    out = _try_chain(x, l1, l2, train=True)
     if out is not None:
         return out
     z1, y1, m1, r1 = _layer_fwd(x, *l1)
@@ -410,31 +411,6 @@ def _layer_fwd(x, weight, bias, nw, nb, stride, padding, dilation, eps, slope, a
     y = _conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=_chain_format(x, weight))
     z, mean, rstd = NA.norm_act_fwd(y, nw, nb, eps, slope, act)
     return z, y, mean, rstd
-
-
-def _try_chain_train(x, l1, l2):
-    """conv_norm_act2_fwd's result with the prologue (z1 never stored), or None where the Triton
-    convolution does not run both layers."""
-    w1, b1, nw1, nb1, st1, pd1, dl1, eps1, slope1, act1 = l1
-    w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2 = l2
-    use = _use_triton(x, w1, st1, pd1, dl1)
-    if use is None:
-        return None
-    kc, kn = use
-    probe = torch.empty(kc.out_shape(x, w1, st1, pd1, dl1), dtype=x.dtype, device="meta")
-    if _use_triton(probe, w2.to("meta"), st2, pd2, dl2, device=x.device) is None:
-        return None
-    try:
-        y1, psum, pm2, bm, m1, r1 = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
-        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, m1, r1)
-        z2, y2, m2, r2 = _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, False,
-                                     prologue=(a, beta, act1, slope1))
-        return z2, y1, m1, r1, y2, m2, r2
-    except _OUR_BUGS:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a compile / launch failure: cuDNN from now on
-        _triton_failed(exc)
-        return None
 
 
 @conv_norm_act2_fwd.register_fake
