@@ -74,6 +74,11 @@ With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block runs bo
 first norm + activation in the second convolution's prologue; the training backward recomputes
 that activation), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
+In CPU training a fused instance norm's output remembers its input and statistics
+(``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDNNConv3d`` that takes it keeps
+those for its backward instead of its input, which it recomputes there (bit-identical): each conv
+-> norm -> activation layer keeps one activation for the backward where eager keeps two.
+
 Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
 fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not
 yet on a GPU.
@@ -182,6 +187,9 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
         return NA.group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"], spec["slope"], pw)
     if inplace:
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
+    if x.device.type == "cpu" and pw is None and torch.is_grad_enabled():
+        # training: the next convolution keeps x instead of the result (see norm_act_keep_source)
+        return CNA.norm_act_keep_source(x, w, b, spec["eps"], spec["act"], spec["slope"])
     return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
 
 
@@ -435,7 +443,9 @@ def _train_pair(layers, x: Tensor) -> Optional[Tensor]:
     the first normalised activation is never written (its backward recomputes it). Not elsewhere:
     on the CPU the op saved 17% of the activations kept for the backward of a DynUNet step but
     raised its peak memory (the one autograd node keeps the second layer's gradient and output
-    alive through the first layer's backward). None: the caller runs them one by one."""
+    alive through the first layer's backward); there ``_fused`` marks the norm's output instead
+    (``norm_act_keep_source``), so the next convolution, in its own node, recomputes it. None: the
+    caller runs them one by one."""
     if not torch.is_grad_enabled():
         return None
     a1 = _triton_args(*layers[0], x)

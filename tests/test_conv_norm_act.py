@@ -3,6 +3,8 @@ against the eager layers and the float64 reference, with every gradient; bad inp
 The Triton convolution it uses on GPUs is checked in test_conv_norm_act_triton.py (interpreter)."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +296,173 @@ def test_only_plain_convolutions_are_taken_over():
     assert _plain_conv(nn.Conv3d(2, 4, 3, padding="same")) is None
     assert _plain_conv(nn.Conv3d(2, 4, 3, padding=1, padding_mode="reflect")) is None
     assert _plain_conv(nn.Conv3d(2, 4, 3, padding=1, groups=2)) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# training on the CPU: a convolution after a fused instance norm keeps the norm's input, not its own
+
+
+def _chain_model(dtype=torch.float32, channels_last=False, groups=1):
+    from fastmed.nn import ConvNormAct
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        ConvNormAct(3, 8, 3),
+        ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True)),
+        ConvNormAct(8, 6, (1, 3, 3), dilation=(1, 2, 1), act="relu", norm_kwargs=dict(affine=True)),
+        ConvNormAct(6, 4, 1, act=None, bias=False)).to(dtype)
+    x = torch.randn(2, 3, 9, 10, 11, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+        for p in m.parameters():
+            if p.ndim == 5:
+                p.data = p.data.to(memory_format=torch.channels_last_3d)
+    return m, x.requires_grad_()
+
+
+def _run(m, x, g, recompute: bool, monkeypatch):
+    calls = []
+    apply = CN._ConvOfNormAct.apply
+    with monkeypatch.context() as mp:
+        if recompute:
+            mp.setattr(CN._ConvOfNormAct, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+        else:
+            mp.setattr(CN, "_norm_source", lambda *a: None)
+        out = m(x)
+        grads = torch.autograd.grad(out, [x] + list(m.parameters()), g)
+    return out, grads, len(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, channels_last, groups, monkeypatch):
+    m, x = _chain_model(dtype, channels_last, groups)
+    g = torch.randn_like(m(x))
+    out1, g1, calls = _run(m, x, g, True, monkeypatch)
+    out0, g0, _ = _run(m, x, g, False, monkeypatch)
+    assert calls == 3  # every convolution but the first takes a fused norm's output
+    assert torch.equal(out1, out0)
+    for a, b in zip(g1, g0):
+        assert torch.equal(a, b)
+    # and both are the eager layers' to rounding (float64 reference)
+    ref = [p.detach().double().requires_grad_() for p in [x] + list(m.parameters())]
+    h, params = ref[0], iter(ref[1:])
+    for layer in m:
+        w = next(params)
+        b = next(params) if layer.conv.bias is not None else None
+        h = F.conv3d(h, w, b, layer.conv.stride, layer.conv.padding, layer.conv.dilation, layer.conv.groups)
+        if hasattr(layer, "norm"):
+            nw, nb = (next(params), next(params)) if layer.norm.affine else (None, None)
+            h = F.instance_norm(h, weight=nw, bias=nb, eps=layer.norm.eps)
+        if hasattr(layer, "act"):
+            h = F.leaky_relu(h, 0.01) if isinstance(layer.act, torch.nn.LeakyReLU) else F.relu(h)
+    gr = torch.autograd.grad(h, ref, g.double())
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(out1.double(), h, rtol=tol, atol=tol)
+    for a, b in zip(g1, gr):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+def test_convolution_after_a_fused_norm_does_not_keep_its_input():
+    """The fused norms' outputs are never among the tensors autograd keeps: each layer keeps one
+    activation (the convolution's output), eager keeps two."""
+    m, x = _chain_model()
+    outs, saved = [], set()
+    hooks = [layer.register_forward_hook(lambda mod, a, o: outs.append(o.untyped_storage().data_ptr()))
+             for layer in list(m)[:-1]]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.add(t.untyped_storage().data_ptr()), t)[1],
+                                                  lambda t: t):
+        out = m(x)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 3 and not saved & set(outs)
+    out.sum().backward()  # and the backward still runs
+
+
+def test_recompute_falls_back_where_it_cannot_hold(monkeypatch):
+    from fastmed.nn import ConvNormAct
+
+    torch.manual_seed(1)
+    a, b = ConvNormAct(2, 4, 3), ConvNormAct(4, 4, 3)
+    x = torch.randn(1, 2, 6, 7, 8, requires_grad=True)
+    calls = []
+    apply = CN._ConvOfNormAct.apply
+    monkeypatch.setattr(CN._ConvOfNormAct, "apply", lambda *args: (calls.append(1), apply(*args))[1])
+
+    def grads(fn):
+        out = fn()
+        return [out] + list(torch.autograd.grad(out.square().sum(), [x, a.conv.weight, b.conv.weight]))
+
+    # the norm's output modified in place before the convolution: an ordinary convolution
+    def modified():
+        z = a(x)
+        z.mul_(2)
+        return b(z)
+
+    got = grads(modified)
+    assert calls == []
+    with monkeypatch.context() as mp:
+        mp.setattr(CN, "_norm_source", lambda *args: None)
+        ref = grads(modified)
+    for u, v in zip(got, ref):
+        assert torch.equal(u, v)
+    # the norm's input packed away by saved-tensor hooks (the original freed): an ordinary one
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        got = grads(lambda: b(a(x)))
+    assert calls == []
+    # two convolutions of one fused norm's output: both recompute it, gradients add up
+    c = ConvNormAct(4, 4, 1)
+    got = grads(lambda: b(a(x)) + c(a(x)))
+    assert len(calls) == 2
+    with monkeypatch.context() as mp:
+        mp.setattr(CN, "_norm_source", lambda *args: None)
+        ref = grads(lambda: b(a(x)) + c(a(x)))
+    for u, v in zip(got, ref):
+        assert torch.equal(u, v)
+    # without autograd nothing is marked
+    with torch.no_grad():
+        z = a(x)
+    assert CN._norm_source(z, b.conv.weight, b.conv.bias) is None
+    # a marked output pickles as any tensor, and its mark goes with it
+    z = a(x)
+    assert CN._norm_source(z, b.conv.weight, b.conv.bias) is not None
+    buf = io.BytesIO()
+    torch.save(z, buf)
+    assert torch.equal(torch.load(io.BytesIO(buf.getvalue())), z)
+    n = len(CN._SOURCES)
+    del z
+    assert len(CN._SOURCES) == n - 1
+    # CPU autocast: the eager path
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b(a(x)).float().sum().backward()
+    assert calls == []
+
+
+def test_recompute_gradcheck_gradgradcheck_and_checkpoint():
+    from fastmed.nn import ConvNormAct
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(2)
+    a = ConvNormAct(2, 3, 3, norm_kwargs=dict(affine=True)).double()
+    b = ConvNormAct(3, 2, 3, stride=2, act="relu").double()
+    x = torch.randn(1, 2, 5, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, a.conv.weight, a.norm.weight, a.norm.bias, b.conv.weight, b.conv.bias]
+
+    def f(x, w1, nw, nb, w2, b2):
+        z = CN.norm_act_keep_source(CN.conv_nd(x, w1, a.conv.bias, [1] * 3, [1] * 3, [1] * 3), nw, nb, 1e-5,
+                                    "leaky_relu", 0.01)
+        y = CN.conv_nd(z, w2, b2, [2] * 3, [1] * 3, [1] * 3)
+        assert type(y.grad_fn).__name__ == "_ConvOfNormActBackward"
+        return y
+
+    assert torch.autograd.gradcheck(f, params)
+    assert torch.autograd.gradgradcheck(f, params)
+    # non-reentrant checkpointing recomputes the forward (new marks); gradients unchanged
+    out = b(a(x))
+    g = torch.randn_like(out)
+    ref = torch.autograd.grad(out, params, g)
+    got = torch.autograd.grad(checkpoint(lambda t: b(a(t)), x, use_reentrant=False), params, g)
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)

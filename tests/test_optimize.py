@@ -997,3 +997,54 @@ def test_dynunet_basic_blocks_take_the_training_chain_on_the_triton_route(monkey
     with torch.no_grad():  # inference: not the training op
         o(x)
     assert calls == []
+
+
+def _saved_bytes(model, x):
+    """Bytes of the distinct activation storages (not parameters) autograd keeps for the backward of
+    one training forward."""
+    seen = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x.clone().requires_grad_(True))
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("which", ["dynunet", "dynunet_res", "plain", "residual"])
+def test_training_keeps_one_activation_per_layer_on_the_cpu(which, monkeypatch):
+    """In training on the CPU a convolution that takes a fused instance norm's output keeps the
+    norm's input instead (fastmed.ops.conv_norm_act.norm_act_keep_source): the optimized models keep
+    a quarter to a third fewer activation bytes for the backward than the eager ones (here 0.63 of
+    eager's for DynUNet and PlainConvUNet, 0.74-0.75 with residual blocks), with the same gradients."""
+    from fastmed.ops import conv_norm_act as CNA
+
+    torch.manual_seed(13)
+    if which.startswith("dynunet"):
+        m = _dynunet(which == "dynunet_res")
+    else:
+        dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+        common = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                      nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+        if which == "plain":
+            m = dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), **common)
+        else:
+            m = dna.ResidualEncoderUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (1, 2, 2), 3, (1, 1), **common)
+    m.train()
+    o = fastmed.optimize(m)
+    x = torch.randn(2, 1, 16, 16, 16)
+    calls = []
+    apply = CNA._ConvOfNormAct.apply
+    monkeypatch.setattr(CNA._ConvOfNormAct, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    eager, _ = _saved_bytes(m, x)
+    fused, _ = _saved_bytes(o, x)
+    assert calls and fused < 0.8 * eager, (len(calls), fused, eager)
+    y, g = _grads(o, x)
+    y0, g0 = _grads(m, x)
+    y64, g64 = _grads(copy.deepcopy(m).double(), x.double())
+    _assert_output_close(y, y0, y64)
+    _assert_as_accurate(g, g0, g64, floor=1e-5)

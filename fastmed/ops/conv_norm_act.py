@@ -19,6 +19,10 @@ written); everywhere the backward keeps y1 and y2 but not z1, which it recompute
 saved statistics (``norm_act_apply``: the same bits). fastmed.optimize uses it on the Triton route
 only (see ``fastmed.nn._train_pair`` for why not on the CPU).
 
+``norm_act_keep_source``: on the CPU in training, a fused instance norm's output that a
+convolution through ``conv_nd`` takes is not kept by that convolution: it keeps the norm's input
+and statistics instead and recomputes its input in its own backward (``_ConvOfNormAct``).
+
 Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
 saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
 ``convolution_backward`` (cuDNN / oneDNN). Not fused into an implicit GEMM yet.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -78,10 +83,14 @@ class _OneDNNConv(torch.autograd.Function):
     differentiable, so double backward works as through F.conv3d)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func transforms take it
+        x, weight, bias, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, weight)
         ctx.conf = (list(stride), list(padding), list(dilation), groups, bias is not None)
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -97,7 +106,14 @@ class _OneDNNConv(torch.autograd.Function):
 def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int = 1,
             autograd: bool = True) -> Tensor:
     """F.conv2d / F.conv3d (zero padding given as numbers), with oneDNN called directly where
-    ``onednn_suits``; autograd as F.conv3d's (``autograd=False``: inside an op with its own)."""
+    ``onednn_suits``; autograd as F.conv3d's (``autograd=False``: inside an op with its own). With
+    autograd, an input that a fused instance norm made (``norm_act_keep_source``) is not kept for
+    the backward: the convolution keeps the norm's input and statistics instead and recomputes x."""
+    if autograd and torch.is_grad_enabled():
+        src = _norm_source(x, weight, bias)
+        if src is not None:
+            return _ConvOfNormAct.apply(x, *src[:5], weight, bias,
+                                        (list(stride), list(padding), list(dilation), groups) + src[5:])
     if onednn_suits(x, weight, stride, groups):
         if autograd and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
@@ -105,6 +121,115 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
     fn = F.conv3d if weight.ndim == 5 else F.conv2d  # x may be unbatched
     return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# training on the CPU: a convolution whose input is a fused instance norm's output keeps the norm's
+# input for its backward instead of its own
+
+
+def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act: str,
+                         slope: float) -> Tensor:
+    """``norm_act(x, weight, bias, eps, act, slope)`` (instance norm; no PReLU) whose result z
+    remembers where it came from: x (weakly), the per-plane statistics and the parameters. A 3D / 2D
+    convolution through ``conv_nd`` with autograd (``OneDNNConv3d``, the optimized models' and
+    ``ConvNormAct``'s convolutions) that then takes z keeps those for its backward instead of z and
+    recomputes z there (``norm_act_apply``: the same bits). The norm's own backward keeps x anyway,
+    so each conv -> norm -> act layer of a chain holds one activation for the backward where eager
+    PyTorch holds two (the convolution's input and the norm's input). Nothing is kept longer than in
+    eager: the reference to x is weak (once the norm's backward has freed x, z is an ordinary
+    tensor), and z modified in place, or x, is an ordinary tensor too."""
+    code = NA._check(x, weight, bias, eps, act)
+    if code == NA.ACTS["prelu"]:
+        raise ValueError("norm_act_keep_source takes no PReLU")
+    if not x.is_contiguous() and NA._cl_format(x) is None:
+        x = x.contiguous()
+    z, mean, rstd = NA.norm_act_fwd(x, weight, bias, float(eps), float(slope), code)
+    if torch.is_grad_enabled() and z.requires_grad and not torch.compiler.is_compiling():
+        key = id(z)
+        ref = weakref.ref(z, lambda r: _SOURCES.pop(key) if _SOURCES.get(key, (None,))[0] is r else None)
+        _SOURCES[key] = (ref, z._version, weakref.ref(x), x._version, mean, rstd, weight, bias, float(eps),
+                         float(slope), code)
+    return z
+
+
+# id(z) -> (weak z, z's version, weak x, x's version, mean, rstd, weight, bias, eps, slope, act) for the
+# outputs of norm_act_keep_source that are alive. A table, not an attribute of z, so that z pickles
+# (torch.save) as any tensor; an entry goes with its z.
+_SOURCES: dict = {}
+
+
+def _norm_source(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
+    """(y, mean, rstd, norm weight, norm bias, eps, slope, act) when x is norm_act_keep_source's
+    unmodified output, its input y is alive and unmodified, and this convolution runs x as it is
+    (CPU, x's dtype, batched, no autocast, not compiling); else None."""
+    if torch.compiler.is_compiling():
+        return None
+    src = _SOURCES.get(id(x))
+    if src is None or src[0]() is not x or src[1] != x._version:
+        return None
+    y = src[2]()
+    if y is None or y._version != src[3]:
+        return None
+    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or weight.dtype != x.dtype
+            or weight.device != x.device or weight.ndim != x.ndim or (bias is not None and bias.dtype != x.dtype)):
+        return None
+    return (y,) + src[4:]
+
+
+class _ConvOfNormAct(torch.autograd.Function):
+    """conv(z) for z = norm_act_keep_source(y): the forward is conv_nd's; the backward recomputes z
+    from y and the saved statistics, then runs PyTorch's ``convolution_backward`` (the gradient eager
+    autograd computes, bit for bit). y, the statistics and the norm's parameters are inputs only so
+    that they are saved (and a double backward reaches them); the output depends on them only through
+    z, so their gradients here are zero (None)."""
+
+    @staticmethod
+    def forward(z, y, mean, rstd, nw, nb, weight, bias, conf):
+        stride, padding, dilation, groups = conf[:4]
+        return conv_nd(z, weight, bias, stride, padding, dilation, groups, autograd=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, y, mean, rstd, nw, nb, weight, bias, conf = inputs
+        ctx.save_for_backward(y, mean, rstd, nw, nb, weight, bias)
+        ctx.conf = conf
+
+    @staticmethod
+    def backward(ctx, g):
+        y, mean, rstd, nw, nb, weight, bias = ctx.saved_tensors
+        stride, padding, dilation, groups, eps, slope, act = ctx.conf
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            return _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias)
+        z = NA.norm_act_apply(y, nw, nb, mean, rstd, slope, act)
+        dz, dw, db = torch.ops.aten.convolution_backward(
+            g, z, weight, None if bias is None else list(bias.shape), stride, padding, dilation, False,
+            [0] * (z.ndim - 2), groups, [need[0], need[6], need[7] and bias is not None])
+        return dz, None, None, None, None, None, dw, db, None
+
+
+def _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias):
+    """_ConvOfNormAct's backward as PyTorch ops that autograd records: z recomputed from y in float64
+    plain PyTorch (statistics included), so the gradient's own graph reaches y and the norm's
+    parameters as eager autograd's reaches them through z."""
+    stride, padding, dilation, groups, eps, slope, act = ctx.conf
+    need = ctx.needs_input_grad
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    with torch.enable_grad():
+        z = NA._reference_fwd(y.double(), d(nw), d(nb), eps, slope, act)[0]
+        if not z.requires_grad:
+            z.requires_grad_()
+        wd, bd = d(weight), d(bias)
+        out = conv_nd(z, wd, bd, stride, padding, dilation, groups)
+        wrt = [(0, z), (6, weight), (7, bias)]
+        wrt = [(i, t) for i, t in wrt if t is not None and need[i]]
+        src = {0: z, 6: wd, 7: bd}
+        gs = torch.autograd.grad(out, [src[i] for i, _ in wrt], g.double(), create_graph=True, allow_unused=True)
+    res = [None] * 9
+    for (i, t), gr in zip(wrt, gs):
+        res[i] = None if gr is None else gr.to(y.dtype if i == 0 else t.dtype)
+    return tuple(res)
 
 
 def triton_conv_enabled() -> bool:
