@@ -266,6 +266,9 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
         if device == "cuda":  # the issue's GPU figures: one block, and whole training steps
             optimize_rows += run_blocks(quick, device, reps=5 if quick else 10, log=log)
             optimize_rows += run_train_steps(quick, device, reps=3 if quick else 5, log=log)
+        else:  # CPU training steps at 64^3 (128^3 would take minutes a step here)
+            optimize_rows += run_train_steps(quick, device, reps=1 if quick else 3, log=log,
+                                             shape=(1, 1, 64, 64, 64) if quick else (2, 1, 64, 64, 64))
     if not ops or "resample" in ops:
         resample = run_resample(quick, device, bw, reps=3 if quick else 5, log=log)
     if not ops or "sliding_window" in ops:
@@ -744,17 +747,39 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
                 torch.cuda.empty_cache()
             continue
         med = {k: statistics.median(v) for k, v in times.items()}
+        saved = {k: _saved_activation_mb(m, x, cuda, k.endswith("triton_conv")) for k, m in nets.items()}
         case = f"{name} training step {tuple(shape)}" + (", bf16 autocast, channels last" if cuda else ", float32")
         rows += [{"op": "train_step", "case": case, "impl": k, "ms": med[k] * 1e3,
-                  "ratio_vs_eager": med["original"] / med[k], "triton_conv_launches": launches[k]} for k in nets]
+                  "ratio_vs_eager": med["original"] / med[k], "triton_conv_launches": launches[k],
+                  "saved_mb": saved[k]} for k in nets]
     return rows
+
+
+def _saved_activation_mb(m, x, cuda: bool, triton_conv: bool) -> float:
+    """MiB of the distinct activation storages (parameters not counted) that autograd keeps for the
+    backward of one training forward: the memory a training step holds between forward and backward."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            _env("FASTMED_TRITON_CONV", "1" if triton_conv else "0"), \
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        out = m(x)
+    del out
+    return sum(seen.values()) / 2**20
 
 
 def format_optimize_table(report: dict) -> str:
     rows = report.get("optimize") or []
     if not rows:
         return ""
-    head = ["op", "case", "impl", "ms", "x vs original"]
+    head = ["op", "case", "impl", "ms", "x vs original", "kept for backward MiB"]
     names = {"fastmed": "fastmed.optimize", "fastmed_planar": "optimize(channels_last=False)",
              "fastmed_cl": "optimize(channels_last=True)", "monai": "original model"}
     def impl(r):
@@ -765,7 +790,8 @@ def format_optimize_table(report: dict) -> str:
         return r["impl"]
 
     lines = [head] + [[r["op"], r["case"], impl(r), f"{r['ms']:.1f}",
-                       f"{r.get('ratio_vs_monai', r.get('ratio_vs_eager', float('nan'))):.2f}"] for r in rows]
+                       f"{r.get('ratio_vs_monai', r.get('ratio_vs_eager', float('nan'))):.2f}",
+                       f"{r['saved_mb']:.0f}" if "saved_mb" in r else ""] for r in rows]
     return _text_table(lines)
 
 

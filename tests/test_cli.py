@@ -77,6 +77,13 @@ def test_gpu_block_and_training_step_benchmarks_run(monkeypatch):
     monkeypatch.setattr(bench, "_train_models", lambda quick: [("tiny", tiny)])
     rows += bench.run_train_steps(True, "cpu", reps=1, shape=(1, 1, 8, 8, 8))
     assert [r["impl"] for r in rows[2:]] == ["original", "fastmed"]
+    # the activations kept for the backward (plus the norms' statistics, a few bytes): the original
+    # keeps the input, the convolution's output (the norm's input), the norm's output (LeakyReLU's
+    # input) and LeakyReLU's output (the 1x1 convolution's input); optimize keeps the input and the
+    # convolution's output alone (the 1x1 convolution recomputes its input from it)
+    vox = 8 ** 3 * 4 / 2**20
+    assert rows[2]["saved_mb"] == pytest.approx((1 + 4 + 4 + 4) * vox, rel=1e-2)
+    assert rows[3]["saved_mb"] == pytest.approx((1 + 4) * vox, rel=1e-2)
     table = bench.format_optimize_table({"optimize": rows}).splitlines()
     assert len(table) == 2 + 4 and "train_step" in table[-1] and "conv_block" in table[2]
 
