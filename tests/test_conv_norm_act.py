@@ -466,3 +466,64 @@ def test_recompute_gradcheck_gradgradcheck_and_checkpoint():
     got = torch.autograd.grad(checkpoint(lambda t: b(a(t)), x, use_reentrant=False), params, g)
     for u, v in zip(got, ref):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_recompute_review_cases(monkeypatch, tmp_path):
+    """Cases a review found: tracing (torch.jit.trace + save) in grad mode, compiled autograd, int
+    stride / padding / dilation, the norm's parameters changed in place between the norm and the
+    convolution, and a gradient penalty (create_graph) at eager's precision."""
+    from fastmed.nn import ConvNormAct
+
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(ConvNormAct(2, 4, 3, norm_kwargs=dict(affine=True)),
+                            ConvNormAct(4, 4, 3, norm_kwargs=dict(affine=True)), ConvNormAct(4, 3, 3, act=None))
+    for batch in (1, 2):  # the batch of one takes oneDNN directly when not tracing
+        x = torch.randn(batch, 2, 6, 6, 6)
+        traced = torch.jit.trace(m, x, check_trace=False)  # its check traces again without autograd
+        torch.jit.save(traced, str(tmp_path / f"m{batch}.pt"))
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / f"m{batch}.pt"))(x), m(x))
+    x = torch.randn(2, 2, 6, 6, 6)
+    # int arguments of conv_nd on a marked input
+    z = m[0](x)
+    assert CN._norm_source(z, m[1].conv.weight, m[1].conv.bias) is not None
+    y = CN.conv_nd(z, m[1].conv.weight, None, 1, 1, 1)
+    assert type(y.grad_fn).__name__ == "_ConvOfNormActBackward"
+    torch.testing.assert_close(y, F.conv3d(z, m[1].conv.weight, None, 1, 1))
+    # the norm's weight changed in place after the norm, before the convolution: ordinary convolution
+    z = m[0](x)
+    with torch.no_grad():
+        m[0].norm.weight.mul_(2.0)
+    try:
+        assert CN._norm_source(z, m[1].conv.weight, m[1].conv.bias) is None
+        g = torch.autograd.grad(m[1].conv(z).square().sum(), m[1].conv.weight)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(F.conv3d(z, m[1].conv.weight, m[1].conv.bias, 1, 1)
+                                                          .square().sum(), m[1].conv.weight)[0])
+    finally:
+        with torch.no_grad():
+            m[0].norm.weight.div_(2.0)
+    # a gradient penalty: the same as without the route, to float32 rounding
+    def penalty():
+        xx = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(m(xx).square().sum(), xx, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), list(m.parameters()))
+
+    got = penalty()
+    with monkeypatch.context() as mp:
+        mp.setattr(CN, "_norm_source", lambda *a: None)
+        ref = penalty()
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * v.abs().max().item())
+    # compiled autograd: the ordinary convolution (it cannot take the route's None gradients)
+    monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+    calls = []
+    apply = CN._ConvOfNormAct.apply
+    monkeypatch.setattr(CN._ConvOfNormAct, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+
+    @torch.compile(backend="eager")
+    def backward(loss):
+        loss.backward()
+
+    m.zero_grad()
+    backward(m(x).square().sum())
+    assert calls == [] and all(p.grad is not None for p in m.parameters())
+    torch._dynamo.reset()

@@ -109,15 +109,20 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     ``onednn_suits``; autograd as F.conv3d's (``autograd=False``: inside an op with its own). With
     autograd, an input that a fused instance norm made (``norm_act_keep_source``) is not kept for
     the backward: the convolution keeps the norm's input and statistics instead and recomputes x."""
-    if autograd and torch.is_grad_enabled():
+    nd = weight.ndim - 2
+    stride, padding, dilation = (_ints(v, nd) for v in (stride, padding, dilation))
+    tracing = torch.jit.is_tracing()  # a traced graph records aten ops, not Python autograd functions
+    if autograd and torch.is_grad_enabled() and not tracing:
         src = _norm_source(x, weight, bias)
         if src is not None:
-            return _ConvOfNormAct.apply(x, *src[:5], weight, bias,
-                                        (list(stride), list(padding), list(dilation), groups) + src[5:])
+            return _ConvOfNormAct.apply(x, *src[:5], weight, bias, (stride, padding, dilation, groups) + src[5:])
     if onednn_suits(x, weight, stride, groups):
         if autograd and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OneDNNConv.apply(x, weight, bias, stride, padding, dilation, groups)
+                                                     or (bias is not None and bias.requires_grad)):
+            if not tracing:
+                return _OneDNNConv.apply(x, weight, bias, stride, padding, dilation, groups)
+            fn = F.conv3d if weight.ndim == 5 else F.conv2d
+            return fn(x, weight, bias, stride, padding, dilation, groups)
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
     fn = F.conv3d if weight.ndim == 5 else F.conv2d  # x may be unbatched
     return fn(x, weight, bias, stride, padding, dilation, groups)
@@ -138,19 +143,44 @@ def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     so each conv -> norm -> act layer of a chain holds one activation for the backward where eager
     PyTorch holds two (the convolution's input and the norm's input). Nothing is kept longer than in
     eager: the reference to x is weak (once the norm's backward has freed x, z is an ordinary
-    tensor), and z modified in place, or x, is an ordinary tensor too."""
+    tensor). z, x or the norm's parameters modified in place before the convolution make z an
+    ordinary tensor too; not while compiling, tracing or with compiled autograd on.
+
+    Two differences from eager remain, both outside autograd's usual rules: z's values changed
+    through ``z.data`` (no version bump) before the convolution are not seen by its backward, which
+    recomputes the norm's output; and x or the norm's parameters modified in place after the
+    convolution make its backward raise autograd's "modified by an inplace operation" error (eager
+    raises it too, but only once the backward reaches the norm)."""
     code = NA._check(x, weight, bias, eps, act)
     if code == NA.ACTS["prelu"]:
         raise ValueError("norm_act_keep_source takes no PReLU")
     if not x.is_contiguous() and NA._cl_format(x) is None:
         x = x.contiguous()
     z, mean, rstd = NA.norm_act_fwd(x, weight, bias, float(eps), float(slope), code)
-    if torch.is_grad_enabled() and z.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and z.requires_grad and _recompute_allowed():
         key = id(z)
         ref = weakref.ref(z, lambda r: _SOURCES.pop(key) if _SOURCES.get(key, (None,))[0] is r else None)
-        _SOURCES[key] = (ref, z._version, weakref.ref(x), x._version, mean, rstd, weight, bias, float(eps),
-                         float(slope), code)
+        _SOURCES[key] = (ref, z._version, weakref.ref(x), _versions(x, weight, bias), mean, rstd, weight, bias,
+                         float(eps), float(slope), code)
     return z
+
+
+def _versions(*ts) -> tuple:
+    return tuple(None if t is None else t._version for t in ts)
+
+
+def _recompute_allowed() -> bool:
+    """Not while compiling or tracing (the graph would hold Python functions), and not with compiled
+    autograd switched on (it cannot take the None gradients _ConvOfNormAct gives its inputs that
+    only carry values)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    try:
+        import torch._dynamo.compiled_autograd as ca
+        import torch._dynamo.config as dc
+    except Exception:  # noqa: BLE001 - no dynamo here: nothing of it is on
+        return True
+    return not (getattr(dc, "compiled_autograd", False) or getattr(ca, "compiled_autograd_enabled", False))
 
 
 # id(z) -> (weak z, z's version, weak x, x's version, mean, rstd, weight, bias, eps, slope, act) for the
@@ -163,14 +193,12 @@ def _norm_source(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[
     """(y, mean, rstd, norm weight, norm bias, eps, slope, act) when x is norm_act_keep_source's
     unmodified output, its input y is alive and unmodified, and this convolution runs x as it is
     (CPU, x's dtype, batched, no autocast, not compiling); else None."""
-    if torch.compiler.is_compiling():
-        return None
     src = _SOURCES.get(id(x))
-    if src is None or src[0]() is not x or src[1] != x._version:
+    if src is None or src[0]() is not x or src[1] != x._version or not _recompute_allowed():
         return None
     y = src[2]()
-    if y is None or y._version != src[3]:
-        return None
+    if y is None or _versions(y, src[6], src[7]) != src[3]:
+        return None  # gone, or it or the norm's parameters changed in place since
     if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or weight.dtype != x.dtype
             or weight.device != x.device or weight.ndim != x.ndim or (bias is not None and bias.dtype != x.dtype)):
         return None
@@ -210,26 +238,32 @@ class _ConvOfNormAct(torch.autograd.Function):
 
 
 def _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias):
-    """_ConvOfNormAct's backward as PyTorch ops that autograd records: z recomputed from y in float64
-    plain PyTorch (statistics included), so the gradient's own graph reaches y and the norm's
-    parameters as eager autograd's reaches them through z."""
+    """_ConvOfNormAct's backward as PyTorch ops that autograd records: z recomputed from y by eager
+    PyTorch's instance norm and activation (statistics included, in y's dtype), so the gradient's own
+    graph reaches y and the norm's parameters as eager autograd's reaches them through z, at eager's
+    cost."""
     stride, padding, dilation, groups, eps, slope, act = ctx.conf
     need = ctx.needs_input_grad
-    d = lambda t: None if t is None else t.double()  # noqa: E731
     with torch.enable_grad():
-        z = NA._reference_fwd(y.double(), d(nw), d(nb), eps, slope, act)[0]
+        z = F.instance_norm(y, weight=nw, bias=nb, eps=eps)
+        if act == NA.ACTS["leaky_relu"]:
+            z = F.leaky_relu(z, slope)
+        elif act == NA.ACTS["relu"]:
+            z = F.relu(z)
         if not z.requires_grad:
             z.requires_grad_()
-        wd, bd = d(weight), d(bias)
-        out = conv_nd(z, wd, bd, stride, padding, dilation, groups)
-        wrt = [(0, z), (6, weight), (7, bias)]
-        wrt = [(i, t) for i, t in wrt if t is not None and need[i]]
-        src = {0: z, 6: wd, 7: bd}
-        gs = torch.autograd.grad(out, [src[i] for i, _ in wrt], g.double(), create_graph=True, allow_unused=True)
+        out = conv_nd(z, weight, bias, stride, padding, dilation, groups)
+        wrt = [(i, t) for i, t in ((0, z), (6, weight), (7, bias)) if t is not None and need[i]]
+        gs = torch.autograd.grad(out, [t for _, t in wrt], g, create_graph=True, allow_unused=True)
     res = [None] * 9
-    for (i, t), gr in zip(wrt, gs):
-        res[i] = None if gr is None else gr.to(y.dtype if i == 0 else t.dtype)
+    for (i, _), gr in zip(wrt, gs):
+        res[i] = gr
     return tuple(res)
+
+
+def _ints(v, nd: int) -> list:
+    """stride / padding / dilation as a list of nd ints (an int for every dim as F.conv3d takes it)."""
+    return [int(v)] * nd if isinstance(v, int) else [int(i) for i in v]
 
 
 def triton_conv_enabled() -> bool:
