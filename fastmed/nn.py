@@ -187,9 +187,9 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
         return NA.group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"], spec["slope"], pw)
     if inplace:
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
-    if x.device.type == "cpu" and pw is None and torch.is_grad_enabled():
+    if x.device.type == "cpu" and torch.is_grad_enabled():
         # training: the next convolution keeps x instead of the result (see norm_act_keep_source)
-        return CNA.norm_act_keep_source(x, w, b, spec["eps"], spec["act"], spec["slope"])
+        return CNA.norm_act_keep_source(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
     return norm_act(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
 
 

@@ -309,7 +309,8 @@ def _chain_model(dtype=torch.float32, channels_last=False, groups=1):
     m = torch.nn.Sequential(
         ConvNormAct(3, 8, 3),
         ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True)),
-        ConvNormAct(8, 6, (1, 3, 3), dilation=(1, 2, 1), act="relu", norm_kwargs=dict(affine=True)),
+        ConvNormAct(8, 6, (1, 3, 3), dilation=(1, 2, 1), act="prelu", norm_kwargs=dict(affine=True),
+                    act_kwargs=dict(num_parameters=6, init=0.3)),
         ConvNormAct(6, 4, 1, act=None, bias=False)).to(dtype)
     x = torch.randn(2, 3, 9, 10, 11, dtype=dtype)
     if channels_last:
@@ -355,7 +356,9 @@ def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, 
         if hasattr(layer, "norm"):
             nw, nb = (next(params), next(params)) if layer.norm.affine else (None, None)
             h = F.instance_norm(h, weight=nw, bias=nb, eps=layer.norm.eps)
-        if hasattr(layer, "act"):
+        if isinstance(getattr(layer, "act", None), torch.nn.PReLU):
+            h = F.prelu(h, next(params))
+        elif hasattr(layer, "act"):
             h = F.leaky_relu(h, 0.01) if isinstance(layer.act, torch.nn.LeakyReLU) else F.relu(h)
     gr = torch.autograd.grad(h, ref, g.double())
     tol = 1e-9 if dtype == torch.float64 else 2e-4
@@ -448,22 +451,25 @@ def test_recompute_gradcheck_gradgradcheck_and_checkpoint():
     a = ConvNormAct(2, 3, 3, norm_kwargs=dict(affine=True)).double()
     b = ConvNormAct(3, 2, 3, stride=2, act="relu").double()
     x = torch.randn(1, 2, 5, 5, 6, dtype=torch.float64, requires_grad=True)
-    params = [x, a.conv.weight, a.norm.weight, a.norm.bias, b.conv.weight, b.conv.bias]
+    pw = torch.tensor([0.2, -0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    params = [x, a.conv.weight, a.norm.weight, a.norm.bias, b.conv.weight, b.conv.bias, pw]
 
-    def f(x, w1, nw, nb, w2, b2):
+    def f(x, w1, nw, nb, w2, b2, *pw):
+        act = "prelu" if pw else "leaky_relu"
         z = CN.norm_act_keep_source(CN.conv_nd(x, w1, a.conv.bias, [1] * 3, [1] * 3, [1] * 3), nw, nb, 1e-5,
-                                    "leaky_relu", 0.01)
+                                    act, 0.01, *pw)
         y = CN.conv_nd(z, w2, b2, [2] * 3, [1] * 3, [1] * 3)
         assert type(y.grad_fn).__name__ == "_ConvOfNormActBackward"
         return y
 
-    assert torch.autograd.gradcheck(f, params)
-    assert torch.autograd.gradgradcheck(f, params)
+    for ps in (params[:-1], params):  # LeakyReLU, PReLU
+        assert torch.autograd.gradcheck(f, ps)
+        assert torch.autograd.gradgradcheck(f, ps)
     # non-reentrant checkpointing recomputes the forward (new marks); gradients unchanged
     out = b(a(x))
     g = torch.randn_like(out)
-    ref = torch.autograd.grad(out, params, g)
-    got = torch.autograd.grad(checkpoint(lambda t: b(a(t)), x, use_reentrant=False), params, g)
+    ref = torch.autograd.grad(out, params[:-1], g)
+    got = torch.autograd.grad(checkpoint(lambda t: b(a(t)), x, use_reentrant=False), params[:-1], g)
     for u, v in zip(got, ref):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 

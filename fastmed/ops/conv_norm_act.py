@@ -115,7 +115,7 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     if autograd and torch.is_grad_enabled() and not tracing:
         src = _norm_source(x, weight, bias)
         if src is not None:
-            return _ConvOfNormAct.apply(x, *src[:5], weight, bias, (stride, padding, dilation, groups) + src[5:])
+            return _ConvOfNormAct.apply(x, *src[:6], weight, bias, (stride, padding, dilation, groups) + src[6:])
     if onednn_suits(x, weight, stride, groups):
         if autograd and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                      or (bias is not None and bias.requires_grad)):
@@ -134,8 +134,8 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
 
 
 def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act: str,
-                         slope: float) -> Tensor:
-    """``norm_act(x, weight, bias, eps, act, slope)`` (instance norm; no PReLU) whose result z
+                         slope: float, prelu: Optional[Tensor] = None) -> Tensor:
+    """``norm_act(x, weight, bias, eps, act, slope, prelu)`` (instance norm) whose result z
     remembers where it came from: x (weakly), the per-plane statistics and the parameters. A 3D / 2D
     convolution through ``conv_nd`` with autograd (``OneDNNConv3d``, the optimized models' and
     ``ConvNormAct``'s convolutions) that then takes z keeps those for its backward instead of z and
@@ -151,17 +151,16 @@ def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     recomputes the norm's output; and x or the norm's parameters modified in place after the
     convolution make its backward raise autograd's "modified by an inplace operation" error (eager
     raises it too, but only once the backward reaches the norm)."""
-    code = NA._check(x, weight, bias, eps, act)
-    if code == NA.ACTS["prelu"]:
-        raise ValueError("norm_act_keep_source takes no PReLU")
+    code = NA._check(x, weight, bias, eps, act, prelu)
+    prelu = prelu if code == NA.ACTS["prelu"] else None
     if not x.is_contiguous() and NA._cl_format(x) is None:
         x = x.contiguous()
-    z, mean, rstd = NA.norm_act_fwd(x, weight, bias, float(eps), float(slope), code)
+    z, mean, rstd = NA.norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu)
     if torch.is_grad_enabled() and z.requires_grad and _recompute_allowed():
         key = id(z)
         ref = weakref.ref(z, lambda r: _SOURCES.pop(key) if _SOURCES.get(key, (None,))[0] is r else None)
-        _SOURCES[key] = (ref, z._version, weakref.ref(x), _versions(x, weight, bias), mean, rstd, weight, bias,
-                         float(eps), float(slope), code)
+        _SOURCES[key] = (ref, z._version, weakref.ref(x), _versions(x, weight, bias, prelu), mean, rstd, weight,
+                         bias, prelu, float(eps), float(slope), code)
     return z
 
 
@@ -183,21 +182,22 @@ def _recompute_allowed() -> bool:
     return not (getattr(dc, "compiled_autograd", False) or getattr(ca, "compiled_autograd_enabled", False))
 
 
-# id(z) -> (weak z, z's version, weak x, x's version, mean, rstd, weight, bias, eps, slope, act) for the
+# id(z) -> (weak z, z's version, weak x, versions of x / weight / bias / prelu, mean, rstd, weight, bias,
+# prelu, eps, slope, act) for the
 # outputs of norm_act_keep_source that are alive. A table, not an attribute of z, so that z pickles
 # (torch.save) as any tensor; an entry goes with its z.
 _SOURCES: dict = {}
 
 
 def _norm_source(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
-    """(y, mean, rstd, norm weight, norm bias, eps, slope, act) when x is norm_act_keep_source's
+    """(y, mean, rstd, norm weight, norm bias, prelu, eps, slope, act) when x is norm_act_keep_source's
     unmodified output, its input y is alive and unmodified, and this convolution runs x as it is
     (CPU, x's dtype, batched, no autocast, not compiling); else None."""
     src = _SOURCES.get(id(x))
     if src is None or src[0]() is not x or src[1] != x._version or not _recompute_allowed():
         return None
     y = src[2]()
-    if y is None or _versions(y, src[6], src[7]) != src[3]:
+    if y is None or _versions(y, src[6], src[7], src[8]) != src[3]:
         return None  # gone, or it or the norm's parameters changed in place since
     if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or weight.dtype != x.dtype
             or weight.device != x.device or weight.ndim != x.ndim or (bias is not None and bias.dtype != x.dtype)):
@@ -213,31 +213,31 @@ class _ConvOfNormAct(torch.autograd.Function):
     z, so their gradients here are zero (None)."""
 
     @staticmethod
-    def forward(z, y, mean, rstd, nw, nb, weight, bias, conf):
+    def forward(z, y, mean, rstd, nw, nb, prelu, weight, bias, conf):
         stride, padding, dilation, groups = conf[:4]
         return conv_nd(z, weight, bias, stride, padding, dilation, groups, autograd=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, y, mean, rstd, nw, nb, weight, bias, conf = inputs
-        ctx.save_for_backward(y, mean, rstd, nw, nb, weight, bias)
+        _, y, mean, rstd, nw, nb, prelu, weight, bias, conf = inputs
+        ctx.save_for_backward(y, mean, rstd, nw, nb, prelu, weight, bias)
         ctx.conf = conf
 
     @staticmethod
     def backward(ctx, g):
-        y, mean, rstd, nw, nb, weight, bias = ctx.saved_tensors
+        y, mean, rstd, nw, nb, prelu, weight, bias = ctx.saved_tensors
         stride, padding, dilation, groups, eps, slope, act = ctx.conf
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # backward(create_graph=True)
-            return _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias)
-        z = NA.norm_act_apply(y, nw, nb, mean, rstd, slope, act)
+            return _conv_of_norm_act_graph(ctx, g, y, nw, nb, prelu, weight, bias)
+        z = NA.norm_act_apply(y, nw, nb, mean, rstd, slope, act, prelu)
         dz, dw, db = torch.ops.aten.convolution_backward(
             g, z, weight, None if bias is None else list(bias.shape), stride, padding, dilation, False,
-            [0] * (z.ndim - 2), groups, [need[0], need[6], need[7] and bias is not None])
-        return dz, None, None, None, None, None, dw, db, None
+            [0] * (z.ndim - 2), groups, [need[0], need[7], need[8] and bias is not None])
+        return dz, None, None, None, None, None, None, dw, db, None
 
 
-def _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias):
+def _conv_of_norm_act_graph(ctx, g, y, nw, nb, prelu, weight, bias):
     """_ConvOfNormAct's backward as PyTorch ops that autograd records: z recomputed from y by eager
     PyTorch's instance norm and activation (statistics included, in y's dtype), so the gradient's own
     graph reaches y and the norm's parameters as eager autograd's reaches them through z, at eager's
@@ -250,12 +250,14 @@ def _conv_of_norm_act_graph(ctx, g, y, nw, nb, weight, bias):
             z = F.leaky_relu(z, slope)
         elif act == NA.ACTS["relu"]:
             z = F.relu(z)
+        elif act == NA.ACTS["prelu"]:
+            z = F.prelu(z, prelu)
         if not z.requires_grad:
             z.requires_grad_()
         out = conv_nd(z, weight, bias, stride, padding, dilation, groups)
-        wrt = [(i, t) for i, t in ((0, z), (6, weight), (7, bias)) if t is not None and need[i]]
+        wrt = [(i, t) for i, t in ((0, z), (7, weight), (8, bias)) if t is not None and need[i]]
         gs = torch.autograd.grad(out, [t for _, t in wrt], g, create_graph=True, allow_unused=True)
-    res = [None] * 9
+    res = [None] * 10
     for (i, _), gr in zip(wrt, gs):
         res[i] = gr
     return tuple(res)

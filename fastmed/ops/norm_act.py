@@ -182,22 +182,23 @@ def norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
 
 
 def norm_act_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   slope: float, act: int) -> Tensor:
+                   slope: float, act: int, prelu: Optional[Tensor] = None) -> Tensor:
     """norm_act_fwd's y again from its saved per-plane ``mean`` / ``rstd`` (float64, N * C): the
     elementwise pass alone (the kernels' given-statistics variant), the same arithmetic and so the
     same bits as the forward that computed them. Not an op and no autograd: a backward's recompute
-    of an activation that was not kept (conv_norm_act2_fwd). No PReLU."""
+    of an activation that was not kept (conv_norm_act2_fwd, conv_norm_act's _ConvOfNormAct)."""
     mean, rstd = mean.detach().clone(), rstd.detach().clone()  # the kernels' given statistics
+    prelu = prelu if act == 3 else None
     if x.device.type != "cpu" or _ext.cpu is None:
         tri = _triton() if x.device.type == "cuda" else None
-        y = _triton_fwd(tri, x, weight, bias, 0.0, slope, act, mean, rstd, None, 3) if tri is not None else None
+        y = _triton_fwd(tri, x, weight, bias, 0.0, slope, act, mean, rstd, prelu, 3) if tri is not None else None
         if y is not None:
             return y
-        return _reference_fwd(x, weight, bias, 0.0, slope, act, stats=(mean, rstd))[0].contiguous(
+        return _reference_fwd(x, weight, bias, 0.0, slope, act, prelu, stats=(mean, rstd))[0].contiguous(
             memory_format=_cl_format(x) or torch.contiguous_format)
     y = _like(x)
     if x.numel():
-        mod, p, keep = _params(x, weight, bias, 0.0, slope, act, None, 3)
+        mod, p, keep = _params(x, weight, bias, 0.0, slope, act, prelu, 3)
         p.y, p.mean, p.rstd = y.data_ptr(), mean.data_ptr(), rstd.data_ptr()
         mod.norm_act_fwd(p)
         del keep
