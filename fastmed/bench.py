@@ -267,7 +267,7 @@ def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, op
             optimize_rows += run_blocks(quick, device, reps=5 if quick else 10, log=log)
             optimize_rows += run_train_steps(quick, device, reps=3 if quick else 5, log=log)
         else:  # CPU training steps at 64^3 (128^3 would take minutes a step here)
-            optimize_rows += run_train_steps(quick, device, reps=1 if quick else 3, log=log,
+            optimize_rows += run_train_steps(quick, device, reps=2 if quick else 3, log=log,
                                              shape=(1, 1, 64, 64, 64) if quick else (2, 1, 64, 64, 64))
     if not ops or "resample" in ops:
         resample = run_resample(quick, device, bw, reps=3 if quick else 5, log=log)
