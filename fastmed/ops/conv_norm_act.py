@@ -87,7 +87,7 @@ class _OneDNNConv(torch.autograd.Function):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func transforms take it
+    def setup_context(ctx, inputs, output):
         x, weight, bias, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, weight)
         ctx.conf = (list(stride), list(padding), list(dilation), groups, bias is not None)
@@ -183,9 +183,8 @@ def _recompute_allowed() -> bool:
 
 
 # id(z) -> (weak z, z's version, weak x, versions of x / weight / bias / prelu, mean, rstd, weight, bias,
-# prelu, eps, slope, act) for the
-# outputs of norm_act_keep_source that are alive. A table, not an attribute of z, so that z pickles
-# (torch.save) as any tensor; an entry goes with its z.
+# prelu, eps, slope, act) for the outputs of norm_act_keep_source that are alive. A table, not an
+# attribute of z, so that z pickles (torch.save) as any tensor; an entry goes with its z.
 _SOURCES: dict = {}
 
 
