@@ -75,9 +75,10 @@ first norm + activation in the second convolution's prologue; the training backw
 that activation), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
 In CPU training a fused instance norm's output remembers its input and statistics
-(``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDNNConv3d`` that takes it keeps
-those for its backward instead of its input, which it recomputes there (bit-identical): each conv
--> norm -> activation layer keeps one activation for the backward where eager keeps two.
+(``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDNNConv3d`` / ``FastConv2d``
+that takes it keeps those for its backward instead of its input, which it recomputes there
+(bit-identical): each conv -> norm -> activation layer keeps one activation for the backward where
+eager keeps two.
 
 Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
 fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not
@@ -99,7 +100,7 @@ from .ops.norm_act import _cl_format, _triton, batch_norm_act, norm_act, norm_ac
 
 _CL = torch.channels_last_3d
 
-__all__ = ["ConvNormAct", "OneDNNConv3d", "FastConvTranspose2d", "FastConvTranspose3d", "optimize"]
+__all__ = ["ConvNormAct", "OneDNNConv3d", "FastConv2d", "FastConvTranspose2d", "FastConvTranspose3d", "optimize"]
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _BATCH_NORMS = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}  # the input's ndim the kernel takes
@@ -282,6 +283,21 @@ class OneDNNConv3d(nn.Conv3d):
         return super()._conv_forward(input, weight, bias)
 
 
+class FastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, state_dict and outputs: the same ``F.conv2d``) whose
+    convolution goes through ``fastmed.ops.conv_norm_act.conv_nd``. What that adds is CPU training:
+    an input that a fused instance norm made (``norm_act_keep_source``) is not kept for the
+    backward; the norm's input and statistics are, and the backward recomputes it bit for bit, so a
+    2D conv -> norm -> activation layer keeps one activation where eager keeps two.
+    ``optimize()`` gives every plain ``nn.Conv2d`` of a model this class; ``ConvNormAct`` uses it
+    for 2D."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return CNA.conv_nd(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
 class _FastConvTranspose:
     """forward of FastConvTranspose2d / 3d: fastmed::upconv_fwd where ``upconv_suits``."""
 
@@ -364,7 +380,7 @@ def _plain_conv(m: nn.Module) -> Optional[nn.Module]:
     given as numbers, no hooks on it; else None."""
     if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and len(m) == 1 and not _hooked(m):
         m = m[0]
-    if type(m) not in (nn.Conv2d, nn.Conv3d, OneDNNConv3d) or _hooked(m):
+    if type(m) not in (nn.Conv2d, nn.Conv3d, OneDNNConv3d, FastConv2d) or _hooked(m):
         return None
     if _global_hooks():
         return None  # global module hooks must see the convolution run
@@ -592,7 +608,7 @@ class ConvNormAct(nn.Module):
             raise ValueError(f"kernel_size and dilation need {spatial_dims} entries, got {kernel_size}, {dilation}")
         if padding is None:
             padding = tuple((k - 1) // 2 * d for k, d in zip(ks, dl))
-        conv_t = OneDNNConv3d if spatial_dims == 3 else nn.Conv2d
+        conv_t = OneDNNConv3d if spatial_dims == 3 else FastConv2d
         self.conv = conv_t(in_channels, out_channels, ks, stride=stride, padding=padding, dilation=dl,
                            groups=groups, bias=bias)
         nk = dict(norm_kwargs or {})
@@ -989,8 +1005,10 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     ``onednn=True`` (default) also gives every plain ``nn.Conv3d`` the class ``OneDNNConv3d``
     (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
     which PyTorch runs in a generic loop, go to oneDNN (outputs equal to float32 rounding; MONAI's
-    UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU). ``onednn=False``
-    leaves convolutions alone.
+    UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU), and every plain
+    ``nn.Conv2d`` the class ``FastConv2d`` (the same ``F.conv2d``; in CPU training it keeps the
+    fused norm's input instead of its output, as ``OneDNNConv3d`` does). ``onednn=False`` leaves
+    convolutions alone.
 
     ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
     ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``), BasicUNet
@@ -1034,12 +1052,15 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     for mod in model.modules():  # nnU-Net's layers and stacks: the Triton convolution's routes on CUDA
         if type(mod) in _NNUNET_BLOCKS:
             mod.__class__ = _NNUNET_BLOCKS[type(mod)]
-    onednn_convs = []
+    onednn_convs, convs2d = [], []
     if onednn:
         for name, mod in model.named_modules():
             if type(mod) is nn.Conv3d:
                 mod.__class__ = OneDNNConv3d
                 onednn_convs.append(name)
+            elif type(mod) is nn.Conv2d:
+                mod.__class__ = FastConv2d
+                convs2d.append(name)
     upconvs = []
     if upconv:
         for name, mod in model.named_modules():
@@ -1079,7 +1100,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                     mod._fm_cl_weight = True  # ours: optimizing again restores the planar weight
                 mod.weight.data = w
     _set_layout_hook(model, not layout.startswith("planar"))
-    model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "upconv": upconvs,
+    model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "conv2d": convs2d,
+                             "upconv": upconvs,
                              "layout": layout}
     if verbose:
         print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")
@@ -1089,6 +1111,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
             print(f"  skipped {n}: {why}")
         if onednn_convs:
             print(f"  {len(onednn_convs)} Conv3d -> OneDNNConv3d (batch-1 float32 CPU convolutions to oneDNN)")
+        if convs2d:
+            print(f"  {len(convs2d)} Conv2d -> FastConv2d (CPU training keeps the fused norm's input, not its output)")
         for n in upconvs:
             print(f"  upconv  {n}")
         print(f"  layout  {layout}")

@@ -302,22 +302,23 @@ def test_only_plain_convolutions_are_taken_over():
 # training on the CPU: a convolution after a fused instance norm keeps the norm's input, not its own
 
 
-def _chain_model(dtype=torch.float32, channels_last=False, groups=1):
+def _chain_model(dtype=torch.float32, channels_last=False, groups=1, dims=3):
     from fastmed.nn import ConvNormAct
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(
-        ConvNormAct(3, 8, 3),
-        ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True)),
-        ConvNormAct(8, 6, (1, 3, 3), dilation=(1, 2, 1), act="prelu", norm_kwargs=dict(affine=True),
-                    act_kwargs=dict(num_parameters=6, init=0.3)),
-        ConvNormAct(6, 4, 1, act=None, bias=False)).to(dtype)
-    x = torch.randn(2, 3, 9, 10, 11, dtype=dtype)
+        ConvNormAct(3, 8, 3, spatial_dims=dims),
+        ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True), spatial_dims=dims),
+        ConvNormAct(8, 6, (1, 3, 3)[-dims:], dilation=(1, 2, 1)[-dims:], act="prelu", norm_kwargs=dict(affine=True),
+                    act_kwargs=dict(num_parameters=6, init=0.3), spatial_dims=dims),
+        ConvNormAct(6, 4, 1, act=None, bias=False, spatial_dims=dims)).to(dtype)
+    x = torch.randn((2, 3, 9, 10, 11)[:dims + 2], dtype=dtype)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last_3d)
+        fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+        x = x.to(memory_format=fmt)
         for p in m.parameters():
-            if p.ndim == 5:
-                p.data = p.data.to(memory_format=torch.channels_last_3d)
+            if p.ndim == dims + 2:
+                p.data = p.data.to(memory_format=fmt)
     return m, x.requires_grad_()
 
 
@@ -337,8 +338,10 @@ def _run(m, x, g, recompute: bool, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, channels_last, groups, monkeypatch):
-    m, x = _chain_model(dtype, channels_last, groups)
+@pytest.mark.parametrize("dims", [3, 2])
+def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, channels_last, groups, dims,
+                                                                         monkeypatch):
+    m, x = _chain_model(dtype, channels_last, groups, dims)
     g = torch.randn_like(m(x))
     out1, g1, calls = _run(m, x, g, True, monkeypatch)
     out0, g0, _ = _run(m, x, g, False, monkeypatch)
@@ -352,7 +355,8 @@ def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, 
     for layer in m:
         w = next(params)
         b = next(params) if layer.conv.bias is not None else None
-        h = F.conv3d(h, w, b, layer.conv.stride, layer.conv.padding, layer.conv.dilation, layer.conv.groups)
+        conv = F.conv3d if dims == 3 else F.conv2d
+        h = conv(h, w, b, layer.conv.stride, layer.conv.padding, layer.conv.dilation, layer.conv.groups)
         if hasattr(layer, "norm"):
             nw, nb = (next(params), next(params)) if layer.norm.affine else (None, None)
             h = F.instance_norm(h, weight=nw, bias=nb, eps=layer.norm.eps)
@@ -367,10 +371,11 @@ def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, 
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
-def test_convolution_after_a_fused_norm_does_not_keep_its_input():
+@pytest.mark.parametrize("dims", [3, 2])
+def test_convolution_after_a_fused_norm_does_not_keep_its_input(dims):
     """The fused norms' outputs are never among the tensors autograd keeps: each layer keeps one
     activation (the convolution's output), eager keeps two."""
-    m, x = _chain_model()
+    m, x = _chain_model(dims=dims)
     outs, saved = [], set()
     hooks = [layer.register_forward_hook(lambda mod, a, o: outs.append(o.untyped_storage().data_ptr()))
              for layer in list(m)[:-1]]

@@ -137,9 +137,9 @@ def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                          slope: float, prelu: Optional[Tensor] = None) -> Tensor:
     """``norm_act(x, weight, bias, eps, act, slope, prelu)`` (instance norm) whose result z
     remembers where it came from: x (weakly), the per-plane statistics and the parameters. A 3D / 2D
-    convolution through ``conv_nd`` with autograd (``OneDNNConv3d``, the optimized models' and
-    ``ConvNormAct``'s convolutions) that then takes z keeps those for its backward instead of z and
-    recomputes z there (``norm_act_apply``: the same bits). The norm's own backward keeps x anyway,
+    convolution through ``conv_nd`` with autograd (``OneDNNConv3d`` / ``FastConv2d``, the optimized
+    models' and ``ConvNormAct``'s convolutions) that then takes z keeps those for its backward
+    instead of z and recomputes z there (``norm_act_apply``: the same bits). The norm's own backward keeps x anyway,
     so each conv -> norm -> act layer of a chain holds one activation for the backward where eager
     PyTorch holds two (the convolution's input and the norm's input). Nothing is kept longer than in
     eager: the reference to x is weak (once the norm's backward has freed x, z is an ordinary
