@@ -74,11 +74,11 @@ With ``FASTMED_TRITON_CONV=1`` on CUDA, an optimized DynUNet basic block runs bo
 first norm + activation in the second convolution's prologue; the training backward recomputes
 that activation), and an nnU-Net ``StackedConvBlocks`` its layers two by two the same way.
 
-In CPU training a fused instance norm's output remembers its input and statistics
-(``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDNNConv3d`` / ``FastConv2d``
-that takes it keeps those for its backward instead of its input, which it recomputes there
-(bit-identical): each conv -> norm -> activation layer keeps one activation for the backward where
-eager keeps two.
+In CPU training a fused norm's output (instance, group or batch norm) remembers its input and
+statistics (``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDNNConv3d`` /
+``FastConv2d`` that takes it keeps those for its backward instead of its input, which it recomputes
+there (bit-identical): each conv -> norm -> activation layer keeps one activation for the backward
+where eager keeps two.
 
 Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
 fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not
@@ -96,7 +96,7 @@ from torch import Tensor, nn
 from .ops import conv_norm_act as CNA
 from .ops import upconv as UC
 from .ops import norm_act as NA
-from .ops.norm_act import _cl_format, _triton, batch_norm_act, norm_act, norm_act_
+from .ops.norm_act import _cl_format, _triton, norm_act, norm_act_
 
 _CL = torch.channels_last_3d
 
@@ -185,7 +185,10 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
                 NA.norm_act_inplace_op(x, w, b, float(norm.eps), float(spec["slope"]), NA.ACTS[spec["act"]], pw, 1,
                                        norm.num_groups)
             return x
-        return NA.group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"], spec["slope"], pw)
+        y, mean, rstd, xk, code, pwk = NA._group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"],
+                                                          spec["slope"], pw)
+        # training on the CPU: the next convolution keeps x instead of y (see norm_act_keep_source)
+        return CNA.keep_source(y, xk, mean, rstd, w, b, pwk, norm.eps, spec["slope"], code, ("group", norm.num_groups))
     if inplace:
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
     if x.device.type == "cpu" and torch.is_grad_enabled():
@@ -206,8 +209,13 @@ def _batch_norm_fused(norm: nn.Module, spec: dict, x: Tensor, w, b, pw, inplace:
     use_running = not norm.training or norm.track_running_stats
     rm = norm.running_mean if use_running else None
     rv = norm.running_var if use_running else None
-    return batch_norm_act(x, rm, rv, w, b, bn_training, factor, norm.eps, spec["act"], spec["slope"], pw,
-                          inplace=inplace)
+    y, mean, rstd, xk, code, pwk, k = NA._batch_norm_act(x, rm, rv, w, b, bn_training, factor, norm.eps, spec["act"],
+                                                         spec["slope"], pw, inplace)
+    if inplace:
+        return y
+    # training on the CPU: the next convolution keeps x instead of y (see norm_act_keep_source)
+    return CNA.keep_source(y, xk, mean, rstd, w, b, pwk, norm.eps, spec["slope"], code,
+                           ("batch",) if k == 2 else ("given",))
 
 
 def _eager_act(spec: dict, x: Tensor) -> Tensor:
@@ -286,9 +294,9 @@ class OneDNNConv3d(nn.Conv3d):
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state_dict and outputs: the same ``F.conv2d``) whose
     convolution goes through ``fastmed.ops.conv_norm_act.conv_nd``. What that adds is CPU training:
-    an input that a fused instance norm made (``norm_act_keep_source``) is not kept for the
-    backward; the norm's input and statistics are, and the backward recomputes it bit for bit, so a
-    2D conv -> norm -> activation layer keeps one activation where eager keeps two.
+    an input that a fused norm made (``norm_act_keep_source``) is not kept for the backward; the
+    norm's input and statistics are, and the backward recomputes it bit for bit, so a 2D conv ->
+    norm -> activation layer keeps one activation where eager keeps two.
     ``optimize()`` gives every plain ``nn.Conv2d`` of a model this class; ``ConvNormAct`` uses it
     for 2D."""
 

@@ -302,16 +302,18 @@ def test_only_plain_convolutions_are_taken_over():
 # training on the CPU: a convolution after a fused instance norm keeps the norm's input, not its own
 
 
-def _chain_model(dtype=torch.float32, channels_last=False, groups=1, dims=3):
+def _chain_model(dtype=torch.float32, channels_last=False, groups=1, dims=3, norm="instance"):
     from fastmed.nn import ConvNormAct
 
     torch.manual_seed(0)
+    kw = dict(spatial_dims=dims, norm=norm)
+    nk = dict(num_groups=2) if norm == "group" else {}
     m = torch.nn.Sequential(
-        ConvNormAct(3, 8, 3, spatial_dims=dims),
-        ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True), spatial_dims=dims),
-        ConvNormAct(8, 6, (1, 3, 3)[-dims:], dilation=(1, 2, 1)[-dims:], act="prelu", norm_kwargs=dict(affine=True),
-                    act_kwargs=dict(num_parameters=6, init=0.3), spatial_dims=dims),
-        ConvNormAct(6, 4, 1, act=None, bias=False, spatial_dims=dims)).to(dtype)
+        ConvNormAct(3, 8, 3, norm_kwargs=dict(nk), **kw),
+        ConvNormAct(8, 8, 3, stride=2, groups=groups, norm_kwargs=dict(affine=True, **nk), **kw),
+        ConvNormAct(8, 6, (1, 3, 3)[-dims:], dilation=(1, 2, 1)[-dims:], act="prelu",
+                    norm_kwargs=dict(affine=True, **nk), act_kwargs=dict(num_parameters=6, init=0.3), **kw),
+        ConvNormAct(6, 4, 1, act=None, bias=False, norm_kwargs=dict(nk), **kw)).to(dtype)
     x = torch.randn((2, 3, 9, 10, 11)[:dims + 2], dtype=dtype)
     if channels_last:
         fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
@@ -338,10 +340,11 @@ def _run(m, x, g, recompute: bool, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("dims", [3, 2])
-def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, channels_last, groups, dims,
+@pytest.mark.parametrize("dims, norm", [(3, "instance"), (2, "instance"), (3, "group"), (3, "batch"),
+                                        (2, "batch")])
+def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, channels_last, groups, dims, norm,
                                                                          monkeypatch):
-    m, x = _chain_model(dtype, channels_last, groups, dims)
+    m, x = _chain_model(dtype, channels_last, groups, dims, norm)
     g = torch.randn_like(m(x))
     out1, g1, calls = _run(m, x, g, True, monkeypatch)
     out0, g0, _ = _run(m, x, g, False, monkeypatch)
@@ -359,7 +362,12 @@ def test_convolution_after_a_fused_norm_recomputes_its_input_bit_for_bit(dtype, 
         h = conv(h, w, b, layer.conv.stride, layer.conv.padding, layer.conv.dilation, layer.conv.groups)
         if hasattr(layer, "norm"):
             nw, nb = (next(params), next(params)) if layer.norm.affine else (None, None)
-            h = F.instance_norm(h, weight=nw, bias=nb, eps=layer.norm.eps)
+            if norm == "group":
+                h = F.group_norm(h, layer.norm.num_groups, nw, nb, layer.norm.eps)
+            elif norm == "batch":
+                h = F.batch_norm(h, None, None, nw, nb, True, 0.0, layer.norm.eps)
+            else:
+                h = F.instance_norm(h, weight=nw, bias=nb, eps=layer.norm.eps)
         if isinstance(getattr(layer, "act", None), torch.nn.PReLU):
             h = F.prelu(h, next(params))
         elif hasattr(layer, "act"):
@@ -477,6 +485,60 @@ def test_recompute_gradcheck_gradgradcheck_and_checkpoint():
     got = torch.autograd.grad(checkpoint(lambda t: b(a(t)), x, use_reentrant=False), params[:-1], g)
     for u, v in zip(got, ref):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "batch_eval"])
+def test_recompute_after_group_and_batch_norms(norm, monkeypatch):
+    """Group norm, batch norm in training (batch statistics) and in eval (running statistics, e.g.
+    fine-tuning with frozen norms) route through the recompute too: bit-identical to the route off,
+    double backward (create_graph) through eager's norm, gradcheck / gradgradcheck."""
+    from fastmed.nn import ConvNormAct
+
+    torch.manual_seed(4)
+    nk = dict(num_groups=2) if norm == "group" else {}
+    kind = "batch" if norm == "batch_eval" else norm
+    a = ConvNormAct(2, 4, 3, norm=kind, norm_kwargs=nk).double()
+    b = ConvNormAct(4, 2, 3, stride=2, norm=kind, norm_kwargs=nk, act="prelu").double()
+    if norm == "batch_eval":
+        with torch.no_grad():
+            for bn in (a.norm, b.norm):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+        a.eval(), b.eval()
+    x = torch.randn(2, 2, 5, 6, 5, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(a.parameters()) + list(b.parameters())
+    calls = []
+    apply = CN._ConvOfNormAct.apply
+    monkeypatch.setattr(CN._ConvOfNormAct, "apply", lambda *args: (calls.append(1), apply(*args))[1])
+
+    def f(*ps):
+        return b(a(ps[0]))
+
+    out = f(*params)
+    assert len(calls) == 1
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, g)
+    with monkeypatch.context() as mp:
+        mp.setattr(CN, "_norm_source", lambda *args: None)
+        ref = torch.autograd.grad(f(*params), params, g)
+    for u, v in zip(got, ref):
+        assert torch.equal(u, v)
+    # gradient penalty: the double backward recomputes the norm with eager's ops
+    gx, = torch.autograd.grad(f(*params), x, g, create_graph=True)
+    pen = torch.autograd.grad(gx.square().sum(), params[1:], allow_unused=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(CN, "_norm_source", lambda *args: None)
+        gx0, = torch.autograd.grad(f(*params), x, g, create_graph=True)
+        pen0 = torch.autograd.grad(gx0.square().sum(), params[1:], allow_unused=True)
+    for u, v in zip(pen, pen0):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+    if norm == "batch":  # gradcheck reruns the forward, which updates the running statistics: no matter
+        a.norm.track_running_stats = b.norm.track_running_stats = False
+        a.norm.running_mean = a.norm.running_var = b.norm.running_mean = b.norm.running_var = None
+    assert torch.autograd.gradcheck(f, params)
+    assert torch.autograd.gradgradcheck(f, params)
 
 
 def test_recompute_review_cases(monkeypatch, tmp_path):

@@ -19,9 +19,10 @@ written); everywhere the backward keeps y1 and y2 but not z1, which it recompute
 saved statistics (``norm_act_apply``: the same bits). fastmed.optimize uses it on the Triton route
 only (see ``fastmed.nn._train_pair`` for why not on the CPU).
 
-``norm_act_keep_source``: on the CPU in training, a fused instance norm's output that a
-convolution through ``conv_nd`` takes is not kept by that convolution: it keeps the norm's input
-and statistics instead and recomputes its input in its own backward (``_ConvOfNormAct``).
+``norm_act_keep_source`` (``keep_source`` for the fused group and batch norms of fastmed.nn): on
+the CPU in training, a fused norm's output that a convolution through ``conv_nd`` takes is not kept
+by that convolution: it keeps the norm's input and statistics instead and recomputes its input in
+its own backward (``_ConvOfNormAct``).
 
 Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
 saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
@@ -107,8 +108,9 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
             autograd: bool = True) -> Tensor:
     """F.conv2d / F.conv3d (zero padding given as numbers), with oneDNN called directly where
     ``onednn_suits``; autograd as F.conv3d's (``autograd=False``: inside an op with its own). With
-    autograd, an input that a fused instance norm made (``norm_act_keep_source``) is not kept for
-    the backward: the convolution keeps the norm's input and statistics instead and recomputes x."""
+    autograd, an input that a fused norm made (``norm_act_keep_source``, ``keep_source``) is not
+    kept for the backward: the convolution keeps the norm's input and statistics instead and
+    recomputes x."""
     nd = weight.ndim - 2
     stride, padding, dilation = (_ints(v, nd) for v in (stride, padding, dilation))
     tracing = torch.jit.is_tracing()  # a traced graph records aten ops, not Python autograd functions
@@ -129,7 +131,7 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
 
 
 # ------------------------------------------------------------------------------------------------
-# training on the CPU: a convolution whose input is a fused instance norm's output keeps the norm's
+# training on the CPU: a convolution whose input is a fused norm's output keeps the norm's
 # input for its backward instead of its own
 
 
@@ -156,11 +158,21 @@ def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if not x.is_contiguous() and NA._cl_format(x) is None:
         x = x.contiguous()
     z, mean, rstd = NA.norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu)
-    if torch.is_grad_enabled() and z.requires_grad and _recompute_allowed():
+    return keep_source(z, x, mean, rstd, weight, bias, prelu, eps, slope, code, ("instance",))
+
+
+def keep_source(z: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                prelu: Optional[Tensor], eps: float, slope: float, act: int, norm: tuple) -> Tensor:
+    """Records z = fastmed::norm_act_fwd(x, ...)[0] (per-plane ``mean`` / ``rstd`` its other outputs;
+    ``act`` its code, ``prelu`` None unless it is PReLU) as norm_act_keep_source does, and returns z.
+    ``norm`` says how a double backward recomputes z with eager ops: ("instance",), ("group",
+    num_groups), ("batch",) (batch statistics) or ("given",) (constant statistics: batch norm in
+    eval). Only on the CPU, with autograd recording z."""
+    if z.device.type == "cpu" and torch.is_grad_enabled() and z.requires_grad and _recompute_allowed():
         key = id(z)
         ref = weakref.ref(z, lambda r: _SOURCES.pop(key) if _SOURCES.get(key, (None,))[0] is r else None)
         _SOURCES[key] = (ref, z._version, weakref.ref(x), _versions(x, weight, bias, prelu), mean, rstd, weight,
-                         bias, prelu, float(eps), float(slope), code)
+                         bias, prelu, float(eps), float(slope), act, norm)
     return z
 
 
@@ -183,13 +195,13 @@ def _recompute_allowed() -> bool:
 
 
 # id(z) -> (weak z, z's version, weak x, versions of x / weight / bias / prelu, mean, rstd, weight, bias,
-# prelu, eps, slope, act) for the outputs of norm_act_keep_source that are alive. A table, not an
+# prelu, eps, slope, act, norm) for the outputs of keep_source that are alive. A table, not an
 # attribute of z, so that z pickles (torch.save) as any tensor; an entry goes with its z.
 _SOURCES: dict = {}
 
 
 def _norm_source(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
-    """(y, mean, rstd, norm weight, norm bias, prelu, eps, slope, act) when x is norm_act_keep_source's
+    """(y, mean, rstd, norm weight, norm bias, prelu, eps, slope, act, norm) when x is keep_source's
     unmodified output, its input y is alive and unmodified, and this convolution runs x as it is
     (CPU, x's dtype, batched, no autocast, not compiling); else None."""
     src = _SOURCES.get(id(x))
@@ -225,7 +237,7 @@ class _ConvOfNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         y, mean, rstd, nw, nb, prelu, weight, bias = ctx.saved_tensors
-        stride, padding, dilation, groups, eps, slope, act = ctx.conf
+        stride, padding, dilation, groups, eps, slope, act, norm = ctx.conf
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # backward(create_graph=True)
             return _conv_of_norm_act_graph(ctx, g, y, nw, nb, prelu, weight, bias)
@@ -238,13 +250,22 @@ class _ConvOfNormAct(torch.autograd.Function):
 
 def _conv_of_norm_act_graph(ctx, g, y, nw, nb, prelu, weight, bias):
     """_ConvOfNormAct's backward as PyTorch ops that autograd records: z recomputed from y by eager
-    PyTorch's instance norm and activation (statistics included, in y's dtype), so the gradient's own
-    graph reaches y and the norm's parameters as eager autograd's reaches them through z, at eager's
+    PyTorch's norm and activation (statistics included, in y's dtype), so the gradient's own graph
+    reaches y and the norm's parameters as eager autograd's reaches them through z, at eager's
     cost."""
-    stride, padding, dilation, groups, eps, slope, act = ctx.conf
+    stride, padding, dilation, groups, eps, slope, act, norm = ctx.conf
     need = ctx.needs_input_grad
     with torch.enable_grad():
-        z = F.instance_norm(y, weight=nw, bias=nb, eps=eps)
+        if norm[0] == "instance":
+            z = F.instance_norm(y, weight=nw, bias=nb, eps=eps)
+        elif norm[0] == "group":
+            z = F.group_norm(y, norm[1], nw, nb, eps)
+        elif norm[0] == "batch":
+            z = F.batch_norm(y, None, None, nw, nb, True, 0.0, eps)
+        else:  # "given": constant statistics (batch norm in eval), saved per plane
+            C = y.shape[1]
+            mean, rstd = ctx.saved_tensors[1][:C], ctx.saved_tensors[2][:C]  # the running ones, per plane
+            z = F.batch_norm(y, mean.to(y.dtype), (1.0 / rstd.square() - eps).to(y.dtype), nw, nb, False, 0.0, eps)
         if act == NA.ACTS["leaky_relu"]:
             z = F.leaky_relu(z, slope)
         elif act == NA.ACTS["relu"]:

@@ -355,6 +355,12 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     """``act(F.group_norm(x, num_groups, weight, bias, eps))`` in one read-twice, write-once pass
     (statistics per sample and group of C / num_groups channels); differentiable. C++ kernel on the
     CPU, Triton kernels on CUDA; other devices compute it in float64 plain PyTorch."""
+    return _group_norm_act(x, num_groups, weight, bias, eps, act, slope, prelu)[0]
+
+
+def _group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act,
+                    slope: float, prelu: Optional[Tensor]) -> tuple:
+    """group_norm_act's (y, mean, rstd, x as the kernel read it, act code, PReLU weight or None)."""
     code = _check(x, weight, bias, eps, act, prelu, "group norm")
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
@@ -362,8 +368,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     num_groups = int(num_groups)
     if not x.is_contiguous() and _cl_format(x) is None:
         x = x.contiguous()
-    return norm_act_fwd(x, weight, bias, float(eps), float(slope), code, prelu if code == 3 else None, 1,
-                        num_groups)[0]
+    pw = prelu if code == 3 else None
+    y, mean, rstd = norm_act_fwd(x, weight, bias, float(eps), float(slope), code, pw, 1, num_groups)
+    return y, mean, rstd, x, code, pw
 
 
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -374,6 +381,15 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     one pass (training: statistics per channel over the batch and space, and the running statistics
     updated in place as F.batch_norm does: momentum-weighted, unbiased variance); differentiable.
     ``inplace=True`` (inference only) writes the result over x."""
+    return _batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope, prelu,
+                           inplace)[0]
+
+
+def _batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                    act, slope: float, prelu: Optional[Tensor], inplace: bool) -> tuple:
+    """batch_norm_act's (y, mean, rstd, x as the kernel read it, act code, PReLU weight or None,
+    kind: 2 batch statistics, 3 the running ones)."""
     code = _check(x, weight, bias, eps, act, prelu, "batch norm")
     N, C = x.shape[0], x.shape[1]
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
@@ -409,7 +425,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
             bm, bv = mean[:C], 1.0 / rstd[:C].square() - eps
             running_mean.copy_(momentum * bm + (1 - momentum) * running_mean.double())
             running_var.copy_(momentum * bv * (n / (n - 1)) + (1 - momentum) * running_var.double())
-    return y
+    return y, mean, rstd, x, code, pw, kind
 
 
 @torch.library.custom_op("fastmed::norm_act_", mutates_args=("x", "mean_out", "rstd_out"))
