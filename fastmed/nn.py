@@ -1016,7 +1016,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU), and every plain
     ``nn.Conv2d`` the class ``FastConv2d`` (the same ``F.conv2d``; in CPU training it keeps the
     fused norm's input instead of its output, as ``OneDNNConv3d`` does). ``onednn=False`` leaves
-    convolutions alone.
+    convolutions alone (and gives those of a model optimized before their torch.nn classes back).
 
     ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
     ``FastConvTranspose2d`` / ``3d``, and the decoder blocks of DynUNet (``UnetUpBlock``), BasicUNet
@@ -1027,7 +1027,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     without, on our 2-core CPU); on channels-last data (the default layout) the kernel writes its
     channels into the concatenation buffer and copies the skip in the same pass, where PyTorch's
     ``torch.cat`` reads the upsampled tensor back (the same forward 2.2% faster). The report's
-    ``"upconv"`` lists both. ``upconv=False`` leaves them alone."""
+    ``"upconv"`` lists both. ``upconv=False`` leaves them alone (and gives those of a model
+    optimized before their classes back)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -1060,23 +1061,32 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     for mod in model.modules():  # nnU-Net's layers and stacks: the Triton convolution's routes on CUDA
         if type(mod) in _NNUNET_BLOCKS:
             mod.__class__ = _NNUNET_BLOCKS[type(mod)]
+    for mod in model.modules():  # the classes an earlier optimize() gave: back first, set anew below
+        if "_fm_orig" in mod.__dict__:
+            mod.__class__ = mod.__dict__.pop("_fm_orig")
+            mod.__dict__.pop("_fm_nhwc", None)
+
+    def swap(mod, cls):
+        mod._fm_orig = type(mod)
+        mod.__class__ = cls
+
     onednn_convs, convs2d = [], []
     if onednn:
         for name, mod in model.named_modules():
             if type(mod) is nn.Conv3d:
-                mod.__class__ = OneDNNConv3d
+                swap(mod, OneDNNConv3d)
                 onednn_convs.append(name)
             elif type(mod) is nn.Conv2d:
-                mod.__class__ = FastConv2d
+                swap(mod, FastConv2d)
                 convs2d.append(name)
     upconvs = []
     if upconv:
         for name, mod in model.named_modules():
             if type(mod) in _FAST_TRANSPOSED:
-                mod.__class__ = _FAST_TRANSPOSED[type(mod)]
+                swap(mod, _FAST_TRANSPOSED[type(mod)])
                 upconvs.append(name)
             elif type(mod) in _UPCAT:
-                mod.__class__ = _UPCAT[type(mod)]
+                swap(mod, _UPCAT[type(mod)])
                 upconvs.append(f"{name} (upsampling written into the skip concatenation)")
     layout = "planar"
     for mod in model.modules():  # weights an earlier optimize(channels_last=True) stored NDHWC: back first

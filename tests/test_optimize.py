@@ -13,7 +13,7 @@ from torch import nn
 
 import fastmed
 from fastmed.nn import (_FAST_TRANSPOSED, _UPCAT, ConvNormAct, FastConv2d, FastConvTranspose3d, FusedInstanceNorm3d, OneDNNConv3d,
-                        _AppliedPReLU, _as_nhwc)
+                        _FUSED_TARGETS, _AppliedPReLU, _as_nhwc)
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -475,6 +475,30 @@ def test_optimizing_again_restores_what_it_changed():
     assert len(m._fastmed_report["fused"]) == n
     fastmed.optimize(m, inplace=True)  # and the default layout applies again
     assert m._fastmed_report["layout"].startswith("channels last in CPU inference")
+
+
+def test_optimizing_again_without_options_gives_classes_back():
+    """Found by review: optimize(m, onednn=False, upconv=False) on an optimized model kept the
+    convolution and upsampling classes an earlier optimize() gave (its report said none); a default
+    optimize() of an optimized model listed none either."""
+    m = _dynunet(False).eval()
+    plain = [type(a) for a in m.modules()]
+    fastmed.optimize(m, inplace=True)
+    n_onednn, n_up = len(m._fastmed_report["onednn"]), len(m._fastmed_report["upconv"])
+    assert n_onednn and n_up
+    fastmed.optimize(m, inplace=True)  # again: the same report
+    assert len(m._fastmed_report["onednn"]) == n_onednn and len(m._fastmed_report["upconv"]) == n_up
+    fastmed.optimize(m, inplace=True, onednn=False, upconv=False)
+    assert not m._fastmed_report["onednn"] and not m._fastmed_report["upconv"]
+    fused = set(_FUSED_TARGETS)
+    assert [t for t, a in zip(plain, m.modules()) if type(a) is not t and type(a) not in fused] == []
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        y = m(x)
+    fastmed.optimize(m, inplace=True)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-4)
+    assert len(m._fastmed_report["onednn"]) == n_onednn
 
 
 def test_inplace_pickle_and_fallback_dtypes():

@@ -207,6 +207,45 @@ def test_bad_inputs_name_the_argument():
         U.upconv(x, w, None, torch.randn(1, 3, 6, 6, 6), "yes")
 
 
+def test_direct_op_calls_and_modules_check_shapes():
+    """Found by review: the registered op trusted its shapes (a too-small channels-last skip
+    crashed, a short bias was read past its end), and FastConvTranspose took an input with the
+    wrong channel count to the kernel (garbage, or a crash). Now the op checks, and the module
+    leaves a wrong input to PyTorch's own error."""
+    from fastmed.nn import FastConvTranspose2d, FastConvTranspose3d
+
+    op = torch.ops.fastmed.upconv_fwd
+    x = torch.randn(1, 4, 3, 3, 3)
+    w = torch.randn(4, 6, 2, 2, 2)
+    xcl = x.contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="skip must be"):
+        op(xcl, w, None, torch.randn(1, 5, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d), False)
+    with pytest.raises(ValueError, match="skip must be"):
+        op(torch.randn(2, 4, 3, 3, 3), w, None, torch.randn(1, 5, 6, 6, 6), False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        op(x, w, torch.randn(1), None, False)
+    with pytest.raises(ValueError, match="weight must be"):
+        op(x, torch.randn(9, 6, 2, 2, 2), None, None, False)
+    with pytest.raises(TypeError, match="skip must have x's dtype"):
+        op(x, w, None, torch.randn(1, 5, 6, 6, 6, dtype=torch.float64), False)
+    # upconv() itself promotes as torch.cat does
+    assert U.upconv(x, w, None, torch.randn(1, 5, 6, 6, 6, dtype=torch.float64)).dtype == torch.float64
+    for mod, shape in ((FastConvTranspose3d(4, 6, 2, stride=2), (1, 2, 8, 8, 8)),
+                       (FastConvTranspose2d(4, 6, 2, stride=2), (1, 64, 8, 8))):
+        with pytest.raises(RuntimeError, match="channels"):
+            mod(torch.randn(shape))
+
+
+def test_import_fastmed_registers_every_op():
+    import subprocess
+    import sys
+
+    code = ("import fastmed, torch; ops = ['upconv_fwd', 'norm_act_fwd', 'conv_norm_act_fwd', 'dice_ce_fwd', "
+            "'resample', 'sliding_window_stitch']; print([o for o in ops if not hasattr(torch.ops.fastmed, o)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_large_output_streaming_stores():
     # outputs over 16 MB are written with non-temporal stores (AVX-512 build), the rest normally
     g = torch.Generator().manual_seed(7)

@@ -76,8 +76,8 @@ def upconv_suits(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     pick their own kernels). Channels-last x alone keeps PyTorch's own path (oneDNN, as fast)."""
     nd = x.ndim - 2
     if (nd not in (2, 3) or weight.ndim != x.ndim or x.numel() == 0 or weight.numel() == 0 or x.is_mkldnn
-            or weight.is_mkldnn):
-        return False
+            or weight.is_mkldnn or x.shape[1] != weight.shape[0]):
+        return False  # (wrong channel counts: PyTorch's own error)
 
     def tup(v):
         return [v] * nd if isinstance(v, int) else list(v)
@@ -146,6 +146,9 @@ def _run_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, sk
 @torch.library.custom_op("fastmed::upconv_fwd", mutates_args=())
 def upconv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Optional[Tensor],
                skip_first: bool) -> Tensor:
+    _check(x, weight, bias, skip)  # the kernel trusts the shapes: a direct call of the op gets them checked
+    if skip is not None and skip.dtype != x.dtype:
+        raise TypeError(f"upconv_fwd: skip must have x's dtype {x.dtype}, got {skip.dtype} (upconv() promotes)")
     if not _kernel_ok(x, weight, bias, skip is not None) or (skip is not None and skip.dtype != x.dtype):
         return _composite(x, weight, bias, skip, skip_first, in_op=True)
     shape = _out_shape(x, weight)
