@@ -188,7 +188,8 @@ def _fused(norm: nn.Module, spec: dict, x: Tensor, fresh: bool = False) -> Tenso
         y, mean, rstd, xk, code, pwk = NA._group_norm_act(x, norm.num_groups, w, b, norm.eps, spec["act"],
                                                           spec["slope"], pw)
         # training on the CPU: the next convolution keeps x instead of y (see norm_act_keep_source)
-        return CNA.keep_source(y, xk, mean, rstd, w, b, pwk, norm.eps, spec["slope"], code, ("group", norm.num_groups))
+        return CNA.keep_source(y, xk, mean, rstd, w, b, pwk, norm.eps, spec["slope"], code,
+                               ("group", norm.num_groups))
     if inplace:
         return norm_act_(x, w, b, spec["eps"], spec["act"], spec["slope"], pw)
     if x.device.type == "cpu" and torch.is_grad_enabled():
@@ -1119,8 +1120,7 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                 mod.weight.data = w
     _set_layout_hook(model, not layout.startswith("planar"))
     model._fastmed_report = {"fused": fused, "skipped": skipped, "onednn": onednn_convs, "conv2d": convs2d,
-                             "upconv": upconvs,
-                             "layout": layout}
+                             "upconv": upconvs, "layout": layout}
     if verbose:
         print(f"fastmed.optimize: fused norm + activation in {len(fused)} place(s), {len(skipped)} left as they were")
         for n in fused:

@@ -141,12 +141,13 @@ def norm_act_keep_source(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     remembers where it came from: x (weakly), the per-plane statistics and the parameters. A 3D / 2D
     convolution through ``conv_nd`` with autograd (``OneDNNConv3d`` / ``FastConv2d``, the optimized
     models' and ``ConvNormAct``'s convolutions) that then takes z keeps those for its backward
-    instead of z and recomputes z there (``norm_act_apply``: the same bits). The norm's own backward keeps x anyway,
-    so each conv -> norm -> act layer of a chain holds one activation for the backward where eager
-    PyTorch holds two (the convolution's input and the norm's input). Nothing is kept longer than in
-    eager: the reference to x is weak (once the norm's backward has freed x, z is an ordinary
-    tensor). z, x or the norm's parameters modified in place before the convolution make z an
-    ordinary tensor too; not while compiling, tracing or with compiled autograd on.
+    instead of z and recomputes z there (``norm_act_apply``: the same bits). The norm's own
+    backward keeps x anyway, so each conv -> norm -> act layer of a chain holds one activation for
+    the backward where eager PyTorch holds two (the convolution's input and the norm's input).
+    Nothing is kept longer than in eager: the reference to x is weak (once the norm's backward has
+    freed x, z is an ordinary tensor). z, x or the norm's parameters modified in place before the
+    convolution make z an ordinary tensor too; not while compiling, tracing or with compiled
+    autograd on.
 
     Two differences from eager remain, both outside autograd's usual rules: z's values changed
     through ``z.data`` (no version bump) before the convolution are not seen by its backward, which

@@ -149,7 +149,7 @@ def upconv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Optional
     _check(x, weight, bias, skip)  # the kernel trusts the shapes: a direct call of the op gets them checked
     if skip is not None and skip.dtype != x.dtype:
         raise TypeError(f"upconv_fwd: skip must have x's dtype {x.dtype}, got {skip.dtype} (upconv() promotes)")
-    if not _kernel_ok(x, weight, bias, skip is not None) or (skip is not None and skip.dtype != x.dtype):
+    if not _kernel_ok(x, weight, bias, skip is not None):
         return _composite(x, weight, bias, skip, skip_first, in_op=True)
     shape = _out_shape(x, weight)
     cup = shape[1]
