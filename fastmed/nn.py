@@ -1015,8 +1015,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
     (same parameters and state_dict): float32 CPU convolutions of a batch of one on small inputs,
     which PyTorch runs in a generic loop, go to oneDNN (outputs equal to float32 rounding; MONAI's
     UNet at batch 1 ran 1.4x faster at 96^3 and 4x at 64^3 on our 2-core CPU), and every plain
-    ``nn.Conv2d`` the class ``FastConv2d`` (the same ``F.conv2d``; in CPU training it keeps the
-    fused norm's input instead of its output, as ``OneDNNConv3d`` does). ``onednn=False`` leaves
+    ``nn.Conv2d`` of a model with fused norms the class ``FastConv2d`` (the same ``F.conv2d``; in
+    CPU training it keeps the fused norm's input instead of its output, as ``OneDNNConv3d`` does). ``onednn=False`` leaves
     convolutions alone (and gives those of a model optimized before their torch.nn classes back).
 
     ``upconv=True`` (default) gives every plain ``nn.ConvTranspose2d`` / ``3d`` the class
@@ -1063,12 +1063,14 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         if type(mod) in _NNUNET_BLOCKS:
             mod.__class__ = _NNUNET_BLOCKS[type(mod)]
     for mod in model.modules():  # the classes an earlier optimize() gave: back first, set anew below
-        if "_fm_orig" in mod.__dict__:
+        # (not where the class changed since, e.g. to a weight parametrization's subclass of ours)
+        if "_fm_orig" in mod.__dict__ and type(mod) is mod.__dict__.get("_fm_set"):
             mod.__class__ = mod.__dict__.pop("_fm_orig")
+            del mod._fm_set
             mod.__dict__.pop("_fm_nhwc", None)
 
     def swap(mod, cls):
-        mod._fm_orig = type(mod)
+        mod._fm_orig, mod._fm_set = type(mod), cls
         mod.__class__ = cls
 
     onednn_convs, convs2d = [], []
@@ -1077,7 +1079,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
             if type(mod) is nn.Conv3d:
                 swap(mod, OneDNNConv3d)
                 onednn_convs.append(name)
-            elif type(mod) is nn.Conv2d:
+            elif type(mod) is nn.Conv2d and fused:  # only for the fused norms' recompute (FastConv2d
+                # is no faster, and a model with nothing fused stays scriptable and FX-traceable)
                 swap(mod, FastConv2d)
                 convs2d.append(name)
     upconvs = []

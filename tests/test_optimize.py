@@ -499,6 +499,27 @@ def test_optimizing_again_without_options_gives_classes_back():
     with torch.no_grad():
         torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-4)
     assert len(m._fastmed_report["onednn"]) == n_onednn
+    # a class changed since (a weight parametrization subclasses ours) is left as it is
+    from torch.nn.utils import parametrizations
+
+    s = fastmed.optimize(nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU()))
+    parametrizations.weight_norm(s[0])
+    x = torch.randn(1, 1, 6, 6, 6)
+    ref = s(x)
+    for kw in ({}, {"onednn": False}):
+        s = fastmed.optimize(s, **kw)
+        assert type(s[0]).__name__ == "ParametrizedOneDNNConv3d"
+        torch.testing.assert_close(s(x), ref)
+
+
+def test_2d_model_without_fusions_keeps_its_convolutions():
+    """FastConv2d only where norms were fused (it is there for their recompute): a 2D model with
+    nothing to fuse keeps nn.Conv2d, and stays scriptable and FX-traceable."""
+    m = fastmed.optimize(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    assert [type(a) for a in m] == [nn.Conv2d, nn.ReLU, nn.Conv2d] and not m._fastmed_report["conv2d"]
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(torch.jit.script(m)(x), m(x))
+    torch.testing.assert_close(torch.fx.symbolic_trace(m)(x), m(x))
 
 
 def test_inplace_pickle_and_fallback_dtypes():
