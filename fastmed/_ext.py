@@ -123,3 +123,12 @@ def to_device(t: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def functorch_active() -> bool:
+    """A torch.func transform (grad, vmap, jacrev, ...) is running: fastmed's ops, whose autograd
+    torch.library generates without the setup_context functorch requires, give way to PyTorch's."""
+    try:
+        return torch._C._functorch.maybe_current_level() is not None
+    except AttributeError:  # pragma: no cover - a PyTorch without it
+        return False

@@ -93,6 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _ext
 from .ops import conv_norm_act as CNA
 from .ops import upconv as UC
 from .ops import norm_act as NA
@@ -146,7 +147,7 @@ def _kernel_ok(x: Tensor, norm: Optional[nn.Module] = None) -> bool:
     (float16 / bfloat16 too, so CUDA autocast runs fused) when the Triton kernels are available;
     batched (an unbatched (C, *spatial) input to ``norm`` runs the eager modules), more than one
     element per plane."""
-    if x.numel() == 0 or x.ndim < 3:
+    if x.numel() == 0 or x.ndim < 3 or _ext.functorch_active():
         return False
     if x.device.type == "cpu":
         if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
@@ -251,7 +252,7 @@ def _is_nhwc(x: Tensor) -> bool:
 def _nhwc_suits(x: Tensor) -> bool:
     """A float32 CPU 5D activation, planar or strided but not channels last, that optimize()'s default
     layout takes channels last (with oneDNN on: PyTorch's generic loop would turn it back)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _ext.functorch_active():
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 5 and not x.is_mkldnn
             and x.numel() > 0 and not _is_nhwc(x) and not torch.is_autocast_enabled("cpu")
@@ -934,8 +935,8 @@ def _layout_hook(module: nn.Module, args: tuple, kwargs: dict, out):
     (first tensor) input was not channels last (planar, or a strided view such as a
     sliding-window patch), as the original model's would."""
     x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-    if x is None or x.ndim != 5 or _is_nhwc(x):
-        return None
+    if x is None or x.ndim != 5 or _ext.functorch_active() or _is_nhwc(x):
+        return None  # (under torch.func transforms nothing runs channels last: see _nhwc_suits)
     return _planar_outputs(out)
 
 

@@ -512,6 +512,33 @@ def test_optimizing_again_without_options_gives_classes_back():
         torch.testing.assert_close(s(x), ref)
 
 
+def test_torch_func_transforms_run_the_eager_path():
+    """torch.func.grad / vmap over an optimized model: fastmed's ops (whose autograd torch.library
+    generates without the setup_context functorch needs) give way to PyTorch's, so the transforms
+    run and give the original model's values (they raised before)."""
+    from torch.func import functional_call, grad, vmap
+
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    torch.manual_seed(6)
+    cases = [(_dynunet(False), torch.randn(2, 1, 16, 16, 16)),
+             (dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv2d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), conv_bias=True,
+                                norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}), torch.randn(2, 1, 32, 32))]
+    for m, x in cases:
+        o = fastmed.optimize(m.train())
+        gm = grad(lambda p: functional_call(m, p, (x,)).square().sum())(dict(m.named_parameters()))
+        go = grad(lambda p: functional_call(o, p, (x,)).square().sum())(dict(o.named_parameters()))
+        assert gm.keys() == go.keys()
+        for k in gm:
+            torch.testing.assert_close(go[k], gm[k], rtol=1e-5, atol=1e-6)
+        m.eval(), o.eval()
+        ym = vmap(lambda xi: m(xi.unsqueeze(0)).squeeze(0))(x)
+        yo = vmap(lambda xi: o(xi.unsqueeze(0)).squeeze(0))(x)
+        torch.testing.assert_close(yo, ym, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # and outside the transforms the fused path again
+            torch.testing.assert_close(o(x), m(x), rtol=1e-4, atol=1e-4)
+
+
 def test_2d_model_without_fusions_keeps_its_convolutions():
     """FastConv2d only where norms were fused (it is there for their recompute): a 2D model with
     nothing to fuse keeps nn.Conv2d, and stays scriptable and FX-traceable."""

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ext
 from . import norm_act as NA
 
 __all__ = ["conv_norm_act", "conv_norm_act_reference", "triton_conv_enabled", "onednn_suits", "conv_nd"]
@@ -114,6 +115,9 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     nd = weight.ndim - 2
     stride, padding, dilation = (_ints(v, nd) for v in (stride, padding, dilation))
     tracing = torch.jit.is_tracing()  # a traced graph records aten ops, not Python autograd functions
+    if _ext.functorch_active():  # torch.func transforms: PyTorch's own convolution
+        fn = F.conv3d if weight.ndim == 5 else F.conv2d
+        return fn(x, weight, bias, stride, padding, dilation, groups)
     if autograd and torch.is_grad_enabled() and not tracing:
         src = _norm_source(x, weight, bias)
         if src is not None:

@@ -76,8 +76,8 @@ def upconv_suits(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     pick their own kernels). Channels-last x alone keeps PyTorch's own path (oneDNN, as fast)."""
     nd = x.ndim - 2
     if (nd not in (2, 3) or weight.ndim != x.ndim or x.numel() == 0 or weight.numel() == 0 or x.is_mkldnn
-            or weight.is_mkldnn or x.shape[1] != weight.shape[0]):
-        return False  # (wrong channel counts: PyTorch's own error)
+            or weight.is_mkldnn or x.shape[1] != weight.shape[0] or _ext.functorch_active()):
+        return False  # (wrong channel counts: PyTorch's own error; torch.func: PyTorch's ops)
 
     def tup(v):
         return [v] * nd if isinstance(v, int) else list(v)
