@@ -44,8 +44,13 @@ def _worker(rank, world, init_file, kind, out_dir):
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
+    # About 1 run in 20 here, a worker aborted in interpreter shutdown, after all of the above had
+    # run ("terminate called without an active exception", no Python frame; with and without
+    # fastmed's op modules imported; cause not found). The results are on disk: skip the shutdown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["dice", "dicece", "nnunet"])
