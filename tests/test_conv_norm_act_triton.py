@@ -249,3 +249,124 @@ def test_triton_conv_prologue_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", CHAIN_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+BWD_SCRIPT = r"""
+import torch
+import torch.nn.functional as F
+from fastmed.kernels import conv_triton as KC, norm_act_triton as KN, conv_bwd_triton as KB
+from fastmed.ops import conv_norm_act as CN, norm_act as NA
+
+torch.backends.cudnn.allow_tf32 = False
+g = torch.Generator().manual_seed(11)
+# x shape, Cout, kernel, stride, padding, dilation, channels last, bias
+CASES = [
+    ((2, 3, 5, 6, 7), 5, 3, 1, 1, 1, True, True),       # Cin < 16: the weight gradient's flattened columns
+    ((1, 20, 6, 5, 7), 17, 3, 2, 1, 1, True, True),     # per-tap columns, partial blocks; stride 2 (masked taps)
+    ((2, 18, 7, 6), 8, 3, 1, 2, 2, False, False),       # 2D, planar, dilation 2, no bias
+    ((1, 4, 6, 7, 5), 6, (1, 3, 3), (1, 2, 1), (0, 1, 1), 1, False, True),
+    ((1, 1, 7, 6, 5), 16, 3, 1, 1, 1, True, True),      # 1 input channel (a network's first layer)
+    ((1, 16, 5, 5, 4), 40, 3, 1, 1, 1, True, True),     # Cout 40: two K blocks of the data gradient (float32)
+    ((1, 5, 8, 10), 6, 3, 3, 1, 2, True, True),         # 2D stride 3 with dilation 2: 9 residue classes
+]
+ACTS = (("leaky_relu", 2, 0.01), ("relu", 1, 0.0), ("none", 0, 0.0))
+FLOOR = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+worst = {}
+for shape, cout, k, st, pd, dl, cl, has_b in CASES:
+    nd = len(shape) - 2
+    ks = (k,) * nd if isinstance(k, int) else k
+    tr = lambda v: [v] * nd if isinstance(v, int) else list(v)
+    st, pd, dl = tr(st), tr(pd), tr(dl)
+    fmt = (torch.channels_last_3d if nd == 3 else torch.channels_last) if cl else torch.contiguous_format
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
+        w = (torch.randn((cout, shape[1]) + ks, generator=g) / (shape[1] * 9) ** 0.5).to(dt)
+        b = torch.randn(cout, generator=g).to(dt) if has_b else None
+        nw, nb = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
+        for name, code, slope in ACTS if dt == torch.float32 else ACTS[:1]:  # (the interpreter is slow)
+            z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, st, pd, dl, 1e-5, slope, code)
+            dz = torch.randn(z.shape, generator=g).to(dt)  # planar, y maybe channels last
+            conf = (st, pd, dl, slope, code)
+            bs = [cout] if has_b else None
+            got = CN._triton_bwd(KN, KB, dz, x, w, y, nw, nb, mean, rstd, conf, bs, (True, True, True))
+            assert got[0].shape == x.shape and got[0].dtype == dt and got[1].shape == w.shape and got[1].dtype == dt
+            assert got[0].stride() == x.stride(), "dx in x's layout"
+            assert (got[2] is None) == (not has_b) and (got[2] is None or torch.count_nonzero(got[2]) == 0)
+            # float64 reference of the same backward (from the stored y and statistics)
+            dy64, dnw64, dnb64, _ = NA._reference_bwd(dz.double(), y.double(), nw, nb, mean, rstd, slope, code)
+            dx64, dw64, _ = torch.ops.aten.convolution_backward(
+                dy64, x.double(), w.double(), None, st, pd, dl, False, [0] * nd, 1, [True, True, False])
+            # the unfused path in the same dtype: dy rounded to it, PyTorch's convolution backward
+            dxe, dwe, _ = torch.ops.aten.convolution_backward(
+                dy64.to(dt), x, w, None, st, pd, dl, False, [0] * nd, 1, [True, True, False])
+            eager = (dxe, dwe, None, dnw64, dnb64)
+            for i, ref in ((0, dx64), (1, dw64), (3, dnw64), (4, dnb64)):
+                sc = max(ref.abs().max().item(), 1e-3)
+                e = (got[i].double() - ref).abs().max().item() / sc
+                ee = (eager[i].double() - ref).abs().max().item() / sc
+                key = (str(dt), i)
+                worst[key] = max(worst.get(key, 0), e)
+                assert e <= max(3 * ee, FLOOR[dt]), (shape, dt, name, i, e, ee)
+            # only what is needed: no data gradient, no weight gradient
+            part = CN._triton_bwd(KN, KB, dz, x, w, y, nw, nb, mean, rstd, conf, bs, (False, True, False))
+            assert part[0] is None and part[2] is None and torch.equal(part[1], got[1])
+            part = CN._triton_bwd(KN, KB, dz, x, w, y, nw, nb, mean, rstd, conf, bs, (True, False, False))
+            assert part[1] is None and torch.equal(part[0], got[0])
+print(sorted(worst.items()))
+# the weight gradient's reduction split in many parts (partials added in a fixed order): the same
+# gradient to float32 rounding, and the same bits on a second run
+x = torch.randn(2, 16, 6, 6, 6, generator=g).contiguous(memory_format=torch.channels_last_3d)
+w = torch.randn(24, 16, 3, 3, 3, generator=g) * 0.1
+nw, nb = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
+z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, None, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+dz = torch.randn(z.shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
+a, beta = KN._coefs(mean, rstd, nw, nb, 2, 24, y.dtype)
+dnw, dnb = torch.empty(48, dtype=torch.float64), torch.empty(48, dtype=torch.float64)
+c = KN._bwd_sums(dz, y, a, beta, mean, rstd, nw, KN._scalars(0.0, 0.01, "cpu"), 2, None, dnw, dnb, None)
+cf = KB.coefficients(a, beta, mean, rstd, *c)
+assert KB.splits(2 * 7, 27, 24, 27 * 16, 1000) > 1
+one = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1)
+many = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1000)
+again = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1000)
+torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+assert torch.equal(many, again)
+# the 64-bit offset variants: the same bits
+dxa, dxb = torch.empty_like(x), torch.empty_like(x)
+KB.conv_dgrad(dz, y, w, cf, 2, 0.01, dxa, [1] * 3, [1] * 3, [1] * 3)
+KC.FORCE_INT64 = True
+KB.conv_dgrad(dz, y, w, cf, 2, 0.01, dxb, [1] * 3, [1] * 3, [1] * 3)
+wb = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1)
+KC.FORCE_INT64 = False
+assert torch.equal(dxa, dxb) and torch.equal(wb, one)
+# empty batch
+e = CN._triton_bwd(KN, KB, torch.zeros(0, 3, 4, 4, 4), torch.zeros(0, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3),
+                   torch.zeros(0, 3, 4, 4, 4), None, None, torch.zeros(0, dtype=torch.float64),
+                   torch.zeros(0, dtype=torch.float64), ([1] * 3, [1] * 3, [1] * 3, 0.01, 2), None, (True, True, False))
+assert e[0].shape == (0, 2, 4, 4, 4) and torch.count_nonzero(e[1]) == 0 and e[3].shape == (3,)
+# the op's autograd on this path (its forward and backward by the Triton kernels) against the CPU path
+g = torch.Generator().manual_seed(12)
+for shape, cout in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    ps = [torch.randn(cout, shape[1], 3, 3, 3, generator=g) / 4, torch.randn(cout, generator=g),
+          torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)]
+    grads = []
+    for tri in (True, False):
+        CN._use_triton = (lambda *a, **k: (KC, KN)) if tri else (lambda *a, **k: None)
+        ins = [t.clone().requires_grad_(True) for t in [x] + ps]
+        z = CN.conv_norm_act_fwd(*ins, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0]
+        z.backward(torch.linspace(-1, 1, z.numel()).view(z.shape))
+        grads.append([z.detach()] + [t.grad for t in ins])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1.0), (shape, a.shape)
+print("ok")
+"""
+
+
+def test_triton_conv_backward_under_the_interpreter():
+    """The fused backward (norm + activation backward inside the convolution's data and weight
+    gradients, dy never stored) against the float64 backward of the same stored y, no further from
+    it than PyTorch's unfused backward in the same dtype (float32: to 1e-6), over the forward's
+    cases; the split weight-gradient reduction; 64-bit offsets; the op's autograd on this path."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", BWD_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -445,9 +445,86 @@ def _setup_context(ctx, inputs, output):
     _, y, mean, rstd = output
     ctx.save_for_backward(x, weight, y, nw, nb, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # y's gradient None when y is not used (not a tensor of zeros)
     ctx.conf = (stride, padding, dilation, slope, act)
     ctx.bias_shape = None if bias is None else list(bias.shape)
     ctx.has = (bias is not None, nw is not None, nb is not None)
+
+
+_TRITON_BWD = []
+
+
+def _triton_conv_bwd():
+    """fastmed.kernels.conv_bwd_triton when Triton imports, else None."""
+    if not _TRITON_BWD:
+        try:
+            from ..kernels import conv_bwd_triton as mod
+        except Exception:  # no triton, or one that cannot load here
+            mod = None
+        _TRITON_BWD.append(mod)
+    return _TRITON_BWD[0]
+
+
+def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, need, prologue=None):
+    """One layer's backward by the Triton kernels: (dx, dweight, dbias, dnorm_weight, dnorm_bias), the
+    norm + activation backward inside the convolution's data and weight gradients (dy never stored;
+    see conv_bwd_triton). ``prologue``: the weight gradient reads x through it (x is then the
+    previous layer's raw output y1, as in the chained forward)."""
+    stride, padding, dilation, slope, act = conf
+    N, C = y.shape[0], y.shape[1]
+    fmt = NA._cl_format(y)
+    dzp = dz.to(y.dtype).contiguous(memory_format=fmt or torch.contiguous_format)
+    nwa, nba = NA._affine_arg(nw, y), NA._affine_arg(nb, y)
+    dnw = torch.empty(N * C, dtype=torch.float64, device=y.device)
+    dnb = torch.empty_like(dnw)
+    dx = dw = db = None
+    with kn._guard(y.device):
+        a, beta = kn._coefs(mean, rstd, nwa, nba, N, C, y.dtype)
+        if y.numel():
+            c = kn._bwd_sums(dzp, y, a, beta, mean, rstd, nwa, kn._scalars(0.0, slope, y.device), act, None,
+                             dnw, dnb, None)
+        else:
+            dnw.zero_()
+            dnb.zero_()
+            c = (torch.zeros_like(dnw),) * 3
+        cf = kb.coefficients(a, beta, mean, rstd, *c)
+        if need[0]:
+            dx = torch.empty_like(x, memory_format=NA._cl_format(x) or torch.contiguous_format)
+            kb.conv_dgrad(dzp, y, weight, cf, act, slope, dx, stride, padding, dilation)
+        if need[1]:
+            dw = kb.conv_wgrad(dzp, y, x, weight, cf, act, slope, stride, padding, dilation,
+                               sms=_sms(y.device) if y.device.type == "cuda" else 4, prologue=prologue)
+            dw = dw.to(weight.dtype).contiguous(
+                memory_format=_cl(weight.ndim) if NA._cl_format(weight) else torch.contiguous_format)
+    if need[2] and bias_shape is not None:
+        db = torch.zeros(bias_shape, dtype=weight.dtype, device=y.device)  # instance norm: exactly 0
+    return dx, dw, db, dnw.view(N, C).sum(0), dnb.view(N, C).sum(0)
+
+
+def _use_triton_bwd(x, weight, stride, padding, dilation):
+    """(norm_act_triton, conv_bwd_triton) where the layer's forward ran the Triton convolution (the
+    same decision, _use_triton) and the backward kernels load, else None."""
+    use = _use_triton(x, weight, stride, padding, dilation)
+    kb = _triton_conv_bwd() if use is not None else None
+    return None if kb is None else (use[1], kb)
+
+
+def _try_triton_bwd(use, *args, **kw):
+    """_triton_bwd's result, or None when its kernels failed to compile or launch on this GPU (one
+    warning; PyTorch's convolution backward from then on)."""
+    if use is None or _triton_conv_bwd() is None:  # None: failed earlier in this process
+        return None
+    try:
+        return _triton_bwd(*use, *args, **kw)
+    except _OUR_BUGS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile / launch failure
+        import warnings
+
+        warnings.warn(f"fastmed: the Triton convolution backward failed on this GPU ({type(exc).__name__}: {exc}); "
+                      f"using PyTorch's convolution backward from now on", RuntimeWarning, stacklevel=4)
+        _TRITON_BWD[:] = [None]
+        return None
 
 
 def _backward(ctx, dz, dy_, dmean, drstd):
@@ -456,6 +533,17 @@ def _backward(ctx, dz, dy_, dmean, drstd):
     x, weight, y, nw, nb, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, slope, act = ctx.conf
     need = ctx.needs_input_grad
+    if dz is None:  # only y was used
+        dz = torch.zeros_like(y)
+    out = None if dy_ is not None else _try_triton_bwd(
+        _use_triton_bwd(x, weight, stride, padding, dilation), dz, x, weight, y, nw, nb, mean, rstd, ctx.conf,
+        ctx.bias_shape, need[:3])
+    if out is not None:
+        dx, dw, db, dnw, dnb = out
+        return (dx, dw, db if ctx.has[0] else None,
+                dnw.to(nw.dtype) if ctx.has[1] and need[3] else None,
+                dnb.to(nb.dtype) if ctx.has[2] and need[4] else None,
+                None, None, None, None, None, None)
     dy, dnw, dnb, _ = NA.norm_act_bwd(dz, y, nw, nb, mean, rstd, slope, act)
     if dy_ is not None:  # y is an output too (rarely used): its gradient adds
         dy = dy + dy_
@@ -617,6 +705,7 @@ def _setup_chain(ctx, inputs, output):
     _, y1, m1, r1, y2, m2, r2 = output
     ctx.save_for_backward(x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, b1, b2)
     ctx.mark_non_differentiable(m1, r1, m2, r2)
+    ctx.set_materialize_grads(False)  # y1's and y2's gradients None when unused (not tensors of zeros)
     ctx.conf = ((st1, pd1, dl1, slope1, act1), (st2, pd2, dl2, slope2, act2))
     ctx.eps = (eps1, eps2)
     ctx.bias_shapes = (None if b1 is None else list(b1.shape), None if b2 is None else list(b2.shape))
@@ -664,17 +753,35 @@ def _chain_graph_backward(ctx, dz2, dy1_, dy2_):
 
 
 def _chain_backward(ctx, dz2, dy1_, dm1, dr1, dy2_, dm2, dr2):
+    x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, _, _ = ctx.saved_tensors
+    if dz2 is None:  # only y1 / y2 were used
+        dz2 = torch.zeros_like(y2)
     if torch.is_grad_enabled():  # backward(create_graph=True)
         return _chain_graph_backward(ctx, dz2, dy1_, dy2_)
-    x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, _, _ = ctx.saved_tensors
     c1, c2 = ctx.conf
     need = ctx.needs_input_grad
-    z1 = NA.norm_act_apply(y1, nw1, nb1, m1, r1, c1[3], c1[4])  # the second convolution's input again
-    dz1, dw2, db2, dnw2, dnb2 = _layer_bwd(dz2, dy2_, z1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
-                                           (True, need[11], need[12]))
-    del z1
-    dx, dw1, db1, dnw1, dnb1 = _layer_bwd(dz1, dy1_, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0],
-                                          (need[0], need[1], need[2]))
+    use = _use_triton_bwd(x, w1, *c1[:3]) if dy1_ is None and dy2_ is None else None
+    out2 = None
+    if use is not None and _use_triton(y1, w2, *c2[:3]) is not None:
+        # the second layer's weight gradient reads z1 through the first norm + activation (z1 is not
+        # written in the backward either)
+        N, C = y1.shape[0], y1.shape[1]
+        a1, beta1 = use[0]._coefs(m1, r1, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), N, C, y1.dtype)
+        out2 = _try_triton_bwd(use, dz2, y1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
+                               (True, need[11], need[12]), prologue=(a1.float(), beta1.float(), c1[4], c1[3]))
+    if out2 is not None:
+        dz1, dw2, db2, dnw2, dnb2 = out2
+    else:
+        z1 = NA.norm_act_apply(y1, nw1, nb1, m1, r1, c1[3], c1[4])  # the second convolution's input again
+        dz1, dw2, db2, dnw2, dnb2 = _layer_bwd(dz2, dy2_, z1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
+                                               (True, need[11], need[12]))
+        del z1
+    need1 = (need[0], need[1], need[2])
+    out1 = _try_triton_bwd(use, dz1, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0], need1) \
+        if use is not None and dy1_ is None else None
+    if out1 is None:
+        out1 = _layer_bwd(dz1, dy1_, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0], need1)
+    dx, dw1, db1, dnw1, dnb1 = out1
     has = ctx.has
 
     def g(t, ok, ref):
