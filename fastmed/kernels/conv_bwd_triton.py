@@ -256,7 +256,7 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
     bm = block_m(Mc)
     nbm = triton.cdiv(Mc, bm)
     bn = _block_n(Cin)
-    bk = min(max(triton.next_power_of_2(Cout), 16), 32 if dx.dtype == torch.float32 else 64)
+    bk = min(max(triton.next_power_of_2(Cout), 16), 32)  # 8 warps, K steps of 32: no spills (as conv_fwd)
     idx = _idx(dz, dx, pad=max(padding) * max(abs(v) for v in dx.stride()[1:]))
     sz, sx = y.stride(), dx.stride()
     for n0 in range(0, N, _MAX_N):
@@ -267,7 +267,7 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
             sz[0], sz[1], sz[2], sz[3], sz[4], sx[0], sx[1], sx[2], sx[3], sx[4],
             KD, KH, KW, *stride, *padding, *dilation,
             ACT=int(act), PREC=prec, UPCAST=upcast, IDX=idx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=4, num_stages=3, enable_fp_fusion=False)
+            num_warps=8, num_stages=3, enable_fp_fusion=False)
 
 
 def splits(tot: int, programs: int, cout: int, jt: int, sms: int) -> int:

@@ -24,9 +24,13 @@ the CPU in training, a fused norm's output that a convolution through ``conv_nd`
 by that convolution: it keeps the norm's input and statistics instead and recomputes its input in
 its own backward (``_ConvOfNormAct``).
 
-Backward: norm + activation by ``fastmed::norm_act_bwd`` (the pre-activation recomputed from the
-saved convolution output), then the convolution's input / weight / bias gradients by PyTorch's
-``convolution_backward`` (cuDNN / oneDNN). Not fused into an implicit GEMM yet.
+Backward: where the forward ran the Triton convolution, fastmed's Triton backward
+(``fastmed/kernels/conv_bwd_triton.py``): norm_act's backward sums, then the convolution's data and
+weight gradients as implicit GEMMs that compute the norm + activation backward while they load
+(the gradient of y is never stored); in ``conv_norm_act2_fwd`` the second weight gradient reads z1
+through the first norm + activation, so z1 is not written in the backward either. Elsewhere
+``fastmed::norm_act_bwd`` (the pre-activation recomputed from the saved convolution output), then
+PyTorch's ``convolution_backward`` (cuDNN / oneDNN).
 """
 from __future__ import annotations
 

@@ -1,0 +1,107 @@
+"""The Triton convolution kernels compiled for an H100 (sm_90) exactly as their launchers configure
+them (block sizes, warps, dtypes, the statistics epilogue, the prologues), without a GPU: every
+variant must compile, and keep its values in registers (no spills to local memory, which would
+cost far more than any fusion saves). The launchers run on CPU tensors with the kernels replaced
+by recorders, so the configurations checked are the ones they really pick."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+
+def _cuobjdump():
+    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return p if os.path.exists(p) else shutil.which("cuobjdump")
+
+
+class _Recorder:
+    """Stands for a JIT kernel: ``kernel[grid](*args, **kw)`` records the call instead of launching."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((args, kw))
+
+
+def _compile(fn, args, kw):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    kw = dict(kw)
+    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kw}
+    sig, consts = {}, {}
+    for i, p in enumerate(fn.params):
+        v = args[i] if i < len(args) else kw.get(p.name, p.default)
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        else:
+            sig[p.name] = mangle_type(v)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options=opts)
+
+
+def _configs(monkeypatch):
+    """Every distinct (kernel, constexprs, options) the launchers use over the cases below."""
+    from fastmed.kernels import conv_bwd_triton as KB
+    from fastmed.kernels import conv_triton as KC
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    recs = {}
+    for mod, name in ((KC, "_conv_fwd_kernel"), (KB, "_dgrad_kernel"), (KB, "_wgrad_kernel")):
+        recs[name] = _Recorder(getattr(mod, name))
+        monkeypatch.setattr(mod, name, recs[name])
+    torch.backends.cudnn.allow_tf32 = True
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for cin in (1, 32, 64):  # the flattened-K path and the per-tap path
+            x = torch.zeros(2, cin, 8, 8, 8, dtype=dt).contiguous(memory_format=torch.channels_last_3d)
+            w = torch.zeros(64, cin, 3, 3, 3, dtype=dt)
+            y = torch.zeros(2, 64, 8, 8, 8, dtype=dt).contiguous(memory_format=torch.channels_last_3d)
+            ps = torch.zeros(2, -(-512 // KC.block_m(512)), 64, dtype=KC.stats_dtype(dt))
+            pro = (torch.zeros(2 * cin), torch.zeros(2 * cin), 2, 0.01)
+            for stats in (True, False):
+                for prologue in (None, pro):
+                    KC.conv_fwd(x, w, None, (1,) * 3, (1,) * 3, (1,) * 3, y, ps if stats else None,
+                                ps if stats else None, tf32=True, prologue=prologue)
+            cf = torch.zeros(6, 2 * 64)
+            KB.conv_dgrad(y, y, w, cf, 2, 0.01, torch.empty_like(x), (1,) * 3, (1,) * 3, (1,) * 3)
+            for prologue in (None, pro):
+                KB.conv_wgrad(y, y, x, w, cf, 2, 0.01, (1,) * 3, (1,) * 3, (1,) * 3, prologue=prologue)
+    seen = {}
+    for name, rec in recs.items():
+        for args, kw in rec.calls:
+            key = (name, tuple(sorted((k, str(v)) for k, v in kw.items())),
+                   tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+            seen.setdefault(key, (rec.fn, args, kw))
+    return seen
+
+
+def test_conv_kernels_compile_for_sm90_without_spills(monkeypatch):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (it comes with Triton's NVIDIA backend)")
+    configs = _configs(monkeypatch)
+    assert len(configs) >= 30
+    bad = []
+    for (name, kw, dts), (fn, args, kwargs) in configs.items():
+        k = _compile(fn, args, kwargs)
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastmed_sm90_{os.getpid()}.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        use = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        os.remove(path)
+        assert "MOV" in sass or "IMAD" in sass, sass[:500]  # really disassembled
+        spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))  # stores to / loads from local memory
+        if spills:
+            bad.append((name, dict(kw), dts, spills, re.search(r"REG:\d+ STACK:\d+", use).group(0)))
+    assert not bad, bad
