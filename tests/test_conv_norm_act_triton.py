@@ -343,6 +343,52 @@ e = CN._triton_bwd(KN, KB, torch.zeros(0, 3, 4, 4, 4), torch.zeros(0, 2, 4, 4, 4
                    torch.zeros(0, 3, 4, 4, 4), None, None, torch.zeros(0, dtype=torch.float64),
                    torch.zeros(0, dtype=torch.float64), ([1] * 3, [1] * 3, [1] * 3, 0.01, 2), None, (True, True, False))
 assert e[0].shape == (0, 2, 4, 4, 4) and torch.count_nonzero(e[1]) == 0 and e[3].shape == (3,)
+# a plane whose mean is far larger than its spread (a large convolution bias; y's float32 rounding
+# is then 0.3% of the spread): the same gradients as the unfused float32 path to 1e-3 (both far
+# from the float64 backward, which decides the activation's kink on other z values)
+x = torch.randn(1, 4, 5, 5, 5, generator=g)
+w = torch.randn(8, 4, 3, 3, 3, generator=g) * 0.01
+b = torch.full((8,), 3000.0)
+nw, nb = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
+dz = torch.randn(z.shape, generator=g)
+conf = ([1] * 3, [1] * 3, [1] * 3, 0.01, 2)
+got = CN._triton_bwd(KN, KB, dz, x, w, y, nw, nb, mean, rstd, conf, [8], (True, True, False))
+eager = CN._layer_bwd(dz, None, x, w, y, nw, nb, mean, rstd, conf, [8], (True, True, False))
+for a, r in zip(got[:2], eager[:2]):
+    assert (a - r).abs().max().item() <= 1e-3 * r.abs().max().item(), (a - r).abs().max()
+# one output channel (its y is planar and channels last at once): the backward takes dz in either
+# layout; the same gradients as the CPU path
+for fmt in (torch.contiguous_format, torch.channels_last_3d):
+    x = torch.randn(1, 1, 4, 4, 4, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(1, 1, 3, 3, 3, generator=g)
+    dz = torch.randn(1, 1, 4, 4, 4, generator=g)
+    grads = []
+    for tri in (True, False):
+        CN._use_triton = (lambda *a, **k: (KC, KN)) if tri else (lambda *a, **k: None)
+        ins = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        CN.conv_norm_act_fwd(*ins, None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0].backward(dz)
+        grads.append([t.grad for t in ins])
+    for a, r in zip(*grads):
+        assert (a - r).abs().max().item() <= 1e-5 * r.abs().max().item(), fmt
+# torch.compile traces the backward with fake tensors: the Triton backward steps aside (the traced
+# graph records the unfused ops) instead of failing and switching itself off for the process
+import warnings
+CN._use_triton = lambda *a, **k: (KC, KN)
+x = torch.randn(1, 4, 5, 5, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+w = torch.randn(8, 4, 3, 3, 3, generator=g) * 0.1
+dz = torch.randn(1, 8, 5, 5, 5, generator=g)
+fn = lambda x, w: CN.conv_norm_act_fwd(x, w, None, None, None, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0]
+grads = []
+for f in (torch.compile(fn, backend="aot_eager", fullgraph=True), fn):
+    ins = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(*ins).backward(dz)
+    grads.append([t.grad for t in ins])
+assert CN._triton_conv_bwd() is not None and KN._SCALARS and all(type(t) is torch.Tensor for t in KN._SCALARS.values())
+for a, r in zip(*grads):
+    assert (a - r).abs().max().item() <= 1e-5 * r.abs().max().item()
 # the op's autograd on this path (its forward and backward by the Triton kernels) against the CPU path
 g = torch.Generator().manual_seed(12)
 for shape, cout in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):

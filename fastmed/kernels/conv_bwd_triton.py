@@ -12,7 +12,9 @@ gradients). Here ``dy`` is never stored: both GEMMs compute it while they load i
     z = y a + beta          (the forward's coefficients and roundings: act'(z) is the forward's)
     dy = K0 g + K1 (y - mean) + K2,   K0 = rstd w, K1 = -K0 rstd mean(g xhat), K2 = -K0 mean(g)
 
-in float32, rounded to the convolution's dtype before the product (as eager's dy is).
+in float32, rounded to the convolution's dtype before the product (as eager's dy is). The mean
+rounded to float32 is off by at most half a unit in the last place of y's own values (y is
+float32 or narrower), so ``y - mean`` loses no more than y's own rounding already did.
 
 - **data gradient** ``dx = conv_transpose(dy, weight)``: an implicit GEMM with one row per input
   voxel, one column per input channel and K = (tap, output channel); the output voxel a tap reads,

@@ -476,21 +476,24 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
     previous layer's raw output y1, as in the chained forward)."""
     stride, padding, dilation, slope, act = conf
     N, C = y.shape[0], y.shape[1]
-    fmt = NA._cl_format(y)
-    dzp = dz.to(y.dtype).contiguous(memory_format=fmt or torch.contiguous_format)
+    dzp = dz.to(y.dtype)
+    if dzp.stride() != y.stride():  # dz read with y's strides (a 1-channel y is both layouts at once)
+        dzp = torch.empty_like(y).copy_(dzp)
     nwa, nba = NA._affine_arg(nw, y), NA._affine_arg(nb, y)
-    dnw = torch.empty(N * C, dtype=torch.float64, device=y.device)
-    dnb = torch.empty_like(dnw)
+    dnw = torch.zeros(N * C, dtype=torch.float64, device=y.device)
+    dnb = torch.zeros_like(dnw)
+    c = tuple(torch.zeros_like(dnw) for _ in range(3))
     dx = dw = db = None
     with kn._guard(y.device):
         a, beta = kn._coefs(mean, rstd, nwa, nba, N, C, y.dtype)
         if y.numel():
-            c = kn._bwd_sums(dzp, y, a, beta, mean, rstd, nwa, kn._scalars(0.0, slope, y.device), act, None,
-                             dnw, dnb, None)
-        else:
-            dnw.zero_()
-            dnb.zero_()
-            c = (torch.zeros_like(dnw),) * 3
+            prm = kn._scalars(0.0, slope, y.device)
+            for n0, n1 in kn._slices(N):  # the grid's sample axis holds 65535 at most
+                p0, p1 = n0 * C, n1 * C
+                part = kn._bwd_sums(dzp[n0:n1], y[n0:n1], a[p0:p1], beta[p0:p1], mean[p0:p1], rstd[p0:p1], nwa,
+                                    prm, act, None, dnw[p0:p1], dnb[p0:p1], None)
+                for t, v in zip(c, part):
+                    t[p0:p1] = v
         cf = kb.coefficients(a, beta, mean, rstd, *c)
         if need[0]:
             dx = torch.empty_like(x, memory_format=NA._cl_format(x) or torch.contiguous_format)
@@ -507,7 +510,10 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
 
 def _use_triton_bwd(x, weight, stride, padding, dilation):
     """(norm_act_triton, conv_bwd_triton) where the layer's forward ran the Triton convolution (the
-    same decision, _use_triton) and the backward kernels load, else None."""
+    same decision, _use_triton) and the backward kernels load, else None. Never while torch.compile
+    traces the backward (fake tensors: the ops' unfused backward is what it records)."""
+    if torch.compiler.is_compiling():
+        return None
     use = _use_triton(x, weight, stride, padding, dilation)
     kb = _triton_conv_bwd() if use is not None else None
     return None if kb is None else (use[1], kb)
