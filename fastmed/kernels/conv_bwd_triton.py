@@ -68,12 +68,34 @@ def _dy_tile(dz_ptr, y_ptr, off, ok, cf_ptr, pc, cm, NC, pslope, ACT: tl.constex
 
 
 @triton.jit
+def _dgrad_tap(acc, zb, yb, w_ptr, cf_ptr, pslope, n, tap, c0, kd_, kh_, kw_, id_, ih, iw, mm, offs_n, nm,
+               Cin, Cout, Do, Ho, Wo, NC, szc, szd, szh, szw, std, sth, stw, pd, ph, pw, dd, dh, dw,
+               ACT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc + the product of one tap's channel block: dy at the output voxels the tap reads (exact
+    divisions here) times the tap's weights."""
+    od = (id_ + pd - kd_ * dd) // std
+    oh = (ih + ph - kh_ * dh) // sth
+    ow = (iw + pw - kw_ * dw) // stw
+    ok = mm & (od >= 0) & (oh >= 0) & (ow >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
+    co = c0 + tl.arange(0, BLOCK_K)
+    cm = co < Cout
+    off = (od * szd + oh * szh + ow * szw)[:, None] + co[None, :].to(IDX) * szc
+    a = _dy_tile(zb, yb, off, ok[:, None] & cm[None, :], cf_ptr, n * Cout + co[None, :], cm[None, :], NC, pslope, ACT)
+    b = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + offs_n[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
+    a = a.to(w_ptr.dtype.element_ty)  # dy rounded to the convolution's dtype, as eager's
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _dgrad_kernel(dz_ptr, y_ptr, w_ptr, dx_ptr, cf_ptr, pslope,
                   Cin, D, H, W, Cout, Do, Ho, Wo, Dc, Hc, Wc, NBM, NC,
                   szn, szc, szd, szh, szw, sxn, sxc, sxd, sxh, sxw,
                   KD, KH, KW, std, sth, stw, pd, ph, pw, dd, dh, dw,
                   ACT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDED: tl.constexpr):
     # rows: the input voxels of one residue class (i mod stride per axis) of sample n; for all of
     # them a tap reads an output voxel or none, the same for the whole class, so a stride-2 layer
     # skips the taps that add nothing (stride 1: one class, every tap)
@@ -105,25 +127,18 @@ def _dgrad_kernel(dz_ptr, y_ptr, w_ptr, dx_ptr, cf_ptr, pslope,
         kw_ = tap % KW
         kh_ = (tap // KW) % KH
         kd_ = tap // (KW * KH)
-        # (i + pad - k dil) divisible by the stride: == 0 of a remainder means the same in every
-        # integer convention, negative operands included
-        if (((rd + pd - kd_ * dd) % std) == 0) & (((rh + ph - kh_ * dh) % sth) == 0) & \
-                (((rw + pw - kw_ * dw) % stw) == 0):
-            od = (id_ + pd - kd_ * dd) // std  # exact divisions
-            oh = (ih + ph - kh_ * dh) // sth
-            ow = (iw + pw - kw_ * dw) // stw
-            ok = mm & (od >= 0) & (oh >= 0) & (ow >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
-            co = c0 + tl.arange(0, BLOCK_K)
-            cm = co < Cout
-            okk = ok[:, None] & cm[None, :]
-            off = (od * szd + oh * szh + ow * szw)[:, None] + co[None, :].to(IDX) * szc
-            a = _dy_tile(zb, yb, off, okk, cf_ptr, n * Cout + co[None, :], cm[None, :], NC, pslope, ACT)
-            b = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + offs_n[None, :], mask=cm[:, None] & nm[None, :],
-                        other=0.0)
-            a = a.to(w_ptr.dtype.element_ty)  # dy rounded to the convolution's dtype, as eager's
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+        if STRIDED:
+            # (i + pad - k dil) divisible by the stride for this class: == 0 of a remainder means
+            # the same in every integer convention, negative operands included
+            if ((((rd + pd - kd_ * dd) % std) == 0) & (((rh + ph - kh_ * dh) % sth) == 0)
+                    & (((rw + pw - kw_ * dw) % stw) == 0)):
+                acc = _dgrad_tap(acc, zb, yb, w_ptr, cf_ptr, pslope, n, tap, c0, kd_, kh_, kw_, id_, ih, iw, mm,
+                                 offs_n, nm, Cin, Cout, Do, Ho, Wo, NC, szc, szd, szh, szw, std, sth, stw, pd, ph,
+                                 pw, dd, dh, dw, ACT, PREC, UPCAST, IDX, BLOCK_K)
+        else:  # stride 1: every tap, no branch in the loop (its loads pipeline as the forward's)
+            acc = _dgrad_tap(acc, zb, yb, w_ptr, cf_ptr, pslope, n, tap, c0, kd_, kh_, kw_, id_, ih, iw, mm,
+                             offs_n, nm, Cin, Cout, Do, Ho, Wo, NC, szc, szd, szh, szw, std, sth, stw, pd, ph,
+                             pw, dd, dh, dw, ACT, PREC, UPCAST, IDX, BLOCK_K)
     xoff = id_ * sxd + ih * sxh + iw * sxw
     tl.store(dx_ptr + n * sxn + xoff[:, None] + offs_n[None, :].to(IDX) * sxc, acc.to(dx_ptr.dtype.element_ty),
              mask=mm[:, None] & nm[None, :])
@@ -269,7 +284,7 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
             sz[0], sz[1], sz[2], sz[3], sz[4], sx[0], sx[1], sx[2], sx[3], sx[4],
             KD, KH, KW, *stride, *padding, *dilation,
             ACT=int(act), PREC=prec, UPCAST=upcast, IDX=idx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=8, num_stages=3, enable_fp_fusion=False)
+            STRIDED=classes > 1, num_warps=8, num_stages=3, enable_fp_fusion=False)
 
 
 def splits(tot: int, programs: int, cout: int, jt: int, sms: int) -> int:

@@ -450,6 +450,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, y, nw, nb, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # y's gradient None when y is not used (not a tensor of zeros)
+    # the Triton backward where the forward ran the Triton convolution: decided now, under the
+    # forward's FASTMED_TRITON_CONV (the backward may run outside it)
+    ctx.tri = _use_triton(x, weight, stride, padding, dilation) is not None
     ctx.conf = (stride, padding, dilation, slope, act)
     ctx.bias_shape = None if bias is None else list(bias.shape)
     ctx.has = (bias is not None, nw is not None, nb is not None)
@@ -508,15 +511,14 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
     return dx, dw, db, dnw.view(N, C).sum(0), dnb.view(N, C).sum(0)
 
 
-def _use_triton_bwd(x, weight, stride, padding, dilation):
-    """(norm_act_triton, conv_bwd_triton) where the layer's forward ran the Triton convolution (the
-    same decision, _use_triton) and the backward kernels load, else None. Never while torch.compile
+def _use_triton_bwd(tri: bool):
+    """(norm_act_triton, conv_bwd_triton) where the layer's forward ran the Triton convolution
+    (``tri``, decided in setup_context) and the kernels load, else None. Never while torch.compile
     traces the backward (fake tensors: the ops' unfused backward is what it records)."""
-    if torch.compiler.is_compiling():
+    if not tri or torch.compiler.is_compiling():
         return None
-    use = _use_triton(x, weight, stride, padding, dilation)
-    kb = _triton_conv_bwd() if use is not None else None
-    return None if kb is None else (use[1], kb)
+    kn, kb = NA._triton(), _triton_conv_bwd()
+    return None if kn is None or kb is None else (kn, kb)
 
 
 def _try_triton_bwd(use, *args, **kw):
@@ -546,8 +548,7 @@ def _backward(ctx, dz, dy_, dmean, drstd):
     if dz is None:  # only y was used
         dz = torch.zeros_like(y)
     out = None if dy_ is not None else _try_triton_bwd(
-        _use_triton_bwd(x, weight, stride, padding, dilation), dz, x, weight, y, nw, nb, mean, rstd, ctx.conf,
-        ctx.bias_shape, need[:3])
+        _use_triton_bwd(ctx.tri), dz, x, weight, y, nw, nb, mean, rstd, ctx.conf, ctx.bias_shape, need[:3])
     if out is not None:
         dx, dw, db, dnw, dnb = out
         return (dx, dw, db if ctx.has[0] else None,
@@ -716,6 +717,7 @@ def _setup_chain(ctx, inputs, output):
     ctx.save_for_backward(x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, b1, b2)
     ctx.mark_non_differentiable(m1, r1, m2, r2)
     ctx.set_materialize_grads(False)  # y1's and y2's gradients None when unused (not tensors of zeros)
+    ctx.tri = (_use_triton(x, w1, st1, pd1, dl1) is not None, _use_triton(y1, w2, st2, pd2, dl2) is not None)
     ctx.conf = ((st1, pd1, dl1, slope1, act1), (st2, pd2, dl2, slope2, act2))
     ctx.eps = (eps1, eps2)
     ctx.bias_shapes = (None if b1 is None else list(b1.shape), None if b2 is None else list(b2.shape))
@@ -770,9 +772,9 @@ def _chain_backward(ctx, dz2, dy1_, dm1, dr1, dy2_, dm2, dr2):
         return _chain_graph_backward(ctx, dz2, dy1_, dy2_)
     c1, c2 = ctx.conf
     need = ctx.needs_input_grad
-    use = _use_triton_bwd(x, w1, *c1[:3]) if dy1_ is None and dy2_ is None else None
+    use = _use_triton_bwd(ctx.tri[0]) if dy1_ is None and dy2_ is None else None
     out2 = None
-    if use is not None and _use_triton(y1, w2, *c2[:3]) is not None:
+    if use is not None and ctx.tri[1]:
         # the second layer's weight gradient reads z1 through the first norm + activation (z1 is not
         # written in the backward either)
         N, C = y1.shape[0], y1.shape[1]
