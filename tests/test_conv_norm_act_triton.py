@@ -389,6 +389,19 @@ for f in (torch.compile(fn, backend="aot_eager", fullgraph=True), fn):
 assert CN._triton_conv_bwd() is not None and KN._SCALARS and all(type(t) is torch.Tensor for t in KN._SCALARS.values())
 for a, r in zip(*grads):
     assert (a - r).abs().max().item() <= 1e-5 * r.abs().max().item()
+# the backward follows the forward's route, whatever holds when it runs (FASTMED_TRITON_CONV may be
+# set around the forward only)
+calls = []
+orig_w = KB.conv_wgrad
+KB.conv_wgrad = lambda *a, **k: (calls.append(1), orig_w(*a, **k))[1]
+for fwd_tri in (True, False):
+    CN._use_triton = (lambda *a, **k: (KC, KN)) if fwd_tri else (lambda *a, **k: None)
+    ins = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    z = fn(*ins)
+    CN._use_triton = (lambda *a, **k: None) if fwd_tri else (lambda *a, **k: (KC, KN))
+    z.backward(dz)
+assert calls == [1], calls
+KB.conv_wgrad = orig_w
 # the op's autograd on this path (its forward and backward by the Triton kernels) against the CPU path
 g = torch.Generator().manual_seed(12)
 for shape, cout in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):
