@@ -451,8 +451,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # y's gradient None when y is not used (not a tensor of zeros)
     # the Triton backward where the forward ran the Triton convolution: decided now, under the
-    # forward's FASTMED_TRITON_CONV (the backward may run outside it)
-    ctx.tri = _use_triton(x, weight, stride, padding, dilation) is not None
+    # forward's FASTMED_TRITON_CONV (the backward may run outside it); never in a compiled graph
+    ctx.tri = not torch.compiler.is_compiling() and _use_triton(x, weight, stride, padding, dilation) is not None
     ctx.conf = (stride, padding, dilation, slope, act)
     ctx.bias_shape = None if bias is None else list(bias.shape)
     ctx.has = (bias is not None, nw is not None, nb is not None)
@@ -717,7 +717,9 @@ def _setup_chain(ctx, inputs, output):
     ctx.save_for_backward(x, w1, y1, nw1, nb1, m1, r1, w2, y2, nw2, nb2, m2, r2, b1, b2)
     ctx.mark_non_differentiable(m1, r1, m2, r2)
     ctx.set_materialize_grads(False)  # y1's and y2's gradients None when unused (not tensors of zeros)
-    ctx.tri = (_use_triton(x, w1, st1, pd1, dl1) is not None, _use_triton(y1, w2, st2, pd2, dl2) is not None)
+    compiling = torch.compiler.is_compiling()  # a compiled graph: never (see _setup_context)
+    ctx.tri = (not compiling and _use_triton(x, w1, st1, pd1, dl1) is not None,
+               not compiling and _use_triton(y1, w2, st2, pd2, dl2) is not None)
     ctx.conf = ((st1, pd1, dl1, slope1, act1), (st2, pd2, dl2, slope2, act2))
     ctx.eps = (eps1, eps2)
     ctx.bias_shapes = (None if b1 is None else list(b1.shape), None if b2 is None else list(b2.shape))
