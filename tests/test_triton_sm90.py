@@ -1,5 +1,5 @@
-"""The Triton convolution kernels compiled for an H100 (sm_90) exactly as their launchers configure
-them (block sizes, warps, dtypes, the statistics epilogue, the prologues, over the tile sizes of a
+"""fastmed's Triton kernels (the convolution's forward and backward, norm_act's) compiled for an H100
+(sm_90) exactly as their launchers configure them (block sizes, warps, dtypes, the statistics epilogue, the prologues, over the tile sizes of a
 few layer shapes), without a GPU: every variant must compile, and keep its values in registers (no spills to local memory, which would
 cost far more than any fusion saves). The launchers run on CPU tensors with the kernels replaced
 by recorders, so the configurations checked are the ones they really pick."""
@@ -55,11 +55,15 @@ def _configs(monkeypatch):
     from fastmed.kernels import conv_bwd_triton as KB
     from fastmed.kernels import conv_triton as KC
 
+    from fastmed.kernels import norm_act_triton as KN
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     recs = {}
-    for mod, name in ((KC, "_conv_fwd_kernel"), (KB, "_dgrad_kernel"), (KB, "_wgrad_kernel")):
-        recs[name] = _Recorder(getattr(mod, name))
-        monkeypatch.setattr(mod, name, recs[name])
+    for mod in (KC, KB, KN):  # every JIT kernel of these modules
+        for name, fn in list(vars(mod).items()):
+            if isinstance(fn, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                recs[name] = _Recorder(fn)
+                monkeypatch.setattr(mod, name, recs[name])
     torch.backends.cudnn.allow_tf32 = True
     cl = torch.channels_last_3d
     # (input size, stride): 512 output voxels (128-row tiles), stride 2 (64: 64-row tiles, strided data
@@ -82,6 +86,24 @@ def _configs(monkeypatch):
                 KB.conv_dgrad(y, y, w, cf, 2, 0.01, torch.empty_like(x), *conv)
                 for prologue in (None, pro):
                     KB.conv_wgrad(y, y, x, w, cf, 2, 0.01, *conv, prologue=prologue)
+    # norm_act's kernels (the forward's statistics, merge and elementwise passes, the backward's,
+    # group / batch norm's): contiguous and channels-last planes, small and large, every dtype, with
+    # many chunks merged in groups (forced by a low threshold)
+    monkeypatch.setattr(KN, "MERGE_ABOVE", 2)
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for shape, fmt in (((2, 24, 9, 9, 9), cl), ((2, 3, 40, 40, 40), torch.contiguous_format),
+                           ((1, 4, 300, 300), torch.contiguous_format)):
+            x = torch.zeros(shape, dtype=dt).contiguous(memory_format=fmt if len(shape) == 5 else
+                                                        torch.contiguous_format)
+            N, C = shape[0], shape[1]
+            st = [torch.zeros(N * C, dtype=torch.float64) for _ in range(5)]
+            wb = torch.ones(C, dtype=torch.float32 if dt != torch.float64 else dt)
+            for act, prelu in ((2, None), (3, wb)):
+                for kind in (0, 1, 2, 3):
+                    KN.norm_act_fwd(x, wb, wb, 1e-5, 0.01, act, torch.empty_like(x), st[0], st[1], prelu, kind,
+                                    3 if C % 3 == 0 else 1)
+                    KN.norm_act_bwd(x, x, wb, wb, st[0], st[1], 0.01, act, torch.empty_like(x), st[2], st[3], prelu,
+                                    st[4] if act == 3 else None, kind, 3 if C % 3 == 0 else 1)
     seen = {}
     for name, rec in recs.items():
         for args, kw in rec.calls:
@@ -91,7 +113,7 @@ def _configs(monkeypatch):
     return seen
 
 
-def test_conv_kernels_compile_for_sm90_without_spills(monkeypatch):
+def test_triton_kernels_compile_for_sm90_without_spills(monkeypatch):
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (it comes with Triton's NVIDIA backend)")
