@@ -592,29 +592,33 @@ class _env:
 
 
 class _count_triton_conv:
-    """Counts the Triton convolution's launches inside a with-block (``.n``), so that a row labelled
-    with it says whether it really ran (layers it is unsuited to go to cuDNN; a compile failure
-    switches it off)."""
+    """Counts the Triton convolution's launches inside a with-block: ``.n`` forward convolutions,
+    ``.bwd`` fused backward weight gradients (one per layer whose backward ran fused), so that a row
+    labelled with it says whether they really ran (layers they are unsuited to go to cuDNN; a
+    compile failure switches them off)."""
 
     def __enter__(self):
-        self.n = 0
+        self.n = self.bwd = 0
+        self.patched = []
         try:
+            from .kernels import conv_bwd_triton as kb
             from .kernels import conv_triton as kc
         except Exception:  # noqa: BLE001 - no triton
-            self.kc = None
             return self
-        self.kc, self.orig = kc, kc.conv_fwd
+        for mod, name, attr in ((kc, "conv_fwd", "n"), (kb, "conv_wgrad", "bwd")):
+            orig = getattr(mod, name)
 
-        def counted(*a, **k):
-            self.n += 1
-            return self.orig(*a, **k)
+            def counted(*a, _orig=orig, _attr=attr, **k):
+                setattr(self, _attr, getattr(self, _attr) + 1)
+                return _orig(*a, **k)
 
-        kc.conv_fwd = counted
+            setattr(mod, name, counted)
+            self.patched.append((mod, name, orig))
         return self
 
     def __exit__(self, *exc):
-        if self.kc is not None:
-            self.kc.conv_fwd = self.orig
+        for mod, name, orig in self.patched:
+            setattr(mod, name, orig)
 
 
 def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, compile: bool = True) -> list:
@@ -656,7 +660,7 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
         try:
             with _count_triton_conv() as cnt:
                 times[name] = _time(step, device, reps)  # the warm-up compiles torch.compile's
-            launches[name] = cnt.n
+            launches[name] = (cnt.n, cnt.bwd)
         except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working compiler
             log(f"  {name}: skipped ({type(exc).__name__}: {exc})")
     case = (f"Conv3d+InstanceNorm+LeakyReLU fwd+bwd {tuple(shape)}"
@@ -664,7 +668,7 @@ def run_blocks(quick: bool, device: str, reps: int = 5, log=print, shape=None, c
     for name, t in times.items():
         rows.append({"op": "conv_block", "case": case, "impl": name, "ms": t * 1e3,
                      "ratio_vs_eager": times["eager"] / t if "eager" in times else float("nan"),
-                     "triton_conv_launches": launches[name]})
+                     "triton_conv_launches": launches[name][0], "triton_bwd_launches": launches[name][1]})
     return rows
 
 
@@ -727,7 +731,7 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
                 opt.step()
             steps[k] = step
         times = {k: [] for k in nets}
-        launches = dict.fromkeys(nets, 0)
+        launches = dict.fromkeys(nets, (0, 0))
         try:
             for fn in steps.values():
                 fn()
@@ -739,7 +743,7 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
                         fn()
                         _sync(device)
                         times[k].append(time.perf_counter() - t0)
-                    launches[k] = cnt.n  # per step
+                    launches[k] = (cnt.n, cnt.bwd)  # per step
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other rows still count
             log(f"  {name} training step: skipped ({type(exc).__name__}: {exc})")
             del nets, steps, orig
@@ -750,8 +754,8 @@ def run_train_steps(quick: bool, device: str, reps: int = 5, log=print, shape=No
         saved = {k: _saved_activation_mb(m, x, cuda, k.endswith("triton_conv")) for k, m in nets.items()}
         case = f"{name} training step {tuple(shape)}" + (", bf16 autocast, channels last" if cuda else ", float32")
         rows += [{"op": "train_step", "case": case, "impl": k, "ms": med[k] * 1e3,
-                  "ratio_vs_eager": med["original"] / med[k], "triton_conv_launches": launches[k],
-                  "saved_mb": saved[k]} for k in nets]
+                  "ratio_vs_eager": med["original"] / med[k], "triton_conv_launches": launches[k][0],
+                  "triton_bwd_launches": launches[k][1], "saved_mb": saved[k]} for k in nets]
     return rows
 
 
@@ -786,7 +790,8 @@ def format_optimize_table(report: dict) -> str:
         if r["op"] == "optimize" and "triton_conv" not in r["impl"]:
             return names.get(r["impl"], r["impl"])
         if "triton_conv" in r["impl"]:  # did it run? (unsuited layers go to cuDNN)
-            return f"{r['impl']} ({r.get('triton_conv_launches', 0)} Triton conv launches/step)"
+            return (f"{r['impl']} ({r.get('triton_conv_launches', 0)} Triton conv launches/step"
+                    + (f", {r['triton_bwd_launches']} fused backward" if "triton_bwd_launches" in r else "") + ")")
         return r["impl"]
 
     lines = [head] + [[r["op"], r["case"], impl(r), f"{r['ms']:.1f}",
