@@ -20,7 +20,8 @@ float32 or narrower), so ``y - mean`` loses no more than y's own rounding alread
   voxel, one column per input channel and K = (tap, output channel); the output voxel a tap reads,
   ``(i + pad - k dil) / stride``, exists when the division is exact and in range. The rows of a
   program are input voxels of one residue class modulo the stride, for which the division is exact
-  for the same taps: the others are skipped whole (a stride-2 3D layer does not multiply 8x).
+  for the same taps: the others are skipped whole (a stride-2 3D layer does not do 8x the
+  products it needs).
 - **weight gradient** ``dW[co, (tap, ci)] = sum over samples and output voxels of dy x``: one
   program per block of output channels x block of columns (a tap's channel block; or, for fewer
   than 16 input channels, several taps' channels flattened as the forward does), the reduction
@@ -31,8 +32,9 @@ float32 or narrower), so ``y - mean`` loses no more than y's own rounding alread
 - The convolution bias's gradient is ``sum dy`` per channel, which instance norm makes exactly 0
   (adding a constant to a plane changes nothing after the norm): returned as zeros.
 
-Checked under ``TRITON_INTERPRET=1`` in CI (tests/test_conv_norm_act_triton.py); not yet run on a
-GPU (its speed against cuDNN is unknown), used only with ``FASTMED_TRITON_CONV=1`` like the forward.
+Checked under ``TRITON_INTERPRET=1`` in CI (tests/test_conv_norm_act_triton.py) and compiled for
+sm_90 without register spills (tests/test_triton_sm90.py); not yet run on a GPU (its speed against
+cuDNN is unknown), used only with ``FASTMED_TRITON_CONV=1`` like the forward.
 """
 from __future__ import annotations
 
