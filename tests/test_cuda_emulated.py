@@ -1,0 +1,405 @@
+"""fastmed's CUDA C++ kernels (csrc/*/*_cuda.cu) run on the CPU under fmemu (tests/cuda_emu), against
+the CPU kernels and the float64 references.
+
+No GPU has run these kernels yet; the GPU tests (tests/*_gpu.py, run by benches/gpu/run.sh) do that
+where one is lent. Here the same sources, compiled by the host compiler with fmemu's stand-ins for
+the CUDA headers, run their blocks as fibers: barriers, warp shuffles, shared memory, grid-stride
+loops and the launch checks of the CUDA runtime are emulated, and a barrier not reached by every
+thread, a shuffle not reached by the whole warp or a bad launch configuration is an error. What this
+cannot see: the device's own arithmetic (FMA contraction, its exp / log), memory-model races between
+threads of different blocks, out-of-bounds accesses that land in mapped memory, and performance.
+
+The ops are called as usual with CPU tensors; ``emulated_gpu()`` makes ``fastmed._ext.require``
+hand them the emulated module instead of fastmed._C for the ops the CUDA module implements, so the
+whole Python side (parameter packing, workspace sizes, error handling) is the CUDA path's.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmed import _ext
+from fastmed import inferers as FI
+from fastmed import losses as FL
+from fastmed.ops import dice_ce as D
+from fastmed.ops import resample as R
+from fastmed.ops import sliding_window as SW
+
+_spec = importlib.util.spec_from_file_location("fastmed_cuda_emu_build", Path(__file__).parent / "cuda_emu" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+# the ops whose kernels fastmed._C_cuda implements (the op names they pass to _ext.require)
+CUDA_OPS = {"dice_ce", "sw_gather", "sw_accumulate", "sw_normalize", "resample", "spline_prefilter"}
+
+pytestmark = pytest.mark.skipif(build.compiler() is None, reason="needs a C++ compiler to build the emulation")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return build.load()
+
+
+@contextlib.contextmanager
+def emulated_gpu(emu, **env):
+    """fastmed's ops run the emulated CUDA kernels; ``env`` sets fmemu's variables meanwhile."""
+    real = _ext.require
+    old = {k: os.environ.get(k) for k in env}
+
+    def require(device, op):
+        return emu if op in CUDA_OPS else real(device, op)
+
+    _ext.require = require
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        yield
+    finally:
+        _ext.require = real
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_the_emulated_module(emu):
+    assert "fmemu" in emu.build_info()["archs"] and emu.device_count() == 1
+    assert emu.DiceCEParams is _ext.cpu.DiceCEParams  # the parameter classes are shared, as on a GPU build
+    # the CUDA module's ops and no others
+    assert {n for n in dir(emu) if not n.startswith("_") and not n[0].isupper()} == {
+        "build_info", "device_count", "dice_ce_workspace_size", "dice_ce_fwd", "dice_ce_bwd", "sw_gather",
+        "sw_accumulate", "sw_normalize", "resample", "spline_prefilter"}
+
+
+# ------------------------------------------------------------------------------------------------
+# fused Dice + cross-entropy
+
+
+def _dice_case(act, ce, label_map, dtype, variant, B=2, C=5, sp=(13, 17, 11), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((B, C) + sp, generator=g) * 3).to(dtype)
+    lab = torch.randint(0, C, (B, 1) + sp, generator=g)
+    mask, w, ignore = None, None, None
+    squared, soft = variant == "squared", variant == "soft"
+    if variant == "weights+mask+ignore":
+        w = torch.rand(C, generator=g) + 0.5
+        mask = (torch.rand((B, 1) + sp, generator=g) > 0.3).float()
+        if label_map:
+            ignore = 255
+            lab[:, :, 0] = 255
+    target = lab if label_map else torch.nn.functional.one_hot(lab[:, 0].clamp(max=C - 1), C).movedim(-1, 1).to(dtype)
+    return x, target, (mask, w, act, ce, True, label_map, squared, soft, ignore)
+
+
+def _dice_run(x, target, args):
+    """Statistics, CE sums and the logits' gradient for fixed upstream gradients."""
+    xx = x.clone().requires_grad_(True)
+    s, c = D.dice_ce_fwd(xx, target, *args)
+    gs = torch.linspace(-1, 1, s.numel(), dtype=torch.float64).view_as(s)
+    gc = torch.tensor([[0.3, 0.01, 0.0, 0.0]] * x.shape[0], dtype=torch.float64)
+    (gx,) = torch.autograd.grad((s * gs).sum() + (c * gc).sum(), xx)
+    return s, c, gx
+
+
+def _assert_dice_close(got, want, dtype):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-10)
+    gtol = dict(rtol=1e-2, atol=1e-3) if dtype in (torch.float16, torch.bfloat16) else tol
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    torch.testing.assert_close(got[2].double(), want[2].double(), **gtol)
+
+
+@pytest.mark.parametrize("act,ce", [(2, 1), (2, 0), (1, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize("label_map", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "squared", "soft", "weights+mask+ignore"])
+def test_dice_ce_kernels_match_cpu(emu, act, ce, label_map, dtype, variant):
+    x, target, args = _dice_case(act, ce, label_map, dtype, variant)
+    want = _dice_run(x, target, args)
+    with emulated_gpu(emu):
+        got = _dice_run(x, target, args)
+    _assert_dice_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("C,sp,env", [
+    (2, (40, 40, 20), dict(FMEMU_DICE_TARGET_BLOCKS=1)),   # 125 tiles in one block: persistent sums flushed 7 times
+    (3, (9, 10, 11), dict(FMEMU_DICE_MAX_GRID=3)),         # grid-stride loops over work items, both kernels
+    (600, (4, 5, 3), {}),                                   # 2400 Dice sums per block: accumulators in the workspace
+    (117, (7, 6, 9), dict(FMEMU_DICE_TARGET_BLOCKS=2)),    # many classes, several tiles per block
+    (1, (300,), {}),                                        # one class, 1D, a partial tile
+    (4, (1, 1, 1), {}),                                     # one voxel
+])
+@pytest.mark.parametrize("label_map", [True, False])
+def test_dice_ce_layouts(emu, C, sp, env, label_map):
+    x, target, args = _dice_case(2, 1, label_map, torch.float32, "weights+mask+ignore", C=C, sp=sp, seed=C)
+    want = _dice_run(x, target, args)
+    with emulated_gpu(emu, **env):
+        got = _dice_run(x, target, args)
+    _assert_dice_close(got, want, torch.float32)
+
+
+def test_dice_ce_strided_logits_and_channels_last(emu):
+    x, target, args = _dice_case(2, 1, True, torch.float32, "plain", C=6, sp=(9, 8, 7))
+    for xs in (x.to(memory_format=torch.channels_last_3d), x.transpose(2, 4).contiguous().transpose(2, 4)):
+        want = _dice_run(xs, target, args)
+        with emulated_gpu(emu):
+            got = _dice_run(xs, target, args)
+        _assert_dice_close(got, want, torch.float32)
+
+
+def test_dice_ce_bit_identical_whatever_the_schedule(emu):
+    """Blocks and the threads of a block run in shuffled orders: no result may change (no races;
+    every reduction order is fixed)."""
+    x, target, args = _dice_case(2, 1, True, torch.float32, "weights+mask+ignore", C=7, sp=(17, 9, 12))
+    runs = []
+    for seed in (0, 1, 977):
+        with emulated_gpu(emu, FMEMU_SCHEDULE=seed, FMEMU_DICE_TARGET_BLOCKS=3):
+            runs.append(_dice_run(x, target, args))
+    for r in runs[1:]:
+        for a, b in zip(r, runs[0]):
+            assert torch.equal(a, b)
+
+
+def test_dice_ce_bad_labels_raise(emu):
+    x = torch.randn(2, 3, 8, 8, 8)
+    y = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    y[1, 0, 7, 7, 7] = 7
+    y[0, 0, 1, 1, 1] = -2
+    with emulated_gpu(emu), pytest.raises(ValueError, match=r"target: labels must lie in \[0, 3\).*found 2 voxels"):
+        FL.DiceCELoss(to_onehot_y=True, softmax=True)(x, y)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FL.DiceCELoss(to_onehot_y=True, softmax=True, include_background=False),
+    lambda: FL.DiceLoss(sigmoid=True, squared_pred=True),
+    lambda: FL.GeneralizedDiceLoss(to_onehot_y=True, softmax=True),
+    lambda: FL.NNUNetDiceCELoss(ignore_label=2),
+])
+def test_losses_and_gradients_on_the_cuda_kernels(emu, make):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 12, 10, 9, generator=g)
+    y = torch.randint(0, 4, (2, 1, 12, 10, 9), generator=g)
+    if isinstance(make(), FL.DiceLoss) and not isinstance(make(), FL.DiceCELoss):
+        y = torch.nn.functional.one_hot(y[:, 0], 4).movedim(-1, 1).float()
+    res = []
+    for ctx in (contextlib.nullcontext(), emulated_gpu(emu)):
+        xx = x.clone().requires_grad_(True)
+        with ctx:
+            loss = make()(xx, y)
+            (gx,) = torch.autograd.grad(loss, xx)
+        res.append((loss, gx))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[1][1], res[0][1], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# sliding-window gather, accumulate, normalise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.uint8, torch.float64])
+def test_gather(emu, dtype):
+    vol = (torch.randn(2, 3, 20, 17, 15) * 10).to(dtype)
+    starts = torch.tensor([[0, 0, 0, 0], [1, 4, 9, 7], [0, 12, 1, 8]])
+    want = torch.cat([vol[b:b + 1, :, z:z + 8, y:y + 8, x:x + 7] for b, z, y, x in starts.tolist()])
+    with emulated_gpu(emu):
+        assert torch.equal(SW.sw_gather(vol, starts, [8, 8, 7]), want)
+        v2 = vol[:, :, 3].transpose(-1, -2)  # 2D, strided
+        st2 = torch.tensor([[0, 0, 0], [1, 4, 9], [0, 10, 11]])
+        assert torch.equal(SW.sw_gather(v2, st2, [5, 6]),
+                           torch.cat([v2[b:b + 1, :, y:y + 5, x:x + 6] for b, y, x in st2.tolist()]))
+    with emulated_gpu(emu, FMEMU_GRID_CAP=2):  # grid-stride loop
+        assert torch.equal(SW.sw_gather(vol, starts, [8, 8, 7]), want)
+
+
+def _weights(win, g):
+    gs = [torch.rand(w, generator=g) + 0.1 for w in win]
+    return gs, torch.einsum("i,j,k->ijk", *gs).contiguous()
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weight", ["none", "factors", "map", "count"])
+def test_accumulate_bit_identical_to_cpu(emu, acc_dtype, pred_dtype, weight):
+    """Products and sums are rounded separately on both devices, in the same order: equal bits."""
+    g = torch.Generator().manual_seed(4)
+    win = (6, 7, 5)
+    acc0 = torch.randn(2, 3, 13, 12, 11, generator=g).to(acc_dtype)
+    pred = torch.randn(4, 3, *win, generator=g).to(pred_dtype)
+    starts = torch.tensor([[0, 0, 0, 0], [1, 7, 5, 6], [0, 3, 2, 1], [0, 4, 3, 2]])  # overlapping windows
+    gs, wmap = _weights(win, g)
+    args = {"none": (None, None, None, 0.0, None), "factors": (*gs, 0.05, None),
+            "map": (None, None, None, 0.0, wmap), "count": (*gs, 0.05, None)}[weight]
+    p = None if weight == "count" else pred
+    if weight == "count":
+        acc0 = acc0[:, :1].contiguous()
+    out = {}
+    for ctx in ("cpu", "emu"):
+        acc = acc0.clone()
+        with emulated_gpu(emu) if ctx == "emu" else contextlib.nullcontext():
+            SW.sw_accumulate(acc, p, starts, *args)
+        out[ctx] = acc
+    assert torch.equal(out["emu"], out["cpu"])
+
+
+@pytest.mark.parametrize("flip", [0, 1, 5, 7])
+def test_accumulate_flipped_and_fresh(emu, flip):
+    g = torch.Generator().manual_seed(5)
+    win = (5, 6, 4)
+    pred = torch.randn(2, 2, *win, generator=g)
+    starts = torch.tensor([[0, 1, 2, 3], [0, 4, 0, 5]])
+    fresh = torch.tensor([[0, 5, 0, 6, 0, 4], [1, 5, 2, 6, 0, 3]])  # boxes written, not added
+    gs, _ = _weights(win, g)
+    out = {}
+    for ctx in ("cpu", "emu"):
+        acc = torch.full((1, 2, 10, 9, 10), 7.0)
+        with emulated_gpu(emu) if ctx == "emu" else contextlib.nullcontext():
+            SW.sw_accumulate(acc, pred, starts, *gs, 0.0, None, fresh, flip)
+        out[ctx] = acc
+    assert torch.equal(out["emu"], out["cpu"])
+    ref = torch.full((1, 2, 10, 9, 10), 7.0)  # the reference, from flipped copies
+    pf = pred.flip([2 + d for d in range(3) if flip >> d & 1])
+    w = torch.einsum("i,j,k->ijk", *gs)
+    for n, (b, z, y, x) in enumerate(starts.tolist()):
+        z0, z1, y0, y1, x0, x1 = fresh[n].tolist()
+        view = ref[b, :, z:z + 5, y:y + 6, x:x + 4]
+        keep = torch.ones(win, dtype=torch.bool)
+        keep[z0:z1, y0:y1, x0:x1] = False
+        view.copy_(torch.where(keep, view, 0.0) + pf[n] * w)
+    torch.testing.assert_close(out["emu"], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
+def test_normalize(emu, acc_dtype, softmax, dst_dtype):
+    g = torch.Generator().manual_seed(6)
+    acc = (torch.randn(2, 7, 9, 10, 11, generator=g) * 4).to(acc_dtype)
+    count = (torch.rand(9, 10, 11, generator=g) + 0.5).to(acc_dtype)
+    want = SW.sw_normalize(acc, count, dst_dtype, softmax)
+    with emulated_gpu(emu, FMEMU_GRID_CAP=5):
+        got = SW.sw_normalize(acc, count, dst_dtype, softmax)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6 if dst_dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if acc_dtype != torch.float16 else 1e-3)
+    # against the float64 result: half a unit in the last place of each rounding (acc / count in acc's
+    # dtype, then dst's), times the logits' size (4 sigma) where the softmax follows
+    tol = {torch.float16: 1e-3, torch.float64: 1e-12, torch.float32: 1e-6}[acc_dtype] * (16 if softmax else 1)
+    tol = max(tol, 5e-3 if dst_dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(got.double(), SW.sw_normalize_reference(acc, count, softmax), rtol=tol, atol=tol)
+
+
+def pred3(x):
+    return torch.cat([x.sin(), x.cos() * 2, x * x], 1)
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_buffered_sliding_window_inference_on_the_cuda_kernels(emu, mode):
+    """buffer_steps takes the gather / accumulate / normalise route of a GPU; equal to MONAI-exact
+    unbuffered stitching on the CPU."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 37, 45, 29)
+    want = FI.sliding_window_inference(x, (16, 20, 12), 3, pred3, 0.5, mode)
+    with emulated_gpu(emu):
+        got = FI.sliding_window_inference(x, (16, 20, 12), 3, pred3, 0.5, mode, buffer_steps=2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_nnunet_mirroring_on_the_cuda_kernels(emu):
+    torch.manual_seed(1)
+    x = torch.randn(1, 1, 33, 30, 27)
+    want = FI.nnunet_sliding_window_inference(x, pred3, (16, 16, 16), 0.5, mirror_axes=(0, 2), sw_batch_size=3)
+    with emulated_gpu(emu):
+        got = FI.nnunet_sliding_window_inference(x, pred3, (16, 16, 16), 0.5, mirror_axes=(0, 2), sw_batch_size=3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# resampling
+
+
+def _theta(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.diag(torch.rand(3, generator=g, dtype=torch.float64) * 1.5 + 0.4)
+    if kind == "oblique":
+        a = a + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    return torch.cat([a, torch.randn(3, 1, generator=g, dtype=torch.float64) * 2], 1)
+
+
+@pytest.mark.parametrize("kind,order,padding", list(itertools.product(["diagonal", "oblique"], [0, 1, 3],
+                                                                       list(R.PADDINGS))))
+def test_resample_float64_equals_cpu(emu, kind, order, padding):
+    x = torch.randn(2, 3, 17, 20, 13, dtype=torch.float64)
+    th = _theta(kind)
+    kw = dict(order=order, padding=padding, cval=0.5, compute_dtype=torch.float64)
+    want = R.resample(x, th, (11, 23, 14), **kw)
+    with emulated_gpu(emu):
+        got = R.resample(x, th, (11, 23, 14), **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.int16])
+def test_resample_dtypes(emu, dtype, out_dtype):
+    x = (torch.rand(1, 2, 15, 16, 17) * 200).to(dtype)
+    th = _theta("oblique", 1)
+    kw = dict(order=1, padding="border", out_dtype=out_dtype)
+    want = R.resample(x, th, (9, 10, 11), **kw)
+    with emulated_gpu(emu, FMEMU_GRID_CAP=3):
+        got = R.resample(x, th, (9, 10, 11), **kw)
+    if out_dtype.is_floating_point:
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-1
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 200)
+    else:  # a value within rounding of .5 may round either way
+        assert (got.long() - want.long()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_resample_argmax_and_labels(emu, order):
+    logits = torch.randn(1, 14, 15, 16, 17, dtype=torch.float64)
+    th = _theta("oblique", 2)
+    kw = dict(order=order, padding="border", out="argmax", compute_dtype=torch.float64)
+    want = R.resample(logits, th, (9, 10, 11), **kw)
+    with emulated_gpu(emu):
+        assert torch.equal(R.resample(logits, th, (9, 10, 11), **kw), want)
+    if order == 3:  # labels mode is orders 0 and 1
+        return
+    seg = torch.randint(0, 5, (1, 1, 15, 16, 17), dtype=torch.int16)
+    for pad, cval in (("border", 0), ("zeros", 7)):
+        kw = dict(order=order, padding=pad, cval=cval, out="labels")
+        want = R.resample(seg, th, (9, 10, 11), **kw)
+        with emulated_gpu(emu):
+            assert torch.equal(R.resample(seg, th, (9, 10, 11), **kw), want)  # float64 sums on both
+
+
+def test_resample_batched_theta_channels_last_size_one_and_empty(emu):
+    x = torch.randn(3, 2, 9, 1, 11, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    th = torch.stack([_theta("oblique", s) for s in range(3)])
+    for order in (0, 1, 3):
+        kw = dict(order=order, padding="zeros", compute_dtype=torch.float64)
+        want = R.resample(x, th, (5, 4, 6), **kw)
+        with emulated_gpu(emu):
+            got = R.resample(x, th, (5, 4, 6), **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        if order < 3:  # (the reference's order 3 takes B-spline coefficients, not values)
+            torch.testing.assert_close(got, R.resample_reference(x, th, (5, 4, 6), order=order, padding="zeros"),
+                                       rtol=0, atol=1e-9)
+    with emulated_gpu(emu):
+        assert R.resample(x, th, (0, 4, 6)).shape == (3, 2, 0, 4, 6)
+
+
+@pytest.mark.parametrize("boundary", ["mirror", "reflect"])
+@pytest.mark.parametrize("n", [2, 5, 64])
+def test_spline_prefilter(emu, boundary, n):
+    x = torch.randn(2, 2, n, 7, 9, dtype=torch.float64)
+    want = R.spline_prefilter(x, None, boundary)
+    with emulated_gpu(emu):
+        got = R.spline_prefilter(x, None, boundary)
+        got32 = R.spline_prefilter(x.float(), None, boundary)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got32.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, R.spline_prefilter_reference(x, None, boundary), rtol=0, atol=1e-9)
