@@ -9,6 +9,9 @@ thread, a shuffle not reached by the whole warp or a bad launch configuration is
 cannot see: the device's own arithmetic (FMA contraction, its exp / log), memory-model races between
 threads of different blocks, out-of-bounds accesses that land in mapped memory, and performance.
 
+``test_under_address_sanitizer`` runs this file again in a process with AddressSanitizer, the
+emulated kernels built with it: a read or write past the end of any tensor fails there.
+
 The ops are called as usual with CPU tensors; ``emulated_gpu()`` makes ``fastmed._ext.require``
 hand them the emulated module instead of fastmed._C for the ops the CUDA module implements, so the
 whole Python side (parameter packing, workspace sizes, error handling) is the CUDA path's.
@@ -19,6 +22,8 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +48,7 @@ pytestmark = pytest.mark.skipif(build.compiler() is None, reason="needs a C++ co
 
 @pytest.fixture(scope="module")
 def emu():
-    return build.load()
+    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1")
 
 
 @contextlib.contextmanager
@@ -70,7 +75,6 @@ def emulated_gpu(emu, **env):
 
 def test_the_emulated_module(emu):
     assert "fmemu" in emu.build_info()["archs"] and emu.device_count() == 1
-    assert emu.DiceCEParams is _ext.cpu.DiceCEParams  # the parameter classes are shared, as on a GPU build
     # the CUDA module's ops and no others
     assert {n for n in dir(emu) if not n.startswith("_") and not n[0].isupper()} == {
         "build_info", "device_count", "dice_ce_workspace_size", "dice_ce_fwd", "dice_ce_bwd", "sw_gather",
@@ -117,7 +121,7 @@ def _assert_dice_close(got, want, dtype):
 
 @pytest.mark.parametrize("act,ce", [(2, 1), (2, 0), (1, 1), (0, 2), (1, 2)])
 @pytest.mark.parametrize("label_map", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["plain", "squared", "soft", "weights+mask+ignore"])
 def test_dice_ce_kernels_match_cpu(emu, act, ce, label_map, dtype, variant):
     x, target, args = _dice_case(act, ce, label_map, dtype, variant)
@@ -403,3 +407,30 @@ def test_spline_prefilter(emu, boundary, n):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     torch.testing.assert_close(got32.double(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, R.spline_prefilter_reference(x, None, boundary), rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# the same tests with AddressSanitizer
+
+
+def _runtime_library(name: str):
+    out = subprocess.run([build.compiler(), f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+@pytest.mark.skipif(os.environ.get("FMEMU_ASAN") == "1", reason="this is the run under AddressSanitizer")
+def test_under_address_sanitizer():
+    """Every test above (the Dice grid without float64), with the kernels built with
+    AddressSanitizer and libasan preloaded: an access outside a tensor's allocation (they come from
+    malloc, so ASan guards their ends) aborts with a report naming the kernel."""
+    asan, stdcxx = _runtime_library("libasan.so"), _runtime_library("libstdc++.so")
+    if asan is None or stdcxx is None:
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    build.build(sanitize=True)
+    env = dict(os.environ, FMEMU_ASAN="1", LD_PRELOAD=f"{asan} {stdcxx}",  # libstdc++ too: ASan's __cxa_throw
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
+    sel = "not under_address_sanitizer and (not kernels_match or float32 or float16)"
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", sel],
+                       env=env, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

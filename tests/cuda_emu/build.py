@@ -4,7 +4,7 @@ compiler, with kernel launches rewritten into calls of ``fmemu::launch``.
 
 ``load()`` builds once per content (a hash of every source, header and flag) under
 ``build/cuda_emu/`` and imports the result. It needs a C++17 compiler (``CXX`` or ``c++``) and
-pybind11's headers, as the package build does; nothing of CUDA.
+pybind11's headers (the test extra installs pybind11), as the package build does; nothing of CUDA.
 """
 from __future__ import annotations
 
@@ -119,24 +119,29 @@ def _includes() -> list[str]:
             "-I", sysconfig.get_paths()["include"]]
 
 
-def _key(cxx: str) -> str:
+def _flags(sanitize: bool) -> list[str]:
+    return FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+
+
+def _key(cxx: str, sanitize: bool) -> str:
     h = hashlib.sha256()
     files = sorted(CSRC.rglob("*.h")) + sorted((HERE / "include").glob("*.h")) + SOURCES + [Path(__file__)]
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update((ver + " ".join(FLAGS) + sys.version + " ".join(_includes())).encode())
+    h.update((ver + " ".join(_flags(sanitize)) + sys.version + " ".join(_includes())).encode())
     return h.hexdigest()[:16]
 
 
-def build(out_root: Path | None = None) -> Path:
-    """Path of the built module (built now unless an identical build is there)."""
+def build(out_root: Path | None = None, sanitize: bool = False) -> Path:
+    """Path of the built module (built now unless an identical build is there). ``sanitize``: with
+    AddressSanitizer (import it only in a process started with libasan preloaded)."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler (set CXX)")
     out_root = out_root or ROOT / "build" / "cuda_emu"
-    d = out_root / _key(cxx)
+    d = out_root / _key(cxx, sanitize)
     so = d / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
     if so.exists():
         return so
@@ -144,19 +149,19 @@ def build(out_root: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        return _build_in(cxx, tmp, d, so)
+        return _build_in(cxx, tmp, d, so, _flags(sanitize))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build_in(cxx: str, tmp: Path, d: Path, so: Path) -> Path:
+def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str]) -> Path:
     objs, cmds = [], []
     for src in SOURCES:
         t = tmp / (src.stem + ".cpp")
         t.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
         o = tmp / (src.stem + ".o")
         objs.append(o)
-        cmds.append([cxx, *FLAGS, "-I", str(src.parent), *_includes(), "-c", str(t), "-o", str(o)])
+        cmds.append([cxx, *flags, "-I", str(src.parent), *_includes(), "-c", str(t), "-o", str(o)])
 
     def run(cmd):
         return subprocess.run(cmd, capture_output=True, text=True)
@@ -166,7 +171,8 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path) -> Path:
     for cmd, r in zip(cmds, results):
         if r.returncode != 0:
             raise BuildError(f"{' '.join(cmd)}\n{r.stderr[-6000:]}")
-    r = run([cxx, "-shared", *map(str, objs), "-o", str(tmp / so.name)])
+    r = run([cxx, "-shared", *[f for f in flags if f.startswith("-fsanitize")], *map(str, objs), "-o",
+             str(tmp / so.name)])
     if r.returncode != 0:
         raise BuildError(r.stderr[-4000:])
     d.mkdir(parents=True, exist_ok=True)
@@ -174,12 +180,12 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path) -> Path:
     return so
 
 
-def load():
+def load(sanitize: bool = False):
     """The emulated module, built if needed (fastmed._C is imported first: the parameter classes
     are shared with it, as on a real GPU build)."""
     import fastmed._ext  # noqa: F401  (registers the parameter types)
 
-    so = build()
+    so = build(sanitize=sanitize)
     if MODULE in sys.modules:
         return sys.modules[MODULE]
     spec = importlib.util.spec_from_file_location(MODULE, so)
@@ -190,4 +196,4 @@ def load():
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build(sanitize="--asan" in sys.argv))
