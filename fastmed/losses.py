@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
+from . import _ext
 from .ops.dice_ce import ACT, CE, LABEL_DTYPES, LOGIT_DTYPES, dice_ce_fwd, dice_ce_reference
 
 __all__ = ["DiceLoss", "DiceCELoss", "GeneralizedDiceLoss", "NNUNetDiceCELoss", "AllReduceSum", "ShapeError"]
@@ -135,6 +136,7 @@ def _stats(x, target, *, mask=None, ce_weight=None, act="none", ce="none", dice=
         x.device.type not in ("cpu", "cuda")
         or target.requires_grad
         or (mask is not None and mask.requires_grad)
+        or _ext.functorch_active()  # torch.func (grad, vmap, ...): the op's autograd has no functorch rule
     )
     if needs_ref:
         return dice_ce_reference(*args)

@@ -579,3 +579,41 @@ def test_very_negative_logits_at_ignored_voxels_give_finite_gradients():
     xd = x.double().requires_grad_(True)
     FL.DiceCELoss(to_onehot_y=True, softmax=True, ignore_index=255)(xd, y).backward()
     torch.testing.assert_close(xr.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda L: L.DiceCELoss(to_onehot_y=True, softmax=True, include_background=False),
+    lambda L: L.DiceLoss(sigmoid=True, squared_pred=True, to_onehot_y=True),
+    lambda L: L.GeneralizedDiceLoss(to_onehot_y=True, softmax=True),
+])
+def test_torch_func_grad_vmap_and_per_sample_gradients(make):
+    """Under torch.func (grad, vmap, their nesting for per-sample gradients) the losses compute in
+    plain PyTorch (float64, as the reference): values and gradients still MONAI's."""
+    monai_losses = pytest.importorskip("monai.losses")
+    ours, theirs = make(FL), make(monai_losses)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 6, 7, 5, generator=g)
+    y = torch.randint(0, 4, (3, 1, 6, 7, 5), generator=g)
+    gx = torch.func.grad(lambda x: ours(x, y))(x)
+    xm = x.clone().requires_grad_(True)
+    (gm,) = torch.autograd.grad(theirs(xm, y), xm)
+    torch.testing.assert_close(gx, gm, rtol=1e-4, atol=1e-7)
+    one = lambda xi, yi: ours(xi[None], yi[None])  # noqa: E731
+    per = torch.func.vmap(one)(x, y)
+    torch.testing.assert_close(per, torch.stack([theirs(x[i:i + 1], y[i:i + 1]) for i in range(3)]),
+                               rtol=1e-5, atol=1e-6)
+    per_grad = torch.func.vmap(torch.func.grad(one))(x, y)
+    for i in range(3):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad(theirs(xi, y[i:i + 1]), xi)
+        torch.testing.assert_close(per_grad[i:i + 1], gi, rtol=1e-4, atol=1e-7)
+
+
+def test_torch_func_nnunet_loss_matches_autograd():
+    loss = FL.NNUNetDiceCELoss(ignore_label=3)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 6, 7, 5, generator=g)
+    y = torch.randint(0, 4, (2, 1, 6, 7, 5), generator=g)
+    xa = x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(loss(xa, y), xa)
+    torch.testing.assert_close(torch.func.grad(lambda x: loss(x, y))(x), ga, rtol=1e-5, atol=1e-7)

@@ -273,7 +273,8 @@ def dice_ce_reference(
         if ignore_index is not None:
             valid &= lab != ignore_index
         m = m * valid
-        y = torch.nn.functional.one_hot(torch.where(valid, lab, 0)[:, 0], C).movedim(-1, 1).to(torch.float64)
+        cls = torch.arange(C, device=x.device).view((1, C) + (1,) * (x.ndim - 2))
+        y = (torch.where(valid, lab, -1) == cls).to(torch.float64)  # one-hot (no data-dependent size: vmap)
     else:
         y = target.to(torch.float64)
     w = torch.ones(C, dtype=torch.float64, device=x.device) if ce_weight is None else ce_weight.to(torch.float64)
