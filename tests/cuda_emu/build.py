@@ -30,7 +30,7 @@ SOURCES = [
 ]
 MODULE = "_C_cuda_emu"
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off", "-fvisibility=hidden",
-         "-Wno-attributes", '-DFASTMED_CUDA_VERSION="fmemu"', '-DFASTMED_CUDA_ARCHS="fmemu (CPU emulation)"']
+         "-Wno-attributes", "-Wno-unknown-pragmas", '-DFASTMED_CUDA_VERSION="fmemu"', '-DFASTMED_CUDA_ARCHS="fmemu (CPU emulation)"']
 
 
 class BuildError(RuntimeError):
@@ -60,7 +60,7 @@ def _callee_start(text: str, i: int) -> int:
                 depth -= 1
                 if depth == 0:
                     break
-    while j > 0 and (text[j - 1].isalnum() or text[j - 1] in "_:"):
+    while j > 0 and (text[j - 1].isalnum() or text[j - 1] in "_:"):  # (j > 0: never text[-1])
         j -= 1
     return j
 
@@ -96,19 +96,28 @@ def translate(text: str) -> str:
         e = _matching_paren(out, m)
         args = out[m + 1:e]
         out = out[:start] + f"::fmemu::launch([&]() {{ {callee}({args}); }}, {cfg})" + out[e + 1:]
+    # __shared__ statics: registered, so that each block starts with garbage in them (same line)
+    out = re.sub(r"(?m)^(\s*)__shared__\s+([^;()]*?)\b(\w+)\s*((?:\[[^\]]*\]\s*)*);",
+                 lambda mt: f"{mt[1]}__shared__ {mt[2]}{mt[3]}{mt[4]}; ::fmemu::shared_region(&{mt[3]}, sizeof {mt[3]});",
+                 out)
     out = re.sub(
         r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[A-Za-z_][\w ]*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;",
         lambda mt: f"{mt['type']}* {mt['name']} = reinterpret_cast<{mt['type']}*>(::fmemu::dynamic_shared());",
         out,
     )
-    # test hooks (see fmemu.h): the layout constants become settable, on the same line
-    for decl, env in ((r"constexpr int64_t kTargetBlocks = ([^;]+);", "FMEMU_DICE_TARGET_BLOCKS"),
-                      (r"constexpr int64_t kMaxGrid = ([^;]+);", "FMEMU_DICE_MAX_GRID")):
-        name = decl.split()[2]
-        out, n = re.subn(decl, lambda mt: f"#define {name} (::fmemu::env_int(\"{env}\", {mt[1]}))", out)
-        if n > 1:
-            raise BuildError(f"{name} declared {n} times")
-    out = out.replace("65535 * 16", "(::fmemu::env_int(\"FMEMU_GRID_CAP\", 65535 * 16))")
+    # test hooks (see fmemu.h): the layout constants become settable, on the same line; a hook that
+    # no longer finds its constant is an error (its tests would lose their point)
+    if "kTargetBlocks" in out:
+        for decl, env in ((r"constexpr int64_t kTargetBlocks = ([^;]+);", "FMEMU_DICE_TARGET_BLOCKS"),
+                          (r"constexpr int64_t kMaxGrid = ([^;]+);", "FMEMU_DICE_MAX_GRID")):
+            name = decl.split()[2]
+            out, n = re.subn(decl, lambda mt: f"#define {name} (::fmemu::env_int(\"{env}\", {mt[1]}))", out)
+            if n != 1:
+                raise BuildError(f"test hook: {name} declared {n} times")
+    elif "__global__" in out:
+        if "65535 * 16" not in out:
+            raise BuildError("test hook: no grid cap (65535 * 16) found")
+        out = out.replace("65535 * 16", "(::fmemu::env_int(\"FMEMU_GRID_CAP\", 65535 * 16))")
     return out.replace(f"PYBIND11_MODULE(_C_cuda,", f"PYBIND11_MODULE({MODULE},")
 
 
@@ -125,12 +134,15 @@ def _flags(sanitize: bool) -> list[str]:
 
 def _key(cxx: str, sanitize: bool) -> str:
     h = hashlib.sha256()
-    files = sorted(CSRC.rglob("*.h")) + sorted((HERE / "include").glob("*.h")) + SOURCES + [Path(__file__)]
+    files = sorted(p for p in CSRC.rglob("*") if p.is_file()) + sorted((HERE / "include").glob("*.h")) + [Path(__file__)]
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update((ver + " ".join(_flags(sanitize)) + sys.version + " ".join(_includes())).encode())
+    import pybind11
+
+    h.update((ver + cxx + shutil.which(cxx) + " ".join(_flags(sanitize)) + sys.version + " ".join(_includes())
+              + pybind11.__version__).encode())
     return h.hexdigest()[:16]
 
 
@@ -161,7 +173,8 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str]) -> Path:
         t.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
         o = tmp / (src.stem + ".o")
         objs.append(o)
-        cmds.append([cxx, *flags, "-I", str(src.parent), *_includes(), "-c", str(t), "-o", str(o)])
+        arch = ["-D__CUDA_ARCH__=900"] if src.suffix == ".cu" else []  # the device-only branches
+        cmds.append([cxx, *flags, *arch, "-I", str(src.parent), *_includes(), "-c", str(t), "-o", str(o)])
 
     def run(cmd):
         return subprocess.run(cmd, capture_output=True, text=True)
@@ -187,6 +200,8 @@ def load(sanitize: bool = False):
 
     so = build(sanitize=sanitize)
     if MODULE in sys.modules:
+        if Path(sys.modules[MODULE].__file__) != so:
+            raise BuildError(f"another build of {MODULE} is loaded already ({sys.modules[MODULE].__file__})")
         return sys.modules[MODULE]
     spec = importlib.util.spec_from_file_location(MODULE, so)
     mod = importlib.util.module_from_spec(spec)

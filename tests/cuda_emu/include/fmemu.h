@@ -9,14 +9,20 @@
 //     code hangs or is undefined);
 //   - __shfl_xor_sync(0xffffffff, ...): the 32 lanes of the warp meet, then each reads its partner's
 //     value (other masks, and warps of fewer than 32 threads, are reported as errors);
-//   - __shared__ variables are statics (one block runs at a time), never reset between launches;
-//     dynamic shared memory is filled with garbage (0xA5 bytes) at each launch;
+//   - __shared__ variables are statics (one block runs at a time; build.py registers each one) and
+//     dynamic shared memory is a buffer of exactly the launch's size (AddressSanitizer sees an
+//     overrun); both are filled with 0xFF bytes (NaN, -1) at the start of every block, so a read of
+//     shared memory no thread of the block wrote shows;
 //   - launch configurations are checked as the CUDA runtime checks them (block size, grid size, the
 //     48 KiB default limit on dynamic shared memory): a bad one is reported through
 //     cudaGetLastError() and runs nothing.
 // The order in which blocks, and the ready threads of a block, run can be shuffled
 // (FMEMU_SCHEDULE=<seed>, read at each launch; 0 or unset: in order), so a result that depends on
-// scheduling (a race) shows up as a difference between two seeds.
+// the order of blocks or of threads between two barriers shows up as a difference between two
+// seeds. Not seen: a thread runs uninterrupted from one barrier to the next and blocks one after the
+// other, so an unsynchronised read-modify-write (a missing atomic) always gives the right sum here.
+// The .cu files are compiled with __CUDA_ARCH__ defined (900): their device-only branches are the
+// ones that run.
 // Test hooks (build.py rewrites the constants in its copy of the sources; read at each use):
 // FMEMU_DICE_TARGET_BLOCKS and FMEMU_DICE_MAX_GRID replace dice_ce_cuda.cu's kTargetBlocks and kMaxGrid,
 // FMEMU_GRID_CAP the 65535 * 16 cap of the other files' grids, so that small inputs reach the paths
@@ -28,8 +34,11 @@
 #include <ucontext.h>
 #include <sys/mman.h>
 
+#include <math.h>  // float overloads of exp, log, ... in the global namespace, as CUDA's math API has
+
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -192,10 +201,12 @@ constexpr size_t kGuard = 4096;
 constexpr size_t kMaxDynamicShared = 48 << 10;
 
 struct Block {
-  std::vector<Thread> threads;
+  std::vector<Thread> threads;  // sized before any fiber starts, never while they live
   std::vector<char*> stacks;
   std::vector<uint64_t> exchange[2];
-  std::vector<unsigned char> dynamic_shared;
+  std::unique_ptr<unsigned char[]> dynamic_shared;  // exactly the launch's size
+  size_t dynamic_size = 0;
+  std::vector<std::pair<void*, size_t>> shared_regions;  // the __shared__ statics seen so far
   ucontext_t scheduler;
   int current = 0;
   int n = 0;
@@ -276,8 +287,12 @@ inline std::string describe(const Block& b) {
   return buf;
 }
 
+constexpr unsigned char kGarbage = 0xFF;  // NaN as float / double, -1 as an integer
+
 // Runs one block to completion; false (with b.error) on a scheduling error.
 inline bool run_block(Block& b, bool shuffle_order) {
+  for (auto& r : b.shared_regions) std::memset(r.first, kGarbage, r.second);
+  if (b.dynamic_size > 0) std::memset(b.dynamic_shared.get(), kGarbage, b.dynamic_size);
   for (int i = 0; i < b.n; ++i) {
     Thread& t = b.threads[i];
     getcontext(&t.ctx);
@@ -375,7 +390,8 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, S stream = 0) {
   b.threads.resize(b.n);
   b.exchange[0].assign(b.n, 0);
   b.exchange[1].assign(b.n, 0);
-  b.dynamic_shared.assign(smem > 0 ? smem : 1, 0xA5);
+  b.dynamic_shared.reset(new unsigned char[smem > 0 ? smem : 1]);
+  b.dynamic_size = smem;
   b.failed = false;
   b.error.clear();
   b.body = &call_body<std::remove_reference_t<F>>;
@@ -404,7 +420,17 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, S stream = 0) {
   running = nullptr;
 }
 
-inline void* dynamic_shared() { return running->dynamic_shared.data(); }
+inline void* dynamic_shared() { return running->dynamic_shared.get(); }
+
+// build.py calls this after each __shared__ declaration: the first time a variable is seen it is
+// filled with garbage at once (its block has started), later at the start of every block.
+inline void shared_region(void* p, size_t bytes) {
+  Block& b = *running;
+  for (auto& r : b.shared_regions)
+    if (r.first == p) return;
+  b.shared_regions.emplace_back(p, bytes);
+  std::memset(p, kGarbage, bytes);
+}
 
 template <typename T>
 T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
@@ -422,7 +448,8 @@ T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
   switch_to_scheduler(kAtShuffle);
   const int lane = me & 31, base = me - lane;
   int src = lane ^ lane_mask;
-  if ((src & ~(width - 1)) != (lane & ~(width - 1)) || src > 31) src = lane;  // outside the segment: own value
+  // a source in a later segment of `width` lanes (or past the warp) gives the lane its own value
+  if (src >= (lane / width + 1) * width || src > 31) src = lane;
   T r;
   std::memcpy(&r, &buf[base + src], sizeof(T));
   ++t.shuffles;
