@@ -5,9 +5,11 @@ No GPU has run these kernels yet; the GPU tests (tests/*_gpu.py, run by benches/
 where one is lent. Here the same sources, compiled by the host compiler with fmemu's stand-ins for
 the CUDA headers, run their blocks as fibers: barriers, warp shuffles, shared memory, grid-stride
 loops and the launch checks of the CUDA runtime are emulated, and a barrier not reached by every
-thread, a shuffle not reached by the whole warp or a bad launch configuration is an error. What this
-cannot see: the device's own arithmetic (FMA contraction, its exp / log), memory-model races between
-threads of different blocks, out-of-bounds accesses that land in mapped memory, and performance.
+thread, a shuffle not reached by the whole warp or a bad launch configuration is an error; shared
+memory and the ops' fresh outputs start as garbage. What this cannot see: the device's own
+arithmetic (FMA contraction, its exp / log), races (a thread runs uninterrupted from one barrier to
+the next, so a missing atomic still sums right), and performance; out-of-bounds accesses only in the
+AddressSanitizer pass.
 
 ``test_under_address_sanitizer`` runs this file again in a process with AddressSanitizer, the
 emulated kernels built with it: a read or write past the end of any tensor fails there.
@@ -87,6 +89,53 @@ def emulated_gpu(emu, **env):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------------------------------------------------
+# fmemu itself (tests/cuda_emu/selftest.cu): what it must refuse, and what it must compute
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1", module=build.SELFTEST)
+
+
+def test_fmemu_reports_what_would_hang_or_be_undefined_on_a_gpu(selftest):
+    code, msg = selftest.divergent_barrier()
+    assert code == 719 and "__syncthreads() not reached by every thread" in msg and "10 exited" in msg
+    out, (code, msg) = selftest.shuffle(48, 1, 32, 0)  # the second warp has 16 threads
+    assert code == 719 and "a shuffle in a warp of fewer than 32 threads" in msg
+    out, (code, msg) = selftest.shuffle(64, 1, 32, 16)  # lanes 0-15 exit before the shuffle
+    assert code == 719 and "not reached by all 32 lanes of warp 0" in msg
+    assert selftest.indices([1, 1, 1], [2000, 1, 1])[1] == (9, "invalid configuration argument (block of 2000x1x1 threads)")
+    assert selftest.indices([1, 1, 1], [8, 8, 32])[1][0] == 9  # 2048 threads
+    assert selftest.indices([1, 70000, 1], [32, 1, 1])[1][0] == 9  # grid.y over 65535
+    assert selftest.dynamic_shared(1, 4, 64 << 10)[1][0] == 1  # over the 48 KiB default
+
+
+@pytest.mark.parametrize("n,mask,width", [(64, 1, 32), (32, 3, 8), (32, 16, 16), (32, 8, 4), (96, 31, 32)])
+def test_fmemu_shuffle_xor(selftest, n, mask, width):
+    out, err = selftest.shuffle(n, mask, width, 0)
+    assert err == (0, "")
+    want = []
+    for t in range(n):  # CUDA: a source in a later segment of `width` lanes gives the lane's own value
+        lane, base = t % 32, t - t % 32
+        src = lane ^ mask
+        want.append(base + (src if src < (lane // width + 1) * width else lane))
+    assert out == want
+
+
+def test_fmemu_blocks_barriers_shared_memory_and_indices(selftest):
+    v = [float(i % 97) * 0.25 for i in range(5000)]
+    out, err = selftest.block_sum(v, 3)  # 2D blocks (32 x 8): warps are rows
+    assert err == (0, "") and sum(out) == sum(v)
+    sh = selftest.unwritten_shared()  # shared memory no thread of the block wrote: garbage (NaN), not 0
+    # and not what the previous block left there
+    assert sh[5] != sh[5] and sh[:5] == [0.0, 1.0, 2.0, 3.0, 4.0] and sh[6:] == [float(i) for i in range(6, 64)]
+    out, err = selftest.dynamic_shared(2, 4, 16)
+    assert err == (0, "") and out == [3.0, 2.0, 1.0, 0.0, 103.0, 102.0, 101.0, 100.0]
+    out, err = selftest.indices([3, 2, 2], [4, 2, 2])  # every (block, thread) exactly once
+    assert err == (0, "") and out == [1 + (i // 16) * 1000 + i % 16 for i in range(12 * 16)]
 
 
 def test_the_emulated_module(emu):

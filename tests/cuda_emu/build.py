@@ -29,6 +29,7 @@ SOURCES = [
     CSRC / "bindings_cuda.cpp",
 ]
 MODULE = "_C_cuda_emu"
+SELFTEST = "_fmemu_selftest"  # fmemu's own checks: selftest.cu
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off", "-fvisibility=hidden",
          "-Wno-attributes", "-Wno-unknown-pragmas", '-DFASTMED_CUDA_VERSION="fmemu"', '-DFASTMED_CUDA_ARCHS="fmemu (CPU emulation)"']
 
@@ -114,7 +115,7 @@ def translate(text: str) -> str:
             out, n = re.subn(decl, lambda mt: f"#define {name} (::fmemu::env_int(\"{env}\", {mt[1]}))", out)
             if n != 1:
                 raise BuildError(f"test hook: {name} declared {n} times")
-    elif "__global__" in out:
+    elif "grid_for(" in out:
         if "65535 * 16" not in out:
             raise BuildError("test hook: no grid cap (65535 * 16) found")
         out = out.replace("65535 * 16", "(::fmemu::env_int(\"FMEMU_GRID_CAP\", 65535 * 16))")
@@ -132,9 +133,10 @@ def _flags(sanitize: bool) -> list[str]:
     return FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
 
 
-def _key(cxx: str, sanitize: bool) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in CSRC.rglob("*") if p.is_file()) + sorted((HERE / "include").glob("*.h")) + [Path(__file__)]
+def _key(cxx: str, sanitize: bool, module: str) -> str:
+    h = hashlib.sha256(module.encode())
+    files = (sorted(p for p in CSRC.rglob("*") if p.is_file()) + sorted((HERE / "include").glob("*.h"))
+             + [HERE / "selftest.cu", Path(__file__)])
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
@@ -146,29 +148,30 @@ def _key(cxx: str, sanitize: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out_root: Path | None = None, sanitize: bool = False) -> Path:
+def build(out_root: Path | None = None, sanitize: bool = False, module: str = MODULE) -> Path:
     """Path of the built module (built now unless an identical build is there). ``sanitize``: with
-    AddressSanitizer (import it only in a process started with libasan preloaded)."""
+    AddressSanitizer (import it only in a process started with libasan preloaded). ``module``:
+    MODULE (fastmed's CUDA kernels) or SELFTEST (fmemu's own checks)."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler (set CXX)")
     out_root = out_root or ROOT / "build" / "cuda_emu"
-    d = out_root / _key(cxx, sanitize)
-    so = d / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    d = out_root / _key(cxx, sanitize, module)
+    so = d / (module + sysconfig.get_config_var("EXT_SUFFIX"))
     if so.exists():
         return so
     tmp = out_root / f"tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        return _build_in(cxx, tmp, d, so, _flags(sanitize))
+        return _build_in(cxx, tmp, d, so, _flags(sanitize), SOURCES if module == MODULE else [HERE / "selftest.cu"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str]) -> Path:
+def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str], sources: list[Path]) -> Path:
     objs, cmds = [], []
-    for src in SOURCES:
+    for src in sources:
         t = tmp / (src.stem + ".cpp")
         t.write_text(f'#line 1 "{src}"\n' + translate(src.read_text()))
         o = tmp / (src.stem + ".o")
@@ -193,20 +196,20 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str]) -> Path:
     return so
 
 
-def load(sanitize: bool = False):
+def load(sanitize: bool = False, module: str = MODULE):
     """The emulated module, built if needed (fastmed._C is imported first: the parameter classes
     are shared with it, as on a real GPU build)."""
     import fastmed._ext  # noqa: F401  (registers the parameter types)
 
-    so = build(sanitize=sanitize)
-    if MODULE in sys.modules:
-        if Path(sys.modules[MODULE].__file__) != so:
-            raise BuildError(f"another build of {MODULE} is loaded already ({sys.modules[MODULE].__file__})")
-        return sys.modules[MODULE]
-    spec = importlib.util.spec_from_file_location(MODULE, so)
+    so = build(sanitize=sanitize, module=module)
+    if module in sys.modules:
+        if Path(sys.modules[module].__file__) != so:
+            raise BuildError(f"another build of {module} is loaded already ({sys.modules[module].__file__})")
+        return sys.modules[module]
+    spec = importlib.util.spec_from_file_location(module, so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    sys.modules[MODULE] = mod
+    sys.modules[module] = mod
     return mod
 
 

@@ -437,9 +437,9 @@ T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of up to 8 bytes");
   Block& b = *running;
   const int me = b.current;
-  if (mask != 0xffffffffu) fail("fmemu: only full-warp shuffle masks are emulated");
-  if ((me | 31) >= b.n) fail("fmemu: a shuffle in a warp of fewer than 32 threads");
-  if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail("fmemu: shuffle width must be a power of 2 <= 32");
+  if (mask != 0xffffffffu) fail("only full-warp shuffle masks are emulated");
+  if ((me | 31) >= b.n) fail("a shuffle in a warp of fewer than 32 threads");
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of 2 <= 32");
   Thread& t = b.threads[me];
   std::vector<uint64_t>& buf = b.exchange[t.shuffles & 1];
   uint64_t bits = 0;
