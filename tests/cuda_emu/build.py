@@ -129,11 +129,23 @@ def _includes() -> list[str]:
             "-I", sysconfig.get_paths()["include"]]
 
 
-def _flags(sanitize: bool) -> list[str]:
-    return FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+def _flags(sanitize: bool, fma: bool = False) -> list[str]:
+    f = FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+    if not fma:
+        return f
+    # (GCC contracts only from -O2 on)
+    return [x for x in f if x not in ("-ffp-contract=off", "-O1")] + ["-O2", "-ffp-contract=fast", "-mfma"]
 
 
-def _key(cxx: str, sanitize: bool, module: str) -> str:
+def fma_supported() -> bool:
+    """The FMEMU_FMA build runs here: an x86-64 CPU with FMA."""
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _key(cxx: str, flags: list[str], module: str) -> str:
     h = hashlib.sha256(module.encode())
     files = (sorted(p for p in CSRC.rglob("*") if p.is_file()) + sorted((HERE / "include").glob("*.h"))
              + [HERE / "selftest.cu", Path(__file__)])
@@ -143,20 +155,22 @@ def _key(cxx: str, sanitize: bool, module: str) -> str:
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     import pybind11
 
-    h.update((ver + cxx + shutil.which(cxx) + " ".join(_flags(sanitize)) + sys.version + " ".join(_includes())
+    h.update((ver + cxx + shutil.which(cxx) + " ".join(flags) + sys.version + " ".join(_includes())
               + pybind11.__version__).encode())
     return h.hexdigest()[:16]
 
 
-def build(out_root: Path | None = None, sanitize: bool = False, module: str = MODULE) -> Path:
+def build(out_root: Path | None = None, sanitize: bool = False, module: str = MODULE, fma: bool = False) -> Path:
     """Path of the built module (built now unless an identical build is there). ``sanitize``: with
     AddressSanitizer (import it only in a process started with libasan preloaded). ``module``:
-    MODULE (fastmed's CUDA kernels) or SELFTEST (fmemu's own checks)."""
+    MODULE (fastmed's CUDA kernels) or SELFTEST (fmemu's own checks). ``fma``: multiply-adds fused
+    as nvcc fuses them (except the __fmul_rn family), on an x86-64 CPU with FMA."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler (set CXX)")
     out_root = out_root or ROOT / "build" / "cuda_emu"
-    d = out_root / _key(cxx, sanitize, module)
+    flags = _flags(sanitize, fma)
+    d = out_root / _key(cxx, flags, module)
     so = d / (module + sysconfig.get_config_var("EXT_SUFFIX"))
     if so.exists():
         return so
@@ -164,7 +178,7 @@ def build(out_root: Path | None = None, sanitize: bool = False, module: str = MO
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        return _build_in(cxx, tmp, d, so, _flags(sanitize), SOURCES if module == MODULE else [HERE / "selftest.cu"])
+        return _build_in(cxx, tmp, d, so, flags, SOURCES if module == MODULE else [HERE / "selftest.cu"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -196,12 +210,12 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str], sources:
     return so
 
 
-def load(sanitize: bool = False, module: str = MODULE):
+def load(sanitize: bool = False, module: str = MODULE, fma: bool = False):
     """The emulated module, built if needed (fastmed._C is imported first: the parameter classes
     are shared with it, as on a real GPU build)."""
     import fastmed._ext  # noqa: F401  (registers the parameter types)
 
-    so = build(sanitize=sanitize, module=module)
+    so = build(sanitize=sanitize, module=module, fma=fma)
     if module in sys.modules:
         if Path(sys.modules[module].__file__) != so:
             raise BuildError(f"another build of {module} is loaded already ({sys.modules[module].__file__})")

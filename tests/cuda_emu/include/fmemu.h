@@ -177,12 +177,36 @@ inline float __bfloat162float(__nv_bfloat16 h) { return fastmed::bf16_bits_to_fl
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{fastmed::float_to_bf16_bits(f)}; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short s) { return __nv_bfloat16{s}; }
 
-// ---- arithmetic intrinsics (separately rounded: the build has no FMA contraction) -------------
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
+// ---- arithmetic intrinsics: never fused into an FMA, as on a GPU ------------------------------
+// The default build has no contraction at all; the FMEMU_FMA build (-ffp-contract=fast -mfma) fuses
+// every other multiply-add, as nvcc does by default, so an operand or result passes through an empty
+// asm the compiler cannot see through.
+#if defined(__x86_64__)
+#define FMEMU_OPAQUE(v) asm("" : "+x"(v))
+#else
+#define FMEMU_OPAQUE(v) asm("" : "+r"(v))
+#endif
+template <typename T>
+inline T fmemu_rn_mul(T a, T b) {
+  FMEMU_OPAQUE(a);
+  FMEMU_OPAQUE(b);
+  T r = a * b;
+  FMEMU_OPAQUE(r);
+  return r;
+}
+template <typename T>
+inline T fmemu_rn_add(T a, T b) {
+  FMEMU_OPAQUE(a);
+  FMEMU_OPAQUE(b);
+  T r = a + b;
+  FMEMU_OPAQUE(r);
+  return r;
+}
+inline float __fmul_rn(float a, float b) { return fmemu_rn_mul(a, b); }
+inline float __fadd_rn(float a, float b) { return fmemu_rn_add(a, b); }
+inline double __dmul_rn(double a, double b) { return fmemu_rn_mul(a, b); }
+inline double __dadd_rn(double a, double b) { return fmemu_rn_add(a, b); }
+inline double __dsub_rn(double a, double b) { return fmemu_rn_add(a, -b); }
 
 // ---- the block scheduler ----------------------------------------------------------------------
 namespace fmemu {
