@@ -27,8 +27,9 @@
 // FMEMU_DICE_TARGET_BLOCKS and FMEMU_DICE_MAX_GRID replace dice_ce_cuda.cu's kTargetBlocks and kMaxGrid,
 // FMEMU_GRID_CAP the 65535 * 16 cap of the other files' grids, so that small inputs reach the paths
 // of huge ones (many tiles per block, grid-stride loops).
-// Arithmetic is the host's (no FMA contraction: build with -ffp-contract=off), so results are equal
-// to a GPU's only to rounding; intrinsics that forbid contraction (__fmul_rn, ...) are exact.
+// Arithmetic is the host's: the default build has no FMA contraction (-ffp-contract=off), the
+// FMEMU_FMA build fuses multiply-adds as nvcc does by default; the intrinsics that forbid contraction
+// (__fmul_rn, ...) are never fused. Results equal a GPU's only to rounding (its exp, log, ...).
 #pragma once
 
 #include <ucontext.h>
