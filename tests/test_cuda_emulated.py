@@ -287,8 +287,10 @@ def test_dice_ce_strided_logits_and_channels_last(emu):
 
 
 def test_dice_ce_bit_identical_whatever_the_schedule(emu):
-    """Blocks and the threads of a block run in shuffled orders: no result may change (no races;
-    every reduction order is fixed)."""
+    """Blocks and the threads of a block run in shuffled orders: no result may change (every
+    reduction order is fixed; nothing read depends on which block or thread ran first). Outputs and
+    the workspace start as garbage on each run (emulated_gpu), so a run cannot inherit the previous
+    one's partial sums. Not covered: a missing atomic (see fmemu.h)."""
     x, target, args = _dice_case(2, 1, True, torch.float32, "weights+mask+ignore", C=7, sp=(17, 9, 12))
     runs = []
     for seed in (0, 1, 977):
