@@ -111,6 +111,9 @@ def test_fmemu_reports_what_would_hang_or_be_undefined_on_a_gpu(selftest):
     assert selftest.indices([1, 1, 1], [8, 8, 32])[1][0] == 9  # 2048 threads
     assert selftest.indices([1, 70000, 1], [32, 1, 1])[1][0] == 9  # grid.y over 65535
     assert selftest.dynamic_shared(1, 4, 64 << 10)[1][0] == 1  # over the 48 KiB default
+    assert selftest.big_static_shared(1024) == ([3.0] * 32, (0, ""))  # 40000 + 1024 bytes
+    out, (code, msg) = selftest.big_static_shared(9 << 10)  # 40000 + 9216 bytes
+    assert code == 719 and "40000 bytes static + 9216 dynamic, over the 48 KiB" in msg
 
 
 @pytest.mark.parametrize("n,mask,width", [(64, 1, 32), (32, 3, 8), (32, 16, 16), (32, 8, 4), (96, 31, 32)])

@@ -62,6 +62,15 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = f[blockDim.x - 1 - threadIdx.x];
 }
 
+__global__ void big_static_shared_kernel(float* out, int n) {
+  __shared__ float big[10000];  // 40000 bytes: over 48 KiB with 9 KiB of dynamic shared memory
+  extern __shared__ __align__(16) unsigned char dyn[];
+  big[threadIdx.x] = (float)n;
+  dyn[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = big[threadIdx.x] + dyn[threadIdx.x];
+}
+
 __global__ void index_kernel(int64_t* out) {
   const int64_t b = ((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t t = ((int64_t)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
@@ -95,6 +104,11 @@ PYBIND11_MODULE(_fmemu_selftest, m) {
   m.def("dynamic_shared", [](int grid, int block, int bytes) {
     std::vector<float> out((size_t)grid * block, -1.0f);
     dynamic_shared_kernel<<<grid, block, bytes>>>(out.data());
+    return std::make_tuple(out, last_error());
+  });
+  m.def("big_static_shared", [](int dynamic_bytes) {
+    std::vector<float> out(32, 0.0f);
+    big_static_shared_kernel<<<1, 32, dynamic_bytes>>>(out.data(), 2);
     return std::make_tuple(out, last_error());
   });
   m.def("indices", [](std::vector<unsigned> g, std::vector<unsigned> b) {

@@ -14,8 +14,8 @@
 //     overrun); both are filled with 0xFF bytes (NaN, -1) at the start of every block, so a read of
 //     shared memory no thread of the block wrote shows;
 //   - launch configurations are checked as the CUDA runtime checks them (block size, grid size, the
-//     48 KiB default limit on dynamic shared memory): a bad one is reported through
-//     cudaGetLastError() and runs nothing.
+//     48 KiB default limit on shared memory, static and dynamic): a bad one is reported through
+//     cudaGetLastError() (a static part too large: once the kernel has declared it).
 // The order in which blocks, and the ready threads of a block, run can be shuffled
 // (FMEMU_SCHEDULE=<seed>, read at each launch; 0 or unset: in order), so a result that depends on
 // the order of blocks or of threads between two barriers shows up as a difference between two
@@ -232,6 +232,8 @@ struct Block {
   std::unique_ptr<unsigned char[]> dynamic_shared;  // exactly the launch's size
   size_t dynamic_size = 0;
   std::vector<std::pair<void*, size_t>> shared_regions;  // the __shared__ statics seen so far
+  std::vector<void*> launch_regions;  // those this launch's kernel declared
+  size_t static_shared = 0;           // their bytes
   ucontext_t scheduler;
   int current = 0;
   int n = 0;
@@ -417,6 +419,8 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, S stream = 0) {
   b.exchange[1].assign(b.n, 0);
   b.dynamic_shared.reset(new unsigned char[smem > 0 ? smem : 1]);
   b.dynamic_size = smem;
+  b.launch_regions.clear();
+  b.static_shared = 0;
   b.failed = false;
   b.error.clear();
   b.body = &call_body<std::remove_reference_t<F>>;
@@ -449,8 +453,18 @@ inline void* dynamic_shared() { return running->dynamic_shared.get(); }
 
 // build.py calls this after each __shared__ declaration: the first time a variable is seen it is
 // filled with garbage at once (its block has started), later at the start of every block.
+// It also adds up the kernel's static shared memory: with the dynamic part, at most 48 KiB.
 inline void shared_region(void* p, size_t bytes) {
   Block& b = *running;
+  bool counted = false;
+  for (void* q : b.launch_regions) counted |= q == p;
+  if (!counted) {
+    b.launch_regions.push_back(p);
+    b.static_shared += bytes;
+    if (b.static_shared + b.dynamic_size > kMaxDynamicShared)
+      fail("too much shared memory: " + std::to_string(b.static_shared) + " bytes static + " +
+           std::to_string(b.dynamic_size) + " dynamic, over the 48 KiB default limit");
+  }
   for (auto& r : b.shared_regions)
     if (r.first == p) return;
   b.shared_regions.emplace_back(p, bytes);
