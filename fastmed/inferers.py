@@ -51,7 +51,16 @@ def _mode_value(mode) -> str:
     return str(getattr(mode, "value", mode)).lower()
 
 
+def _plain(v):
+    """numpy / torch scalars and arrays as Python numbers and lists (MONAI's ensure_tuple_rep takes
+    them all)."""
+    if isinstance(v, Tensor) or type(v).__module__ == "numpy":
+        return v.tolist()
+    return v
+
+
 def _tuple_rep(v, n: int, name: str) -> tuple:
+    v = _plain(v)
     if isinstance(v, (int, float)) or v is None:
         return (v,) * n
     v = tuple(v)
@@ -65,6 +74,7 @@ def _tuple_rep(v, n: int, name: str) -> tuple:
 def _roi_fallback(roi_size, image_size: Sequence[int]) -> tuple:
     """MONAI's fall_back_tuple: a non-positive or None entry takes the image's size."""
     n = len(image_size)
+    roi_size = _plain(roi_size)
     roi = (roi_size,) * n if isinstance(roi_size, int) or roi_size is None else tuple(roi_size)
     if len(roi) < n:
         roi = roi + (None,) * (n - len(roi))
@@ -175,6 +185,7 @@ def _pad3(gs):
 
 def _check_sizes(sizes, name: str, allow_none: bool = False) -> None:
     """Window sizes are whole numbers of voxels (an int, or None / non-positive for MONAI's fall-back)."""
+    sizes = _plain(sizes)
     for r in (sizes if isinstance(sizes, Sequence) else [sizes]):
         if r is None and allow_none:
             continue
@@ -183,7 +194,8 @@ def _check_sizes(sizes, name: str, allow_none: bool = False) -> None:
 
 
 def _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode):
-    """The argument checks both entry points share; returns (spatial dims, overlap, mode, padding_mode)."""
+    """The argument checks both entry points share; returns (spatial dims, overlap, mode, padding_mode).
+    (roi_size and sw_batch_size come through _plain first.)"""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got {type(inputs).__name__}")
     nsp = inputs.ndim - 2
@@ -345,6 +357,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                     softmax: bool, args, kwargs):
     """sliding_window_inference's body; ``softmax`` fuses a softmax over channels into the final
     normalisation (SlidingWindowInferer(softmax=True))."""
+    roi_size, sw_batch_size = _plain(roi_size), _plain(sw_batch_size)
     nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     buffered = buffer_steps is not None and buffer_steps > 0
     if buffered:
@@ -360,6 +373,11 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     condition = kwargs.pop("condition", None)
+    if condition is not None and (not isinstance(condition, Tensor) or condition.ndim != inputs.ndim
+                                  or condition.shape[0] != inputs.shape[0]
+                                  or condition.shape[2:] != inputs.shape[2:]):
+        raise ValueError(f"condition: expected a tensor with the batch size and spatial shape of inputs "
+                         f"{tuple(inputs.shape)}, got {getattr(condition, 'shape', type(condition).__name__)}")
     if type(inputs) is not Tensor:  # e.g. MONAI's MetaTensor: work on the plain tensor
         inputs = inputs.as_subclass(Tensor)
         if condition is not None and type(condition) is not Tensor:
@@ -424,6 +442,8 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
         keys, seg = _flatten(out)
         if process_fn:
             seg, w_t = process_fn(seg, win, imap)
+            if not isinstance(w_t, Tensor):
+                raise TypeError(f"process_fn: must return (outputs, weight tensor), got a {type(w_t).__name__} weight")
             custom_w = True
         else:
             w_t, custom_w = imap, not own_map
@@ -482,21 +502,41 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             p = p.to(device)
             if p.dtype not in FLOAT_DTYPES:
                 p = p.to(compute_dtype)
+            # MONAI weights a window in place (`buffer *= w_t`: rounded to the prediction's dtype; in
+            # buffered mode `p * w_t`, the promoted dtype); the kernels weight in the accumulator's
+            # dtype with a float32 weight map. Where that would round differently (a prediction
+            # narrower than the accumulator, e.g. float16 under autocast; a float64 custom weight not
+            # exact in float32) or the weight varies per window or channel, the window is weighted
+            # here as MONAI does and added unweighted.
+            if process_fn:
+                try:
+                    fits = torch.broadcast_shapes(w_t.shape, p.shape) == p.shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    raise ValueError(f"process_fn: returned a weight of shape {tuple(w_t.shape)}, which does not "
+                                     f"broadcast to the window batch's output {ss} of shape {tuple(p.shape)}")
+            pre = custom_w and (w_t.shape[0] != 1 or w_t.shape[1] != 1)
+            pre = pre or (not buffered and p.dtype.itemsize < compute_dtype.itemsize)
+            pre = pre or (custom_w and compute_dtype == torch.float64 and not _exact_in_float32(w_t))
             if graphs[ss]:
-                _add_windows_autograd(outputs[ss], p * w_t.to(device), st)
-            elif stitched[ss]:
+                _add_windows_autograd(outputs[ss], _weighted(p, w_t.to(device), buffered), st)
+                continue
+            if pre:
+                p = _weighted(p, w_t.to(device), buffered).contiguous()
+            if stitched[ss]:
                 wi = torch.tensor([i % num_win for i in idxs], dtype=torch.int64)
-                g = _pad3(gs) if not custom_w else [None] * 3
-                wm = None if not custom_w else w_t[0, 0].to(device)
+                g = _pad3(gs) if not (custom_w or pre) else [None] * 3
+                wm = None if not custom_w or pre else w_t[0, 0].to(device)
                 for k in range(0, len(idxs), 64):  # the kernel takes 64 windows at a time
                     sw_stitch(outputs[ss], p[k:k + 64], st[k:k + 64], wi[k:k + 64], grid_flat, grid_n, *g,
-                              wmin if not custom_w else 0.0, wm, counts[ss])
+                              wmin if not (custom_w or pre) else 0.0, wm, counts[ss])
+            elif pre:
+                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, None, fr)
             elif not custom_w:
                 sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None, fr)
-            elif w_t.shape[0] == 1 and w_t.shape[1] == 1:
+            else:
                 sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device), fr)
-            else:  # per-window or per-channel weights from process_fn
-                sw_accumulate(outputs[ss], (p * w_t.to(device)).contiguous(), st, None, None, None, 0.0, None, fr)
 
     for ss in range(len(outputs)):
         if graphs[ss]:
@@ -509,8 +549,19 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
         outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
     result = _pack(outputs, keys)
     if type(meta_src) is not Tensor:
-        result = _to_meta(result, meta_src)
+        result = _to_meta(result, meta_src, device)
     return result
+
+
+def _weighted(p: Tensor, w: Tensor, buffered: bool) -> Tensor:
+    """A window batch times its weight as MONAI computes it: in place (the prediction's dtype), or
+    in buffered mode a promoted product."""
+    pw = p * w
+    return pw if buffered else pw.to(p.dtype)
+
+
+def _exact_in_float32(w: Tensor) -> bool:
+    return bool(torch.equal(w.to(torch.float32).to(w.dtype), w))
 
 
 def _fresh_boxes(starts, patch) -> list:
@@ -532,11 +583,16 @@ def _count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmi
     st = [[int(s * f) for s, f in zip(s0, sc)] for s0 in starts]
     if not custom_w:
         key = ("sep", tuple(image_size), tuple(roi_size), tuple(interval), tuple(map(tuple, starts)), mode,
-               str(sigma_scale), str(device), dtype)
+               tuple(map(float, _tuple_rep(sigma_scale, nsp, "sigma_scale"))), str(device), dtype)
         return _Tiling.count_map(key, shape, st, gs, wmin, None, device, dtype)
     count = torch.zeros([1, 1] + list(shape), dtype=dtype, device=device)
+    w = w_t[0, 0].to(device)
+    if dtype == torch.float64 and not _exact_in_float32(w):  # the kernel's weight map is float32
+        for s in st:
+            count[(0, 0) + tuple(slice(a, a + n) for a, n in zip(s, w.shape))] += w
+        return count
     stt = torch.tensor([[0] + s for s in st], dtype=torch.int64)
-    sw_accumulate(count, None, stt, None, None, None, 0.0, w_t[0, 0].to(device))
+    sw_accumulate(count, None, stt, None, None, None, 0.0, w)
     return count
 
 
@@ -613,7 +669,10 @@ def _buffered_batches(starts, patch, batch_size, sw_batch_size, buffer_dim, buff
     return batches, starts
 
 
-def _to_meta(result, src):
+def _to_meta(result, src, device):
+    """MONAI's last step for a MetaTensor input, as it does it: the whole result (a tensor, tuple or
+    dict) converted to an empty MetaTensor carrying the input's metadata, on the output device (so a
+    float32 result whatever the input's dtype, as MONAI gives)."""
     try:
         from monai.data import MetaTensor
         from monai.utils import convert_to_dst_type
@@ -622,8 +681,7 @@ def _to_meta(result, src):
     if not isinstance(src, MetaTensor):
         return result
     meta = MetaTensor([]).copy_meta_from(src, copy_attr=False)
-    return convert_to_dst_type(result, meta, device=None)[0] if isinstance(result, Tensor) else type(result)(
-        result) if not isinstance(result, dict) else {k: convert_to_dst_type(v, meta)[0] for k, v in result.items()}
+    return convert_to_dst_type(result, meta, device=device)[0]
 
 
 class SlidingWindowInferer:
@@ -654,8 +712,9 @@ class SlidingWindowInferer:
         self.buffer_dim = buffer_dim
         self.with_coord = with_coord
         self.roi_weight_map = None
-        if cache_roi_weight_map and isinstance(roi_size, Sequence) and min(roi_size) > 0:
-            gs, wmin = importance_map_factors(tuple(roi_size), self.mode, sigma_scale)
+        roi = _plain(roi_size)
+        if cache_roi_weight_map and isinstance(roi, Sequence) and all(r is not None and r > 0 for r in roi):
+            gs, wmin = importance_map_factors(tuple(roi), self.mode, sigma_scale)
             self.roi_weight_map = _importance_map(gs, wmin).to(device or "cpu")
         elif cache_roi_weight_map:
             warnings.warn("cache_roi_weight_map=True, but cache is not created. (dynamic roi_size?)")
@@ -708,6 +767,7 @@ def sliding_window_labels(
     With ``slab_dim=0`` the windows are summed in MONAI's order and the labels equal
     ``argmax(sliding_window_inference(...), 1)`` exactly.
     """
+    roi_size, sw_batch_size = _plain(roi_size), _plain(sw_batch_size)
     nsp, overlap, mode, padding_mode = _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode)
     acc_dtype = accumulate_dtype or inputs.dtype
     if acc_dtype not in FLOAT_DTYPES:
@@ -891,6 +951,7 @@ def nnunet_sliding_window_inference(
         raise ValueError(f"inputs: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(inputs.shape)}")
     if inputs.shape[0] == 0 or inputs.shape[1] == 0:
         raise ValueError(f"inputs: empty batch or no channels, got shape {tuple(inputs.shape)}")
+    patch_size, sw_batch_size, tile_step_size = _plain(patch_size), _plain(sw_batch_size), _plain(tile_step_size)
     _check_sizes(patch_size, "patch_size")
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != nsp or min(patch) < 1:

@@ -208,6 +208,141 @@ def test_metatensor_in_metatensor_out():
     assert torch.equal(b.as_tensor(), a.as_tensor())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_metatensor_in_tuple_and_dict_out_like_monai(dtype):
+    """MONAI converts the whole result (tensor, tuple or dict) to an empty MetaTensor carrying the
+    input's metadata: float32 MetaTensors whatever the input's dtype (a dict's values, and a tuple's
+    items, lose the affine there). fastmed returns the same types, dtypes and affines."""
+    from monai.data import MetaTensor
+
+    aff = torch.diag(torch.tensor([2.0, 0.7, 5.0, 1.0], dtype=torch.float64))
+    x = MetaTensor(torch.randn(1, 1, 12, 10, 8, dtype=dtype), affine=aff)
+    for pred in (lambda w: w * 2, lambda w: (w * 2, w + 1), lambda w: {"b": w + 1, "a": w * 2}):
+        a, b = run_both(x, (6, 6, 6), 2, pred, 0.5, "gaussian")
+        assert type(a) is type(b)
+        items_a = list(a.items()) if isinstance(a, dict) else list(enumerate(a if isinstance(a, tuple) else [a]))
+        items_b = list(b.items()) if isinstance(b, dict) else list(enumerate(b if isinstance(b, tuple) else [b]))
+        assert [k for k, _ in items_a] == [k for k, _ in items_b]
+        for (_, u), (_, v) in zip(items_a, items_b):
+            assert type(u) is type(v) is MetaTensor and u.dtype == v.dtype
+            assert torch.equal(u.affine, v.affine)
+            assert torch.equal(u.as_tensor(), v.as_tensor())
+
+
+def test_numpy_and_tensor_arguments_like_monai():
+    """MONAI's ensure_tuple_rep takes numpy and torch scalars and arrays for the sizes, overlap and
+    sigma_scale; so does fastmed, with the same results."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(5)
+    x = torch.randn(1, 1, 20, 17)
+    ref = msw(x, (8, 8), 2, pred3, 0.5, "gaussian", 0.2)
+    for kw in ({"roi_size": np.array([8, 8])}, {"roi_size": torch.tensor([8, 8])}, {"roi_size": np.int64(8)},
+               {"roi_size": (np.int64(8), np.int64(8))}, {"sw_batch_size": np.int64(2)},
+               {"overlap": np.float32(0.5)}, {"overlap": torch.tensor(0.5)}, {"overlap": np.array([0.5, 0.5])},
+               {"sigma_scale": np.float32(0.2)}, {"sigma_scale": torch.tensor([0.2, 0.2])}):
+        args = dict(roi_size=(8, 8), sw_batch_size=2, predictor=pred3, overlap=0.5, mode="gaussian", sigma_scale=0.2)
+        args.update(kw)
+        out = FI.sliding_window_inference(x, **args)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=str(kw))
+
+
+def test_sigma_scales_that_print_alike_are_different_tilings():
+    """The cached weight map belongs to the exact sigma: two tensors that print the same at 4
+    decimals once shared a map, and the second result came back 4% off."""
+    x = torch.ones(1, 1, 24, 24)
+    for sig in (torch.tensor(0.12501), torch.tensor(0.12504), torch.tensor(0.3), torch.tensor(0.30004)):
+        a, b = run_both(x, (8, 8), 2, lambda w: w, 0.5, "gaussian", sigma_scale=sig)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b, torch.ones_like(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                                 (torch.float64, torch.float32), (torch.float64, torch.float16)])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_narrower_predictions_weighted_in_their_dtype_like_monai(in_dtype, out_dtype, mode):
+    """A predictor returning a narrower dtype than the input (float16 under autocast): MONAI weights
+    the window in place (`buffer *= w`), rounding the product to the prediction's dtype, and fastmed
+    does the same: equal results, not just close ones (and the same in 2D, zoomed outputs, weights)."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 1, 19, 17, 13, dtype=in_dtype)
+
+    def pred(w):
+        return pred3(w).to(out_dtype)
+
+    a, b = run_both(x, (8, 8, 8), 3, pred, 0.5, mode)
+    assert a.dtype == b.dtype == in_dtype and torch.equal(a, b)
+    a, b = run_both(x[:, :, 0], (8, 8), 2, pred, 0.5, mode)
+    assert torch.equal(a, b)
+
+    def zoomed(w):
+        return torch.nn.functional.avg_pool3d(pred3(w), 2).to(out_dtype)
+
+    a, b = run_both(x, (8, 8, 8), 3, zoomed, 0.5, mode)
+    assert torch.equal(a, b)
+    w = torch.rand(8, 8, 8, dtype=in_dtype) + 0.5
+    a, b = run_both(x, (8, 8, 8), 3, pred, 0.5, mode, roi_weight_map=w)
+    assert torch.equal(a, b)
+    # buffered mode: MONAI adds `p * w` (promoted, not rounded to p's dtype) to its buffer
+    a, b = run_both(x, (8, 8, 8), 3, pred, 0.5, mode, buffer_steps=2)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    # with autograd (the differentiable path): same values and input gradients
+    grads = []
+    for f in (msw, FI.sliding_window_inference):
+        xg = x.clone().requires_grad_(True)
+        out = f(xg, (8, 8, 8), 3, pred, 0.5, mode)
+        (out * out).sum().backward()
+        grads.append((out.detach(), xg.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_float64_custom_weights_are_not_rounded_to_float32():
+    """A float64 roi_weight_map or process_fn weight that float32 cannot hold: MONAI's float64
+    result uses it exactly, and so does fastmed (the kernels' weight map is float32)."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 1, 12, 12, dtype=torch.float64)
+    w = torch.rand(6, 6, dtype=torch.float64) + 0.1
+
+    def make_pred():
+        n = [0]
+
+        def pred(win):  # a different value per window: the weighting shows
+            n[0] += 1
+            return win * 1.0 + n[0]
+        return pred
+
+    a = msw(x, (6, 6), 1, make_pred(), 0.5, roi_weight_map=w)
+    b = FI.sliding_window_inference(x, (6, 6), 1, make_pred(), 0.5, roi_weight_map=w)
+    assert torch.equal(a, b)
+
+    def pfn(seg, win, imap):
+        return seg, imap * (1 + 1e-9 * torch.arange(36, dtype=torch.float64).reshape(6, 6))
+
+    a = msw(x, (6, 6), 2, make_pred(), 0.5, "gaussian", process_fn=pfn)
+    b = FI.sliding_window_inference(x, (6, 6), 2, make_pred(), 0.5, "gaussian", process_fn=pfn)
+    assert torch.equal(a, b)
+
+
+def test_condition_and_process_fn_weight_errors_name_the_argument():
+    x = torch.randn(2, 1, 12, 12)
+    with pytest.raises(ValueError, match="condition: expected a tensor with the batch size"):
+        FI.sliding_window_inference(x, (6, 6), 2, lambda w, condition: w * 1.0, condition=torch.randn(1, 1, 12, 12))
+    with pytest.raises(ValueError, match="condition: expected a tensor with the batch size"):
+        FI.sliding_window_inference(x, (6, 6), 2, lambda w, condition: w * 1.0, condition=torch.randn(2, 1, 10, 12))
+    with pytest.raises(ValueError, match="process_fn: returned a weight of shape"):
+        FI.sliding_window_inference(x, (6, 6), 2, lambda w: w * 1.0, process_fn=lambda s, w, m: (s, torch.ones(5, 5)))
+    with pytest.raises(TypeError, match="process_fn: must return"):
+        FI.sliding_window_inference(x, (6, 6), 2, lambda w: w * 1.0, process_fn=lambda s, w, m: (s, 1.0))
+
+
+def test_cached_weight_map_with_a_dynamic_roi_warns():
+    """cache_roi_weight_map with a None / non-positive roi entry cannot cache (the roi depends on the
+    image): a warning, as MONAI intends, not a TypeError."""
+    with pytest.warns(UserWarning, match="cache is not created"):
+        f = FI.SlidingWindowInferer((None, 8, 8), 2, 0.5, "gaussian", cache_roi_weight_map=True)
+    x = torch.randn(1, 1, 10, 16, 16)
+    torch.testing.assert_close(f(x, pred3), msw(x, (None, 8, 8), 2, pred3, 0.5, "gaussian"), rtol=1e-6, atol=1e-6)
+
+
 def test_progress_bar_runs():
     pytest.importorskip("tqdm")
     x = torch.randn(1, 1, 16, 16, 16)
