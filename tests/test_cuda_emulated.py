@@ -7,12 +7,15 @@ the CUDA headers, run their blocks as fibers: barriers, warp shuffles, shared me
 loops and the launch checks of the CUDA runtime are emulated, and a barrier not reached by every
 thread, a shuffle not reached by the whole warp or a bad launch configuration is an error; shared
 memory and the ops' fresh outputs start as garbage. What this cannot see: the device's own
-arithmetic (FMA contraction, its exp / log), races (a thread runs uninterrupted from one barrier to
-the next, so a missing atomic still sums right), and performance; out-of-bounds accesses only in the
-AddressSanitizer pass.
+arithmetic (FMA contraction, its exp / log) and performance; out-of-bounds accesses only in the
+AddressSanitizer pass, races only in the ThreadSanitizer pass (a thread runs uninterrupted from one
+barrier to the next, so a missing atomic still sums right in the others).
 
 ``test_under_address_sanitizer`` runs this file again in a process with AddressSanitizer, the
 emulated kernels built with it: a read or write past the end of any tensor fails there.
+``test_under_thread_sanitizer`` runs it (a sample of the large grids) with ThreadSanitizer, each
+emulated GPU thread a fiber ordered only by barriers, atomics and launch boundaries: two threads
+touching one address, one writing, with nothing between them, fail there.
 
 The ops are called as usual with CPU tensors; ``emulated_gpu()`` makes ``fastmed._ext.require``
 hand them the emulated module instead of fastmed._C for the ops the CUDA module implements, so the
@@ -26,6 +29,7 @@ import itertools
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -50,7 +54,8 @@ pytestmark = pytest.mark.skipif(build.compiler() is None, reason="needs a C++ co
 
 @pytest.fixture(scope="module")
 def emu():
-    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1", fma=os.environ.get("FMEMU_FMA") == "1")
+    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1", fma=os.environ.get("FMEMU_FMA") == "1",
+                      tsan=os.environ.get("FMEMU_TSAN") == "1")
 
 
 def _garbage(t):
@@ -91,13 +96,22 @@ def emulated_gpu(emu, **env):
                 os.environ[k] = v
 
 
+def _sampled_under_tsan(request, every: int) -> None:
+    """The ThreadSanitizer pass (FMEMU_TSAN=1, 10-20x slower) runs one case in about ``every`` of a
+    large grid (which ones: a hash of the test's name, the same on every run); races depend on the
+    kernel's code path and launch shape, which the rest of the grid's dtypes repeat."""
+    if os.environ.get("FMEMU_TSAN") == "1" and zlib.crc32(request.node.name.encode()) % every:
+        pytest.skip("ThreadSanitizer pass: a sample of this grid")
+
+
 # ------------------------------------------------------------------------------------------------
 # fmemu itself (tests/cuda_emu/selftest.cu): what it must refuse, and what it must compute
 
 
 @pytest.fixture(scope="module")
 def selftest():
-    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1", module=build.SELFTEST)
+    return build.load(sanitize=os.environ.get("FMEMU_ASAN") == "1", module=build.SELFTEST,
+                      tsan=os.environ.get("FMEMU_TSAN") == "1")
 
 
 def test_fmemu_reports_what_would_hang_or_be_undefined_on_a_gpu(selftest):
@@ -196,7 +210,8 @@ def _assert_dice_close(got, want, dtype):
 @pytest.mark.parametrize("label_map", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["plain", "squared", "soft", "weights+mask+ignore"])
-def test_dice_ce_kernels_match_cpu(emu, act, ce, label_map, dtype, variant):
+def test_dice_ce_kernels_match_cpu(request, emu, act, ce, label_map, dtype, variant):
+    _sampled_under_tsan(request, 10)
     x, target, args = _dice_case(act, ce, label_map, dtype, variant)
     want = _dice_run(x, target, args)
     with emulated_gpu(emu):
@@ -363,8 +378,9 @@ def _weights(win, g):
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pred_dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("weight", ["none", "factors", "map", "count"])
-def test_accumulate_bit_identical_to_cpu(emu, acc_dtype, pred_dtype, weight):
+def test_accumulate_bit_identical_to_cpu(request, emu, acc_dtype, pred_dtype, weight):
     """Products and sums are rounded separately on both devices, in the same order: equal bits."""
+    _sampled_under_tsan(request, 8)
     g = torch.Generator().manual_seed(4)
     win = (6, 7, 5)
     acc0 = torch.randn(2, 3, 13, 12, 11, generator=g).to(acc_dtype)
@@ -429,7 +445,8 @@ def test_accumulate_2d(emu):
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16], ids=str)
-def test_normalize(emu, acc_dtype, softmax, dst_dtype):
+def test_normalize(request, emu, acc_dtype, softmax, dst_dtype):
+    _sampled_under_tsan(request, 8)
     g = torch.Generator().manual_seed(6)
     acc = (torch.randn(2, 7, 9, 10, 11, generator=g) * 4).to(acc_dtype)
     count = (torch.rand(9, 10, 11, generator=g) + 0.5).to(acc_dtype)
@@ -485,7 +502,8 @@ def _theta(kind, seed=0):
 
 @pytest.mark.parametrize("kind,order,padding", list(itertools.product(["diagonal", "oblique"], [0, 1, 3],
                                                                        list(R.PADDINGS))))
-def test_resample_float64_equals_cpu(emu, kind, order, padding):
+def test_resample_float64_equals_cpu(request, emu, kind, order, padding):
+    _sampled_under_tsan(request, 5)
     x = torch.randn(2, 3, 17, 20, 13, dtype=torch.float64)
     th = _theta(kind)
     kw = dict(order=order, padding=padding, cval=0.5, compute_dtype=torch.float64)
@@ -499,7 +517,8 @@ def test_resample_float64_equals_cpu(emu, kind, order, padding):
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.int16])
-def test_resample_dtypes(emu, dtype, out_dtype):
+def test_resample_dtypes(request, emu, dtype, out_dtype):
+    _sampled_under_tsan(request, 5)
     x = (torch.rand(1, 2, 15, 16, 17) * 200).to(dtype)
     th = _theta("oblique", 1)
     kw = dict(order=1, padding="border", out_dtype=out_dtype)
@@ -607,7 +626,7 @@ def test_spline_prefilter(emu, boundary, n):
 # the same tests with multiply-adds fused as on a GPU, and with AddressSanitizer
 
 
-@pytest.mark.skipif(os.environ.get("FMEMU_ASAN") == "1" or os.environ.get("FMEMU_FMA") == "1",
+@pytest.mark.skipif(any(os.environ.get(v) == "1" for v in ("FMEMU_ASAN", "FMEMU_FMA", "FMEMU_TSAN")),
                     reason="this is a second pass")
 @pytest.mark.skipif(not build.fma_supported(), reason="needs an x86-64 CPU with FMA")
 def test_with_multiply_adds_fused_as_nvcc_fuses_them():
@@ -631,7 +650,8 @@ def _runtime_library(name: str):
     return out if os.path.isabs(out) and os.path.exists(out) else None
 
 
-@pytest.mark.skipif(os.environ.get("FMEMU_ASAN") == "1", reason="this is the run under AddressSanitizer")
+@pytest.mark.skipif(os.environ.get("FMEMU_ASAN") == "1" or os.environ.get("FMEMU_TSAN") == "1",
+                    reason="this is a second pass")
 def test_under_address_sanitizer():
     """Every test above (the Dice grid without float64), with the kernels built with
     AddressSanitizer and libasan preloaded: an access outside a tensor's allocation (they come from
@@ -642,10 +662,75 @@ def test_under_address_sanitizer():
     build.build(sanitize=True)
     env = dict(os.environ, FMEMU_ASAN="1", LD_PRELOAD=f"{asan} {stdcxx}",  # libstdc++ too: ASan's __cxa_throw
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
-    sel = "not under_address_sanitizer and not multiply_adds and (not kernels_match or float32 or float16)"
+    sel = "not sanitizer and not multiply_adds and (not kernels_match or float32 or float16)"
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", sel],
                        env=env, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def _tsan_env(log: Path) -> dict:
+    tsan = _runtime_library("libtsan.so")
+    if tsan is None or not sys.platform.startswith("linux"):
+        pytest.skip("the compiler has no ThreadSanitizer runtime")
+    # halt at the first report, with its own exit code; the report goes to a file (pytest's capture
+    # would lose it when the process ends)
+    return dict(os.environ, FMEMU_TSAN="1", LD_PRELOAD=tsan, OMP_NUM_THREADS="1",
+                TSAN_OPTIONS=f"halt_on_error=1:exitcode=66:log_path={log}")
+
+
+def _tsan_reports(log: Path) -> str:
+    return "".join(f.read_text() for f in sorted(log.parent.glob(log.name + "*")))
+
+
+@pytest.mark.skipif(any(os.environ.get(v) == "1" for v in ("FMEMU_ASAN", "FMEMU_FMA", "FMEMU_TSAN")),
+                    reason="this is a second pass")
+@pytest.mark.parametrize("mode, race", [(0, "a missing atomic"), (1, None), (2, "a read without the barrier"),
+                                        (3, None), (4, "two blocks write one element"),
+                                        (5, "a shuffle orders no memory"), (6, None)])
+def test_fmemu_thread_sanitizer_sees_races(tmp_path, mode, race):
+    """The FMEMU_TSAN build (every emulated GPU thread a ThreadSanitizer fiber, ordered only by its
+    block's barriers, atomics and the end of the launch) reports the races of selftest.cu's
+    race_kernel and nothing in its race-free modes (the atomic, the barrier, shared memory reused
+    across barriers)."""
+    log = tmp_path / "tsan"
+    env = _tsan_env(log)
+    so = build.build(module=build.SELFTEST, tsan=True)
+    code = ("import importlib.util; "
+            f"s = importlib.util.spec_from_file_location({build.SELFTEST!r}, {str(so)!r}); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            f"c, out, err = m.race({mode}); assert err == (0, ''), err; print(c, out[0], out[1])")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    reports = _tsan_reports(log)
+    if race is None:
+        assert r.returncode == 0 and not reports, r.stdout + r.stderr + reports
+        want = {1: "128 0.0 0.0", 3: "0 1.0 2.0", 6: "0 6.0 9.0"}[mode]
+        assert r.stdout.split() == want.split()
+    else:
+        assert r.returncode == 66 and "WARNING: ThreadSanitizer: data race" in reports, race + r.stderr + reports
+        # both accesses in the kernel (inlined into the launch's body), none in fmemu's bookkeeping
+        lines = reports.splitlines()
+        first = [lines[i + 1] for i, t in enumerate(lines[:-1]) if t.lstrip().startswith(("Write of", "Read of",
+                                                                                        "Previous write", "Previous read"))]
+        assert len(first) >= 2 and all("#0 void fmemu::call_body<" in f for f in first), reports
+
+
+@pytest.mark.skipif(any(os.environ.get(v) == "1" for v in ("FMEMU_ASAN", "FMEMU_FMA", "FMEMU_TSAN")),
+                    reason="this is a second pass")
+def test_under_thread_sanitizer(tmp_path):
+    """The tests above again with ThreadSanitizer (a sample of the large grids): two threads of a
+    launch that touch one address, one of them writing, with no barrier, atomic or launch boundary
+    between them, fail with the report. (fmemu runs one thread at a time, so a missing atomic or
+    barrier would otherwise still give the right values.)"""
+    log = tmp_path / "tsan"
+    env = _tsan_env(log)
+    build.build(tsan=True)
+    build.build(module=build.SELFTEST, tsan=True)
+    # (not the two whole-inference tests: 35 s here for kernels the gather / accumulate tests launch)
+    sel = "not sanitizer and not multiply_adds and not buffered_sliding_window and not nnunet_mirroring"
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", sel],
+                       env=env, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + _tsan_reports(log)[-8000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
 
 

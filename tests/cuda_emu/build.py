@@ -97,9 +97,11 @@ def translate(text: str) -> str:
         e = _matching_paren(out, m)
         args = out[m + 1:e]
         out = out[:start] + f"::fmemu::launch([&]() {{ {callee}({args}); }}, {cfg})" + out[e + 1:]
-    # __shared__ statics: registered, so that each block starts with garbage in them (same line)
+    # __shared__ variables: a static (its address is the key) and a reference to the block's copy,
+    # which starts as garbage in each block (fmemu::block_shared; same line)
     out = re.sub(r"(?m)^(\s*)__shared__\s+([^;()]*?)\b(\w+)\s*((?:\[[^\]]*\]\s*)*);",
-                 lambda mt: f"{mt[1]}__shared__ {mt[2]}{mt[3]}{mt[4]}; ::fmemu::shared_region(&{mt[3]}, sizeof {mt[3]});",
+                 lambda mt: (f"{mt[1]}__shared__ {mt[2]}fmemu_key_{mt[3]}{mt[4]}; "
+                             f"auto& {mt[3]} = *::fmemu::block_shared(&fmemu_key_{mt[3]});"),
                  out)
     out = re.sub(
         r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[A-Za-z_][\w ]*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;",
@@ -129,8 +131,10 @@ def _includes() -> list[str]:
             "-I", sysconfig.get_paths()["include"]]
 
 
-def _flags(sanitize: bool, fma: bool = False) -> list[str]:
+def _flags(sanitize: bool, fma: bool = False, tsan: bool = False) -> list[str]:
     f = FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else [])
+    if tsan:
+        f = f + ["-fsanitize=thread", "-fno-omit-frame-pointer", "-DFMEMU_TSAN=1"]
     if not fma:
         return f
     # (GCC contracts only from -O2 on)
@@ -160,16 +164,21 @@ def _key(cxx: str, flags: list[str], module: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out_root: Path | None = None, sanitize: bool = False, module: str = MODULE, fma: bool = False) -> Path:
+def build(out_root: Path | None = None, sanitize: bool = False, module: str = MODULE, fma: bool = False,
+          tsan: bool = False) -> Path:
     """Path of the built module (built now unless an identical build is there). ``sanitize``: with
     AddressSanitizer (import it only in a process started with libasan preloaded). ``module``:
     MODULE (fastmed's CUDA kernels) or SELFTEST (fmemu's own checks). ``fma``: multiply-adds fused
-    as nvcc fuses them (except the __fmul_rn family), on an x86-64 CPU with FMA."""
+    as nvcc fuses them (except the __fmul_rn family), on an x86-64 CPU with FMA. ``tsan``: with
+    ThreadSanitizer, each emulated GPU thread a fiber of its own (import it only in a process started
+    with libtsan preloaded, from the python executable itself, not a shell wrapper)."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler (set CXX)")
     out_root = out_root or ROOT / "build" / "cuda_emu"
-    flags = _flags(sanitize, fma)
+    if sanitize and tsan:
+        raise BuildError("AddressSanitizer and ThreadSanitizer do not go together")
+    flags = _flags(sanitize, fma, tsan)
     d = out_root / _key(cxx, flags, module)
     so = d / (module + sysconfig.get_config_var("EXT_SUFFIX"))
     if so.exists():
@@ -210,12 +219,12 @@ def _build_in(cxx: str, tmp: Path, d: Path, so: Path, flags: list[str], sources:
     return so
 
 
-def load(sanitize: bool = False, module: str = MODULE, fma: bool = False):
+def load(sanitize: bool = False, module: str = MODULE, fma: bool = False, tsan: bool = False):
     """The emulated module, built if needed (fastmed._C is imported first: the parameter classes
     are shared with it, as on a real GPU build)."""
     import fastmed._ext  # noqa: F401  (registers the parameter types)
 
-    so = build(sanitize=sanitize, module=module, fma=fma)
+    so = build(sanitize=sanitize, module=module, fma=fma, tsan=tsan)
     if module in sys.modules:
         if Path(sys.modules[module].__file__) != so:
             raise BuildError(f"another build of {module} is loaded already ({sys.modules[module].__file__})")
@@ -228,4 +237,5 @@ def load(sanitize: bool = False, module: str = MODULE, fma: bool = False):
 
 
 if __name__ == "__main__":
-    print(build(sanitize="--asan" in sys.argv))
+    print(build(sanitize="--asan" in sys.argv, tsan="--tsan" in sys.argv,
+                module=SELFTEST if "--selftest" in sys.argv else MODULE))

@@ -71,6 +71,36 @@ __global__ void big_static_shared_kernel(float* out, int n) {
   out[threadIdx.x] = big[threadIdx.x] + dyn[threadIdx.x];
 }
 
+// For the FMEMU_TSAN build: what ThreadSanitizer must report (modes 0, 2, 4, 5) and must not (1, 3, 6).
+__global__ void race_kernel(unsigned long long* counter, float* out, int mode) {
+  __shared__ float sh[64];
+  const int t = threadIdx.x;
+  switch (mode) {
+    case 0: *counter += 1; break;              // a missing atomic: every thread of both blocks
+    case 1: atomicAdd(counter, 1ull); break;   // the same with the atomic
+    case 2:
+    case 3:
+      sh[t] = (float)t;
+      if (mode == 3) __syncthreads();          // mode 2: a neighbour's element read without the barrier
+      out[blockIdx.x * blockDim.x + t] = sh[(t + 1) % blockDim.x];
+      break;
+    case 4: out[t] = (float)blockIdx.x; break; // two blocks write one element
+    case 5:                                    // a value passed by a shuffle orders no memory
+      if (t == 0) sh[0] = 1.0f;
+      __shfl_xor_sync(0xffffffffu, t, 1);
+      out[blockIdx.x * blockDim.x + t] = sh[0];
+      break;
+    case 6:                                    // reuse of shared memory across barriers, as reductions do
+      for (int r = 0; r < 3; ++r) {
+        sh[t] = (float)(t + r);
+        __syncthreads();
+        out[blockIdx.x * blockDim.x + t] += sh[(t + 1) % blockDim.x];
+        __syncthreads();
+      }
+      break;
+  }
+}
+
 __global__ void index_kernel(int64_t* out) {
   const int64_t b = ((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t t = ((int64_t)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
@@ -110,6 +140,12 @@ PYBIND11_MODULE(_fmemu_selftest, m) {
     std::vector<float> out(32, 0.0f);
     big_static_shared_kernel<<<1, 32, dynamic_bytes>>>(out.data(), 2);
     return std::make_tuple(out, last_error());
+  });
+  m.def("race", [](int mode) {
+    unsigned long long counter = 0;
+    std::vector<float> out(128, 0.0f);
+    race_kernel<<<2, 64>>>(&counter, out.data(), mode);
+    return std::make_tuple(counter, out, last_error());
   });
   m.def("indices", [](std::vector<unsigned> g, std::vector<unsigned> b) {
     std::vector<int64_t> out((size_t)g[0] * g[1] * g[2] * b[0] * b[1] * b[2], 0);
