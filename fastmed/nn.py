@@ -125,6 +125,8 @@ def _norm_act_spec(norm: nn.Module, act: nn.Module) -> tuple[Optional[dict], str
         return None, "InstanceNorm with track_running_stats=True (eval uses running statistics)"
     if _hooked(norm) or _hooked(act):
         return None, "a hook is registered on the norm or the activation (a fused pair would skip it)"
+    if _global_hooks():
+        return None, "a global module hook is registered (a fused pair would show it other tensors)"
     if not norm.eps > 0:
         return None, f"eps={norm.eps} (the fused kernels take eps > 0)"
     if type(act) is nn.LeakyReLU:
@@ -278,14 +280,15 @@ class OneDNNConv3d(nn.Conv3d):
     ``nn.Conv3d``. ``optimize()`` gives every plain ``nn.Conv3d`` of a model this class.
 
     With ``_fm_nhwc`` set (``optimize()``'s default layout on the CPU) a float32 CPU input of
-    inference (autograd off, or nothing requiring gradients) that is not channels last is taken
+    inference (eval mode, autograd off or nothing requiring gradients; in train mode PyTorch's
+    channels-last batch norm is ~100x less exact than its planar one) that is not channels last is taken
     channels last (free for a contiguous 1-channel input, a copy otherwise), so the convolution and
     everything after it run on NDHWC activations while the weight keeps its strides."""
 
     _fm_nhwc = False
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if self._fm_nhwc and _nhwc_suits(input) and not (torch.is_grad_enabled() and (
+        if self._fm_nhwc and not self.training and _nhwc_suits(input) and not (torch.is_grad_enabled() and (
                 input.requires_grad or weight.requires_grad)):
             input = _as_nhwc(input)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str):
@@ -876,6 +879,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         if j >= len(names):
             skipped.append((where, "no activation follows the norm in its Sequential"))
             continue
+        if any(_hooked(seq._modules[names[i]]) for i in range(k + 1, j)):
+            skipped.append((where, "a hook is registered on the Dropout between the norm and the activation"))
+            continue
         act = seq._modules[names[j]]
         spec, why = _norm_act_spec(norm, act)
         if spec is not None and type(norm) in _BATCH_NORMS:
@@ -902,11 +908,19 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         fused.append(f"{where} + {prefix + '.' if prefix else ''}{names[j]}")
 
 
+def _stacked_nhwc(x: Tensor) -> bool:
+    """x is a dense, not contiguous tensor of 5 or more dims whose channel dim (-4) has stride 1: a
+    channels-last activation, or a stack of them (DynUNet's deep-supervision output)."""
+    if x.ndim < 5 or x.is_contiguous() or x.numel() == 0 or x.shape[-4] == 1 or x.stride(-4) != 1:
+        return False
+    return sum(st * (n - 1) for st, n in zip(x.stride(), x.shape)) + 1 == x.numel()  # dense, no overlap
+
+
 def _planar_outputs(out):
     """out with every dense channels-last 5D tensor made planar (also inside lists, tuples,
     namedtuples and dicts); None if none was."""
     if isinstance(out, Tensor):
-        return out.contiguous() if _is_nhwc(out) and not out.is_contiguous() else None
+        return out.contiguous() if _stacked_nhwc(out) else None
     if isinstance(out, (list, tuple)):
         new = [_planar_outputs(o) for o in out]
         if all(n is None for n in new):
@@ -1044,6 +1058,11 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
                 parents[id(child)] = mod
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
+            if type(mod).forward is not nn.Sequential.forward:  # it may not run its modules in order
+                if any(isinstance(m, (*_INSTANCE_NORMS, *_BATCH_NORMS, nn.GroupNorm)) for m in mod.children()):
+                    skipped.append((name or type(model).__name__,
+                                    f"{type(mod).__name__} is an nn.Sequential with its own forward"))
+                continue
             _fuse_sequential(mod, name, fused, skipped, refs, parents.get(id(mod)))
             continue
         if type(mod) in _FUSED_TARGETS:  # fused by an earlier optimize()

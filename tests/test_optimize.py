@@ -1190,3 +1190,89 @@ def test_training_keeps_one_activation_per_layer_on_the_cpu(which, monkeypatch):
     # fused float32 forward than in float64 (eager float32 flips none); through the batch statistics
     # that moves every gradient by ~1e-4 (with the recompute off too: bit-identical)
     _assert_as_accurate(g, g0, g64, floor=1e-3 if which == "dynunet_batch" else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases a differential fuzz of optimize() found (2026-11-24)
+
+
+class _ResSeq(nn.Sequential):
+    """An nn.Sequential with its own forward: its modules do not simply run in order."""
+
+    def forward(self, x):
+        y = self[1](self[0](x))
+        return self[2](y) + y
+
+
+def test_sequential_with_its_own_forward_is_left_alone():
+    torch.manual_seed(31)
+    m = nn.Sequential(_ResSeq(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.ReLU()))
+    o = fastmed.optimize(m, verbose=False)
+    assert type(o[0][1]) is nn.InstanceNorm3d and type(o[0][2]) is nn.ReLU
+    assert any("own forward" in why for _, why in o._fastmed_report["skipped"])
+    x = torch.randn(1, 2, 6, 7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_on_a_dropout_between_or_global_hooks_stop_the_fusion():
+    m = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Dropout(0.0), nn.ReLU())
+    m[2].register_forward_hook(lambda mod, i, out: out + 1)
+    o = fastmed.optimize(m)
+    assert type(o[1]) is nn.InstanceNorm3d and type(o[3]) is nn.ReLU
+    x = torch.randn(1, 2, 6, 7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+    m = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.ReLU())
+    h = nn.modules.module.register_module_forward_hook(lambda mod, i, out: None)
+    try:
+        o = fastmed.optimize(m)
+    finally:
+        h.remove()
+    assert type(o[1]) is nn.InstanceNorm3d and type(o[2]) is nn.ReLU
+    assert any("global module hook" in why for _, why in o._fastmed_report["skipped"])
+
+
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_deep_supervision_output_is_contiguous(channels_last):
+    """DynUNet stacks its deep-supervision heads into a 6D tensor: planar, as the original's."""
+    torch.manual_seed(32)
+    m = monai_nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                           filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1).eval()
+    o = fastmed.optimize(m, channels_last=channels_last)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref, out = m(x), o(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_batch_norm_without_autograd_keeps_planar_accuracy():
+    """Batch-norm statistics recalibration (train mode under no_grad): the default layout stays
+    planar there, since PyTorch's channels-last batch norm is ~100x less exact."""
+    torch.manual_seed(33)
+    m = monai_nets.UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch").train()
+    o = fastmed.optimize(m)
+    x = torch.randn(2, 1, 16, 16, 16) * 3 + 1
+    m64 = copy.deepcopy(m).double()
+    with torch.no_grad():
+        ref, out, exact = m(x), o(x), m64(x.double())
+    err_o, err_m = (out.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert err_o <= 4 * err_m + 1e-6, (err_o, err_m)
+    for (n, a), (_, b) in zip(m.named_buffers(), o.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_channels_last_weights_and_an_unfused_instance_norm_at_batch_one():
+    """optimize(channels_last=True): a convolution with an NDHWC weight after an unfused instance
+    norm gave its planar input a channels-last gradient, which PyTorch 2.13's CPU instance_norm
+    backward at batch 1 gets wrong (100% off); it now gets the input's layout."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv3d(8, 16, 5, padding=2, bias=False), nn.InstanceNorm3d(16, affine=True),
+                      nn.Conv3d(16, 16, 5, padding=2, bias=False))
+    o = fastmed.optimize(m, channels_last=True)
+    x = torch.randn(1, 8, 4, 4, 3)
+    _, ref = _grads(copy.deepcopy(m).double(), x.double())
+    _, got = _grads(o, x)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()

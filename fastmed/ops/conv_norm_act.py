@@ -106,6 +106,11 @@ class _OneDNNConv(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.convolution_backward(
             g, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
             [0] * (x.ndim - 2), groups, [nx, nw, nb and has_bias])
+        if dx is not None and x.is_contiguous() and not dx.is_contiguous():
+            # a planar input with a channels-last weight (optimize(channels_last=True)) gets its
+            # gradient channels last; PyTorch 2.13's CPU instance_norm backward at batch 1 returns
+            # wrong gradients for such a grad_output, so it goes back in the input's layout
+            dx = dx.contiguous()
         return dx, dw, db, None, None, None, None
 
 
