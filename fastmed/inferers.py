@@ -502,12 +502,6 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             p = p.to(device)
             if p.dtype not in FLOAT_DTYPES:
                 p = p.to(compute_dtype)
-            # MONAI weights a window in place (`buffer *= w_t`: rounded to the prediction's dtype; in
-            # buffered mode `p * w_t`, the promoted dtype); the kernels weight in the accumulator's
-            # dtype with a float32 weight map. Where that would round differently (a prediction
-            # narrower than the accumulator, e.g. float16 under autocast; a float64 custom weight not
-            # exact in float32) or the weight varies per window or channel, the window is weighted
-            # here as MONAI does and added unweighted.
             if process_fn:
                 try:
                     fits = torch.broadcast_shapes(w_t.shape, p.shape) == p.shape
@@ -516,6 +510,12 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 if not fits:
                     raise ValueError(f"process_fn: returned a weight of shape {tuple(w_t.shape)}, which does not "
                                      f"broadcast to the window batch's output {ss} of shape {tuple(p.shape)}")
+            # MONAI weights a window in place (`buffer *= w_t`: rounded to the prediction's dtype; in
+            # buffered mode `p * w_t`, the promoted dtype); the kernels weight in the accumulator's
+            # dtype with a float32 weight map. Where that would round differently (a prediction
+            # narrower than the accumulator, e.g. float16 under autocast; a float64 custom weight not
+            # exact in float32) or the weight varies per window or channel, the window is weighted
+            # here as MONAI does and added unweighted.
             pre = custom_w and (w_t.shape[0] != 1 or w_t.shape[1] != 1)
             pre = pre or (not buffered and p.dtype.itemsize < compute_dtype.itemsize)
             pre = pre or (custom_w and compute_dtype == torch.float64 and not _exact_in_float32(w_t))
