@@ -49,7 +49,10 @@ def _worker(rank, world, init_file, kind, out_dir):
         dist.destroy_process_group()
     # About 1 run in 20 here, a worker aborted in interpreter shutdown, after all of the above had
     # run ("terminate called without an active exception", no Python frame; with and without
-    # fastmed's op modules imported; cause not found). The results are on disk: skip the shutdown.
+    # fastmed's op modules imported). A known PyTorch abort, not fastmed's: pytorch/pytorch#190489
+    # (open) reports the same message after gloo jobs and traces it to PyTorch's own teardown
+    # (its interpreter callbacks and the autograd engine's worker threads racing interpreter
+    # finalization). The results are on disk: skip the shutdown.
     os._exit(0)
 
 
