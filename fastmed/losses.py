@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
 from . import _ext
@@ -127,31 +127,46 @@ def _stats(x, target, *, mask=None, ce_weight=None, act="none", ce="none", dice=
         target = target.to(torch.uint8 if target.dtype == torch.bool else torch.float32)
     if label_map and target.dtype in (torch.float16, torch.bfloat16):
         target = target.to(torch.float32)
-    if mask is not None:
-        mask = mask.to(device=x.device, dtype=torch.float32)
-    if ce_weight is not None:
-        ce_weight = ce_weight.to(device=x.device, dtype=torch.float32).contiguous()
-    args = (x, target, mask, ce_weight, ACT[act], CE[ce], dice, label_map, squared, soft, ignore_index, ce_smooth)
+    # the kernels read the mask and the class weights in float32: float64 logits whose mask or
+    # weights float32 cannot hold exactly (a soft ignore mask, a weight like 0.1) take the float64
+    # reference, so that a float64 loss stays exact to float64 rounding
+    inexact = x.dtype == torch.float64 and not (_exact_in_float32(mask) and _exact_in_float32(ce_weight))
     needs_ref = (
-        x.device.type not in ("cpu", "cuda")
+        inexact
+        or x.device.type not in ("cpu", "cuda")
         or target.requires_grad
         or (mask is not None and mask.requires_grad)
         or _ext.functorch_active()  # torch.func (grad, vmap, ...): the op's autograd has no functorch rule
     )
+    if mask is not None:
+        mask = mask.to(device=x.device, dtype=torch.float64 if needs_ref else torch.float32)
+    if ce_weight is not None:
+        ce_weight = ce_weight.to(device=x.device, dtype=torch.float64 if needs_ref else torch.float32).contiguous()
+    args = (x, target, mask, ce_weight, ACT[act], CE[ce], dice, label_map, squared, soft, ignore_index, ce_smooth)
     if needs_ref:
         return dice_ce_reference(*args)
     return dice_ce_fwd(*args)
 
 
+def _exact_in_float32(t: Optional[Tensor]) -> bool:
+    """t is None, or every value of t is a float32 value (NaN counts as not)."""
+    if t is None or t.dtype in (torch.float32, torch.float16, torch.bfloat16) or not t.is_floating_point():
+        return True
+    with torch.no_grad():
+        return bool(torch.equal(t.to(torch.float32).to(t.dtype), t))
+
+
 def _ignore_mask(target: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
-    """MONAI's spatial ignore mask for a dense target (B, C, ...) -> (B, 1, ...) float32."""
+    """MONAI's spatial ignore mask for a dense target (B, C, ...) -> (B, 1, ...), float32 (float64
+    for a soft float64 target: 1 - target[:, ignore_index] is soft then)."""
     if ignore_index is None:
         return None
     if target.shape[1] == 1:
         return (target != ignore_index).to(torch.float32)
     C = target.shape[1]
     if 0 <= ignore_index < C:
-        return 1.0 - target[:, ignore_index:ignore_index + 1].to(torch.float32)
+        dt = torch.float64 if target.dtype == torch.float64 else torch.float32
+        return 1.0 - target[:, ignore_index:ignore_index + 1].to(dt)
     return (target.sum(dim=1, keepdim=True) > 0).to(torch.float32)
 
 
@@ -442,12 +457,23 @@ class DiceCELoss(_Loss):
             raise ValueError("lambda_ce should be no less than 0.0.")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1], got {label_smoothing}")
-        self.register_buffer("weight", weight)
+        # the class weight lives where MONAI's DiceCELoss keeps it (the same tensor in both), so a
+        # state_dict saved with MONAI's class loads here and the other way round; the two modules
+        # hold it, the fused op computes the cross-entropy
+        self.cross_entropy = nn.CrossEntropyLoss(weight=weight, reduction=reduction,
+                                                 label_smoothing=float(label_smoothing))
+        self.binary_cross_entropy = nn.BCEWithLogitsLoss(pos_weight=weight, reduction=reduction)
+        self._register_load_state_dict_pre_hook(_old_weight_key)
         self.reduction = reduction
         self.lambda_dice = lambda_dice
         self.lambda_ce = lambda_ce
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = ignore_index
+
+    @property
+    def weight(self) -> Optional[Tensor]:
+        """The class weight (``cross_entropy.weight``, also ``binary_cross_entropy.pos_weight``)."""
+        return self.cross_entropy.weight
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         _check_inputs(input, target)
@@ -459,11 +485,19 @@ class DiceCELoss(_Loss):
             )
         d = self.dice
         prep = _DicePrep(d, input, target, self.ignore_index)
-        w = self.weight
+        w = self.binary_cross_entropy.pos_weight if C == 1 else self.cross_entropy.weight
+        if w is not None and w.requires_grad and torch.is_grad_enabled():
+            # as PyTorch's cross_entropy / BCE-with-logits (so MONAI) refuse it: the fused op has no
+            # gradient for the class weight, and half a gradient (the Dice term's) would be wrong
+            raise RuntimeError("weight: the cross-entropy is not differentiable with respect to its class weight "
+                               "(as in PyTorch); pass weight.detach(), or compute under torch.no_grad()")
         if C == 1:
             ce_mode, ce_label_map = "bce", False
             if w is not None:
-                w = torch.as_tensor(w).to(torch.float32).reshape(-1).expand(1)
+                if w.numel() != 1:
+                    raise ValueError(f"weight: with one channel the cross-entropy is BCE and weight is its pos_weight, "
+                                     f"one value; got shape {tuple(w.shape)}")
+                w = w.reshape(1)
         else:
             ce_mode, ce_label_map = "softmax", target.shape[1] == 1
             if w is not None and (w.ndim != 1 or w.shape[0] != C):
@@ -489,12 +523,23 @@ class DiceCELoss(_Loss):
         return total.to(_out_dtype(input))
 
 
+def _old_weight_key(state_dict, prefix, *args) -> None:
+    """A state_dict of fastmed 0.1's DiceCELoss kept the class weight as ``weight``: load it into
+    MONAI's places."""
+    old = state_dict.pop(prefix + "weight", None)
+    if old is not None:
+        state_dict.setdefault(prefix + "cross_entropy.weight", old)
+        state_dict.setdefault(prefix + "binary_cross_entropy.pos_weight", old)
+
+
 def _ce_value(ce: Tensor, mode: str, label_map: bool, C: int, eps: float, reduction: str) -> Tensor:
     """torch.nn.CrossEntropyLoss / BCEWithLogitsLoss value from the fused sums."""
     tot = ce.sum(0)
     if mode == "bce":
         return tot[0] / tot[3] if reduction == "mean" else tot[0]
-    value = (1.0 - eps) * tot[0] + (eps / C) * tot[1]
+    # without label smoothing the all-class sum is not used at all: a -inf logit of a class that
+    # is not the voxel's label makes that sum inf, and 0 * inf would be NaN where PyTorch is finite
+    value = tot[0] if eps == 0 else (1.0 - eps) * tot[0] + (eps / C) * tot[1]
     if reduction == "sum":
         return value
     return value / (tot[2] if label_map else tot[3])

@@ -617,3 +617,94 @@ def test_torch_func_nnunet_loss_matches_autograd():
     xa = x.clone().requires_grad_(True)
     (ga,) = torch.autograd.grad(loss(xa, y), xa)
     torch.testing.assert_close(torch.func.grad(lambda x: loss(x, y))(x), ga, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases a differential fuzz against MONAI 1.6.1 found (18th session)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["softmax", "sigmoid"])
+def test_minus_inf_logit_of_another_class_gives_a_finite_loss(dtype, act):
+    """A -inf logit (a class masked out) at a voxel labelled otherwise: PyTorch's cross-entropy, and
+    so MONAI's DiceCELoss, stay finite; the unused all-class sum (label smoothing's) made it NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    x[0, 2, 0, 0] = -float("inf")
+    y = torch.ones(1, 1, 4, 4, dtype=torch.long)
+    for lam_dice, lam_ce in [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]:
+        kw = dict(to_onehot_y=True, softmax=act == "softmax", sigmoid=act == "sigmoid", lambda_dice=lam_dice,
+                  lambda_ce=lam_ce)
+        xf = x.to(dtype).requires_grad_(True)
+        a = FL.DiceCELoss(**kw)(xf, y)
+        a.backward()
+        b = monai_losses.DiceCELoss(**kw)(x.to(dtype).double(), y)
+        assert torch.isfinite(a) and torch.isfinite(xf.grad).all()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+def test_class_weight_that_requires_grad_is_refused_as_in_pytorch():
+    """PyTorch's cross-entropy is not differentiable in its class weight (MONAI raises); fastmed used
+    to return the Dice term's part of the gradient only."""
+    x = torch.randn(2, 3, 6, 6)
+    y = torch.randint(0, 3, (2, 1, 6, 6))
+    w = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight"):
+        FL.DiceCELoss(to_onehot_y=True, softmax=True, weight=w)(x, y)
+    with pytest.raises(RuntimeError, match="weight"):
+        FL.DiceCELoss(sigmoid=True, weight=torch.tensor([2.0], requires_grad=True))(x[:, :1], (y > 0).float())
+    with torch.no_grad():  # no gradient asked for: computed
+        v = FL.DiceCELoss(to_onehot_y=True, softmax=True, weight=w)(x, y)
+        ref = monai_losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=w.detach())(x, y)
+    torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight.*pos_weight"):  # one class: BCE's pos_weight, one value
+        FL.DiceCELoss(sigmoid=True, weight=torch.tensor([1.0, 2.0, 3.0]))(x[:, :1], (y > 0).float())
+
+
+def test_float64_loss_keeps_float64_class_weights_and_soft_ignore_masks():
+    """Float64 logits with a class weight or a soft ignore mask that float32 cannot hold: the
+    result is MONAI's to float64 rounding (the kernels read both in float32; these take the float64
+    reference)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 1, 5, 6, 4), generator=g)
+    w = torch.tensor([0.1, 0.7, 1.3], dtype=torch.float64)
+    for cls in ("DiceCELoss",):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        a = getattr(FL, cls)(to_onehot_y=True, softmax=True, weight=w)(xa, y)
+        b = getattr(monai_losses, cls)(to_onehot_y=True, softmax=True, weight=w)(xb, y)
+        a.backward(), b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-11, atol=1e-15)
+    t = torch.softmax(torch.randn(2, 3, 5, 6, 4, generator=g, dtype=torch.float64), 1)  # soft target
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a = FL.DiceLoss(softmax=True, ignore_index=1)(xa, t)
+    b = monai_losses.DiceLoss(softmax=True, ignore_index=1)(xb, t)
+    a.backward(), b.backward()
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-11, atol=1e-15)
+    # the CE term's mask is soft too: against the float64 formula
+    a = FL.DiceCELoss(softmax=True, ignore_index=1, lambda_dice=0.0)(x, t)
+    m = 1 - t[:, 1]
+    ref = (-(t * torch.log_softmax(x, 1)).sum(1) * m).sum() / m.sum()
+    torch.testing.assert_close(a, ref, rtol=1e-13, atol=0)
+
+
+def test_dicece_state_dict_keys_are_monais():
+    """The class weight sits where MONAI's DiceCELoss keeps it: a checkpoint of a module holding
+    the loss loads across the swap both ways; fastmed 0.1's key ``weight`` still loads."""
+    w = torch.tensor([1.0, 2.0, 3.0])
+    mo = monai_losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=w)
+    fm = FL.DiceCELoss(to_onehot_y=True, softmax=True, weight=torch.ones(3))
+    assert list(fm.state_dict()) == list(mo.state_dict())
+    fm.load_state_dict(mo.state_dict())
+    assert torch.equal(fm.weight, w) and torch.equal(fm.binary_cross_entropy.pos_weight, w)
+    mo2 = monai_losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=torch.ones(3))
+    mo2.load_state_dict(fm.state_dict())
+    x, y = torch.randn(2, 3, 4, 5, 6), torch.randint(0, 3, (2, 1, 4, 5, 6))
+    torch.testing.assert_close(fm(x, y), mo2(x, y), rtol=1e-5, atol=1e-6)
+    old = {"weight": torch.tensor([3.0, 2.0, 1.0]), "dice.class_weight": torch.tensor([3.0, 2.0, 1.0])}
+    fm.load_state_dict(old)
+    assert torch.equal(fm.cross_entropy.weight, old["weight"])
+    assert list(FL.DiceCELoss().state_dict()) == list(monai_losses.DiceCELoss().state_dict()) == []
