@@ -515,6 +515,25 @@ def test_resample_float64_equals_cpu(request, emu, kind, order, padding):
         assert torch.equal(got, R.resample_reference(x, th, (11, 23, 14), order=order, padding=padding, cval=0.5))
 
 
+@pytest.mark.parametrize("half_up", [False, True])
+def test_resample_nearest_ties_outside_fold_before_rounding(emu, half_up):
+    """Nearest at half-integers outside the input under the reflecting paddings: the CUDA kernel
+    folds the coordinate before rounding, as the CPU kernel (checked against scipy and grid_sample
+    in test_resample.py)."""
+    for n in (1, 2, 3, 6, 7):
+        x = (torch.arange(n, dtype=torch.float64) * 10 + 1).view(1, 1, 1, 1, n)
+        cs = torch.arange(-3 * n - 2, 4 * n + 2, 0.5, dtype=torch.float64)
+        th = torch.zeros(len(cs), 3, 4, dtype=torch.float64)
+        th[:, 2, 3] = cs
+        xb = x.expand(len(cs), 1, 1, 1, n).contiguous()
+        for padding in ("reflect", "mirror"):
+            kw = dict(order=0, padding=padding, nearest_half_up=half_up)
+            want = R.resample(xb, th, (1, 1, 1), **kw)
+            with emulated_gpu(emu):
+                got = R.resample(xb, th, (1, 1, 1), **kw)
+            assert torch.equal(got, want), (n, padding)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.int16])
 def test_resample_dtypes(request, emu, dtype, out_dtype):

@@ -365,3 +365,40 @@ def test_voxel_choice_does_not_depend_on_compute_precision():
     for cd in (torch.float32, torch.float64):
         got = R.resample(x, th, (1, 1, 3), order=0, padding="border", compute_dtype=cd)
         assert got.flatten().tolist() == [3.0, 4.0, 5.0]
+
+
+def test_nearest_ties_outside_under_reflecting_padding_fold_before_rounding():
+    """A point exactly half-way between two voxels outside the input, under a reflecting padding:
+    scipy (order 0, half up) and grid_sample ("nearest", half to even) fold the coordinate into
+    the input and then round; rounding first sent the tie to the other neighbour (a differential
+    fuzz found whole Spacing planes so). Every half-integer and some others, against both."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    ndi = pytest.importorskip("scipy.ndimage")
+    from fastmed.transforms import affine_transform
+
+    for n in range(1, 8):
+        a = (np.arange(n, dtype=np.float64) * 10 + 1)[:, None] * np.ones((1, 2))
+        cs = np.concatenate([np.arange(-3 * n - 2, 4 * n + 2, 0.5), np.arange(-2 * n, 3 * n, 0.25) + 0.01])
+        for mode in ("mirror", "reflect", "grid-mirror", "nearest", "constant"):
+            want = [ndi.affine_transform(a, [1.0, 1.0], [c, 0], output_shape=(1, 1), order=0, mode=mode)[0, 0]
+                    for c in cs]
+            got = [affine_transform(a, [1.0, 1.0], [c, 0], output_shape=(1, 1), order=0, mode=mode)[0, 0]
+                   for c in cs]
+            assert got == want, (n, mode)
+    for n in (1, 2, 3, 4, 5, 8, 9):  # normalised coordinates exact for these sizes
+        src = (torch.arange(n, dtype=torch.float64) * 10 + 1).view(1, 1, 1, 1, n)
+        for ac in (False, True):
+            if (n - 1 if ac else n) not in (1, 2, 4, 8):
+                continue
+            cs = torch.arange(-3 * n - 2, 4 * n + 2, 0.5, dtype=torch.float64)
+            th = torch.zeros(len(cs), 3, 4, dtype=torch.float64)
+            th[:, 2, 3] = cs
+            srcb = src.expand(len(cs), 1, 1, 1, n)
+            got = R.resample(srcb, th, (1, 1, 1), order=0, padding="mirror" if ac else "reflect")
+            ref = R.resample_reference(srcb, th, (1, 1, 1), order=0, padding="mirror" if ac else "reflect")
+            g = (2 * cs / (n - 1) - 1) if ac else ((2 * cs + 1) / n - 1)
+            grid = torch.stack([g, torch.zeros_like(g), torch.zeros_like(g)], -1).view(len(cs), 1, 1, 1, 3)
+            want = F.grid_sample(srcb, grid, mode="nearest", padding_mode="reflection", align_corners=ac)
+            assert torch.equal(got, want) and torch.equal(ref, want), (n, ac)

@@ -26,6 +26,7 @@
 //               resize_segmentation without a one-hot tensor)
 // Arithmetic in float (double when compute_f64); 64-bit index arithmetic throughout.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace fastmed {
@@ -63,6 +64,43 @@ struct SplineFilterParams {
   int num_threads;
   void* stream;
 };
+
+#if defined(__CUDACC__)
+#define FM_RS_FOLD_HD __host__ __device__ inline
+#else
+#define FM_RS_FOLD_HD inline
+#endif
+
+// Nearest interpolation under a reflecting padding: the coordinate c of a point outside the input
+// folded into it (kPadReflect about -0.5 and n - 0.5, kPadMirror about 0 and n - 1), as scipy and
+// grid_sample fold it before rounding. Rounding first and folding the index would send a point
+// exactly half-way between two voxels outside the input to the other one (rounding's tie rule
+// flips under a reflection). Points inside are returned unchanged; exact for half-integers. Checked
+// against scipy's order-0 modes and grid_sample's nearest "reflection" at every half-integer.
+FM_RS_FOLD_HD double fold_coord(double c, int64_t n, int pad) {
+  if (pad == kPadReflect) {
+    if (c >= -0.5 && c <= (double)n - 0.5) return c;
+    const double P = 2.0 * (double)n;
+    double m = fmod(c + 0.5, P);
+    if (m < 0) m += P;
+    if (m > (double)n) m = P - m;
+    return m - 0.5;
+  }
+  if (pad == kPadMirror) {
+    if (c >= 0 && c <= (double)(n - 1)) return c;
+    if (n == 1) return 0.0;
+    const double P = 2.0 * (double)(n - 1);
+    double m = fmod(c, P);
+    if (m < 0) {
+      m += P;
+      if (m > (double)(n - 1)) m = P - m;
+    } else if (m >= (double)n) {  // above the input, scipy folds from n on: (n - 1, n) stays and
+      m = P - m;                  // rounds to n - 1, or to n (which the index padding mirrors)
+    }
+    return m;
+  }
+  return c;
+}
 
 int resample_cpu(const ResampleParams& p);
 int spline_prefilter_cpu(const SplineFilterParams& p);

@@ -76,6 +76,7 @@ inline int taps(double c, int order, int64_t n, int pad, bool half_up, int64_t* 
   if (c != c) c = -1e15;
   const int epad = pad == kPadConstantMirror ? kPadMirror : pad;
   if (order == 0) {
+    c = fold_coord(c, n, epad);
     const double r = half_up ? std::floor(c + 0.5) : std::nearbyint(c);
     idx[0] = extend((int64_t)r, n, epad);
     w[0] = 1;

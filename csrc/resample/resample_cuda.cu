@@ -188,6 +188,7 @@ RS_HD void make_taps(double c, int order, int64_t n, int64_t stride, int pad, in
   int64_t i0;
   double f = 0.0;
   if (order == 0) {
+    c = fold_coord(c, n, pad == kPadConstantMirror ? kPadMirror : pad);
     i0 = (int64_t)(half_up ? floor(c + 0.5) : rint(c));
     tp.m = 1;
   } else {

@@ -419,6 +419,23 @@ def _extend(idx: Tensor, n: int, pad: int):
     return torch.where(m >= n, 2 * n - 2 - m, m), torch.ones_like(idx, dtype=torch.bool)
 
 
+def _fold(c: Tensor, n: int, pad: int) -> Tensor:
+    """Coordinates outside the input folded into it by a reflecting padding (2: about -0.5 and
+    n - 0.5; 3, 4: about 0 and n - 1), as the kernels' fold_coord."""
+    if pad == 2:
+        m = torch.remainder(c + 0.5, 2.0 * n)
+        m = torch.where(m > n, 2.0 * n - m, m) - 0.5
+        return torch.where((c >= -0.5) & (c <= n - 0.5), c, m)
+    if pad in (3, 4):
+        if n == 1:
+            return torch.zeros_like(c)
+        per = 2.0 * (n - 1)
+        m = torch.remainder(c, per)  # above the input folded from n on, as scipy (see fold_coord)
+        m = torch.where((c < 0) & (m > n - 1) | (c > 0) & (m >= n), per - m, m)
+        return torch.where((c >= 0) & (c <= n - 1), c, m)
+    return c
+
+
 def _bspline3(t: Tensor) -> Tensor:
     a = t.abs()
     return torch.where(a < 1, 2.0 / 3 - a * a + a ** 3 / 2, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
@@ -426,7 +443,8 @@ def _bspline3(t: Tensor) -> Tensor:
 
 def _taps(c: Tensor, order: int, n: int, pad: int, half_up: bool):
     """For coordinates c (any shape): list of (index, weight, valid) taps along one dim."""
-    if order == 0:
+    if order == 0:  # a reflecting padding folds the coordinate before rounding (see fold_coord)
+        c = _fold(c, n, pad)
         r = torch.floor(c + 0.5) if half_up else torch.round(c)
         i, v = _extend(r.long(), n, pad)
         return [(i, torch.ones_like(c), v)]
