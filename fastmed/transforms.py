@@ -163,6 +163,9 @@ def _compute_shape_offset(shape, in_affine: np.ndarray, out_affine: np.ndarray, 
     corners_out = corners_out[:-1] / corners_out[-1]
     ext = np.ptp(corners_out, axis=1)
     out_shape = np.round(ext) if scale_extent else np.round(ext + 1.0)
+    if not (np.isfinite(out_shape).all() and (np.abs(out_shape) < 2.0 ** 62).all()):
+        raise ValueError(f"pixdim: the output would have {out_shape.tolist()} voxels per dim for input shape "
+                         f"{tuple(int(n) for n in shape)}: a spacing that small cannot be sampled")
     offset = None
     for i in range(corners.shape[1]):
         min_corner = np.min(all_dist - all_dist[:, i:i + 1], 1)
@@ -207,17 +210,22 @@ def _vec(x, name: str) -> np.ndarray:
     return v
 
 
+def _none_nan(x):
+    """None entries of a sequence as NaN (MONAI's ``ensure_tuple`` + float64 array)."""
+    return [np.nan if v is None else v for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def spacing_geometry(spatial_shape: Sequence[int], affine, pixdim, diagonal: bool = False, scale_extent: bool = False,
                      min_pixdim=None, max_pixdim=None):
     """What MONAI's ``Spacing`` computes before it samples: ``(src_affine, dst_affine, out_shape)``,
     the input and output voxel-to-world affines as (r+1)x(r+1) float64 arrays (r = len(spatial_shape))
-    and the output spatial shape. ``pixdim`` entries <= 0 keep the input's spacing (MONAI's rule);
-    NaN/inf entries are refused."""
+    and the output spatial shape. ``pixdim`` entries <= 0, None or NaN keep the input's spacing
+    (MONAI's rule); infinite entries are refused."""
     sr = len(spatial_shape)
     a = _as_affine(affine)
-    pix = _vec(pixdim, "pixdim")
-    if not np.isfinite(pix).all():
-        raise ValueError(f"pixdim must be finite (entries <= 0 keep the input spacing), got {pix.tolist()}")
+    pix = _vec(_none_nan(pixdim), "pixdim")
+    if np.isinf(pix).any():
+        raise ValueError(f"pixdim must not be infinite (entries <= 0 or None keep the input spacing), got {pix.tolist()}")
     mn_all, mx_all = _vec(min_pixdim, "min_pixdim"), _vec(max_pixdim, "max_pixdim")
     affine_ = _to_affine_nd(sr, a)
     _check_invertible(affine_, "affine")
@@ -482,10 +490,15 @@ def _run(img: Tensor, theta: np.ndarray, out_shape, plan: _Plan, compute_dtype: 
 def _to_tensor(x, name: str) -> tuple:
     """(tensor view without subclass, was_numpy)."""
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x)), True
-    if isinstance(x, Tensor):
-        return x.as_subclass(Tensor) if type(x) is not Tensor else x, False
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        t, was_np = torch.from_numpy(np.ascontiguousarray(x)), True
+    elif isinstance(x, Tensor):
+        t, was_np = (x.as_subclass(Tensor) if type(x) is not Tensor else x), False
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if t.is_complex():  # the kernels read real values: the imaginary part would be dropped
+        raise TypeError(f"{name}: complex data is not supported (resample the real and imaginary parts "
+                        f"separately), got {t.dtype}")
+    return t, was_np
 
 
 def _check_image(img: Tensor, name: str, nsp=None) -> int:
@@ -533,10 +546,19 @@ def _monai_resample(img: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
         return img.to(torch.float32), None
     plan = _monai_plan(mode, padding_mode, align_corners, sr)
     dt = _torch_dtype(dtype) or img.dtype
-    compute = torch.float64 if dt == torch.float64 else torch.float32
+    rounded = plan.backend == "scipy" and not dt.is_floating_point and dt != torch.bool and max(plan.orders) > 0
+    compute = torch.float64 if dt == torch.float64 or rounded else torch.float32
     theta = _monai_theta(xform, in_shape, size, plan, align_corners)
     out = _run(_src_for_op(img, compute), theta, size, plan, compute, memory_limit=memory_limit,
                what=f"resampling {tuple(img.shape)} to {tuple(size)}")
+    if rounded:
+        # dtype=None on an integer image: MONAI resamples it in its own dtype, and scipy computes in
+        # float64 and writes an integer output rounded half away from zero and clipped to the
+        # dtype's range (a cubic overshoot below 0 in uint8 is 0); the values come back as float32
+        with torch.no_grad():
+            r = torch.where(out >= 0, torch.floor(out + 0.5), torch.ceil(out - 0.5))
+            info = torch.iinfo(dt)
+            out = r.clamp(float(info.min), float(info.max)).to(torch.float32)
     return out, xform
 
 
@@ -656,9 +678,9 @@ class Spacing:
                  lazy: bool = False, *, memory_limit: Optional[int] = None) -> None:
         if lazy:
             raise NotImplementedError("lazy=True: fastmed's Spacing resamples eagerly")
-        self.pixdim = _vec(pixdim, "pixdim")
-        if not np.isfinite(self.pixdim).all():
-            raise ValueError(f"pixdim must be finite (entries <= 0 keep the input spacing), got {pixdim!r}")
+        self.pixdim = _vec(_none_nan(pixdim), "pixdim")  # None entries: NaN, the input's spacing (MONAI's rule)
+        if np.isinf(self.pixdim).any():
+            raise ValueError(f"pixdim must not be infinite (entries <= 0 or None keep the input spacing), got {pixdim!r}")
         self.min_pixdim = _vec(min_pixdim, "min_pixdim")
         self.max_pixdim = _vec(max_pixdim, "max_pixdim")
         for mn, mx in zip(self.min_pixdim, self.max_pixdim):
@@ -1121,8 +1143,12 @@ def _seg_int(seg: Tensor) -> Tensor:
     if seg.is_floating_point():
         if not torch.equal(seg, seg.round()):
             raise ValueError("data: a segmentation (is_seg=True) must hold integer labels")
-        return seg.to(torch.int32)
-    return seg if seg.dtype in _R.SRC_DTYPES else seg.to(torch.int32)
+    elif seg.dtype in _R.SRC_DTYPES:
+        return seg
+    if seg.numel() and (seg.min() < -2 ** 31 or seg.max() >= 2 ** 31):  # the kernel's labels are int32
+        raise ValueError(f"data: segmentation labels must fit int32, got labels from {seg.min().item()} "
+                         f"to {seg.max().item()}")
+    return seg.to(torch.int32)
 
 
 def _labels_pass(seg: Tensor, theta, shape, orders, compute, rule: str, memory_limit, what) -> Tensor:

@@ -690,11 +690,14 @@ def test_spacing_gradient_equals_monai(kw):
 
 def test_bad_pixdim_and_affine():
     x = image((6, 7, 5))
-    for bad in ((1.0, float("nan"), 1.0), (float("inf"), 1, 1)):
+    for bad in ((float("inf"), 1, 1), (1.0, -float("inf"), 1.0)):
         with pytest.raises(ValueError, match="pixdim"):
             T.Spacing(bad)
         with pytest.raises(ValueError, match="pixdim"):
             T.resample_to_spacing(x, np.eye(4), bad)
+    # NaN (what MONAI makes of None) keeps the input spacing, as an entry <= 0 does
+    assert T.resample_to_spacing(x, np.eye(4), (1.0, float("nan"), 0.5))[0].shape == \
+        T.resample_to_spacing(x, np.eye(4), (1.0, 0.0, 0.5))[0].shape
     with pytest.raises(ValueError, match="min_pixdim"):
         T.Spacing(1.0, min_pixdim=2.0, max_pixdim=1.0)
     sing = np.eye(4)
@@ -781,3 +784,55 @@ def test_memory_limit_refuses_with_bytes():
         T.resample_argmax(torch.zeros(3, 8, 8, 8), (100, 100, 100), theta=np.eye(4), memory_limit=10 ** 5)
     with pytest.raises(ValueError, match="memory_limit must be"):
         T.resample_to_spacing(x, np.eye(4), 1.5, memory_limit=-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases a differential fuzz against MONAI 1.6.1 and scipy found (18th session)
+
+
+@pytest.mark.parametrize("dt", [torch.uint8, torch.int16, torch.int64])
+@pytest.mark.parametrize("mode", [1, 3])
+def test_spacing_integer_image_with_dtype_none_rounds_as_monai(dt, mode):
+    """dtype=None on an integer image: MONAI resamples in the image's dtype (scipy rounds the
+    integer output), and returns float32. Values equal except at exact .5 ties, which the two
+    float64 computations may break apart."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 120, (1, 9, 8, 7), generator=g).to(dt)
+    A = torch.diag(torch.tensor([1.0, 0.9, 1.3, 1.0], dtype=torch.float64))
+    kw = dict(pixdim=(0.7, 1.1, 0.8), mode=mode, padding_mode="border", dtype=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = MSpacing(**kw)(MetaTensor(x.clone(), affine=A)).as_tensor()
+    f = T.Spacing(**kw)(MetaTensor(x.clone(), affine=A)).as_tensor()
+    assert f.dtype == m.dtype == torch.float32 and f.shape == m.shape
+    assert torch.equal(f, f.round())  # integer values
+    assert (f != m).sum() <= 0.01 * f.numel() and (f - m).abs().max() <= 1
+    f32 = T.Spacing(**dict(kw, dtype=np.float32))(MetaTensor(x.clone(), affine=A)).as_tensor()
+    assert not torch.equal(f32, f32.round())  # with a float dtype nothing is rounded
+
+
+def test_spacing_pixdim_none_entries_keep_the_input_spacing_as_monai():
+    A = torch.diag(torch.tensor([0.7, 0.7, 5.0, 1.0], dtype=torch.float64))
+    x = torch.rand(1, 10, 10, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = MSpacing(pixdim=(1.5, None, None))(MetaTensor(x.clone(), affine=A))
+    f = T.Spacing(pixdim=(1.5, None, None))(MetaTensor(x.clone(), affine=A))
+    assert f.shape == m.shape == (1, 5, 10, 4)
+    np.testing.assert_allclose(np.asarray(f.affine), np.asarray(m.affine), atol=1e-12)
+    torch.testing.assert_close(f.as_tensor(), m.as_tensor(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pixdim"):
+        T.Spacing(pixdim=(1.5, float("inf"), 1.0))
+    with pytest.raises(ValueError, match="pixdim.*too small|pixdim.*cannot be sampled"):
+        T.Spacing(pixdim=1e-300)(torch.rand(1, 4, 4, 4), affine=torch.eye(4))
+
+
+def test_complex_input_and_wide_labels_are_refused():
+    z = np.array([[1 + 2j, 3 + 4j], [5 + 6j, 7 + 8j]])
+    with pytest.raises(TypeError, match="input: complex"):
+        T.affine_transform(z, np.eye(2), order=1)
+    seg = np.array([0, 2 ** 40]).repeat(32).reshape(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="data: segmentation labels must fit int32"):
+        T.resample_nnunet(seg, [1, 1, 1], [0.5, 0.5, 0.5], is_seg=True, order=1)
+    seg = np.array([0, 7]).repeat(32).reshape(1, 4, 4, 4)  # int64 labels that fit: fine
+    assert set(np.unique(T.resample_nnunet(seg, [1, 1, 1], [0.5, 0.5, 0.5], is_seg=True, order=1))) == {0, 7}
