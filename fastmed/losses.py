@@ -75,9 +75,13 @@ def _ddp_active(ddp: bool) -> bool:
 
 
 def _check_label_arg(value, name: str):
-    """An ignore label: None or an integer (numpy integers too) that fits int64."""
+    """An ignore label: None or an integer (numpy integers too, or a float holding one, as MONAI's
+    comparison takes 1.0 for 1) that fits int64."""
     if value is None:
         return None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+            and float(value).is_integer() and abs(float(value)) < 2 ** 63:
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**63 <= int(value) < 2**63:
         raise TypeError(f"{name}: expected None or an integer label (int64), got {value!r}")
     return int(value)

@@ -708,3 +708,15 @@ def test_dicece_state_dict_keys_are_monais():
     fm.load_state_dict(old)
     assert torch.equal(fm.cross_entropy.weight, old["weight"])
     assert list(FL.DiceCELoss().state_dict()) == list(monai_losses.DiceCELoss().state_dict()) == []
+
+
+def test_ignore_index_given_as_an_integral_float():
+    """MONAI compares the target with ignore_index, so 1.0 works as 1; 1.5 is still refused."""
+    x, y = _logits(2, 3, (5, 6, 4)), _labels(2, 3, (5, 6, 4))
+    a = FL.DiceLoss(to_onehot_y=True, softmax=True, ignore_index=1.0)(x, y)
+    b = FL.DiceLoss(to_onehot_y=True, softmax=True, ignore_index=1)(x, y)
+    c = monai_losses.DiceLoss(to_onehot_y=True, softmax=True, ignore_index=1.0)(x, y)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="ignore_index"):
+        FL.DiceLoss(ignore_index=1.5)
