@@ -23,7 +23,8 @@ Decisions (what a MONAI / nnU-Net user expects)
   float64 when the on-disk type is float64 or a 32/64-bit integer (float32 cannot hold all of
   those). The on-disk dtype is kept in ``NiftiImage.dtype`` and the slope/intercept in the header,
   so ``save_nifti(..., like=img)`` writes the same on-disk type with the same scaling, exactly,
-  whenever the values are still representable that way.
+  whenever the values are still representable that way (an integer on-disk type; a float one is
+  written unscaled, its values bit-identical).
 * **Tensors.** torch has little support for unsigned types wider than 8 bits, so with
   ``as_tensor=True`` uint16 becomes int32 and uint32/uint64 become int64 (``NiftiImage.dtype``
   still says what is on disk). ``dtype=`` (a torch or numpy dtype) casts the data after all that.
@@ -191,7 +192,16 @@ def _is_protected(path: str, extra_ids: set, extra_paths: set) -> bool:
     with _loaded_lock:
         if real in _loaded_realpaths or (fid is not None and fid in _loaded_ids):
             return True
+    for rel in extra_paths:
+        if rel.startswith(_RELATIVE):
+            tail = rel[len(_RELATIVE):]
+            absn = os.path.normcase(os.path.abspath(path))
+            if any(p == tail or p.endswith(os.sep + tail) for p in (real, absn)):
+                return True
     return real in extra_paths or (fid is not None and fid in extra_ids)
+
+
+_RELATIVE = "\0relative:"  # marks a relative source path in _reference's protected paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +393,8 @@ def load_nifti(path: Union[str, os.PathLike], *, as_tensor: bool = True, dtype: 
     path = _check_path(path)
     if not isinstance(as_tensor, bool):
         raise TypeError(f"as_tensor: expected a bool, got {type(as_tensor).__name__}")
+    if not isinstance(canonical, bool):
+        raise TypeError(f"canonical: expected a bool, got {type(canonical).__name__}")
     if dtype is not None:  # validate before reading anything
         _torch_dtype(dtype) if as_tensor else _np_dtype(dtype)
     try:
@@ -530,13 +542,20 @@ def from_ras(data: Any, img_or_orientation: Any) -> Tuple[Any, np.ndarray]:
 def _data_to_numpy(data: Any) -> np.ndarray:
     if isinstance(data, torch.Tensor):
         t = data.detach()
+        if t.device.type == "meta":
+            raise ValueError("data: a tensor on the meta device has no values to write")
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
         if t.layout != torch.strided:
             raise TypeError(f"data: expected a dense (strided) tensor, got layout {t.layout}")
-        arr = t.cpu().resolve_conj().resolve_neg().numpy()
+        try:
+            arr = t.cpu().resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError) as exc:  # quantized, float8, ...: no numpy type
+            raise TypeError(f"data: tensors of dtype {t.dtype} cannot be written (no NIfTI type)") from exc
     elif isinstance(data, np.ndarray):
         arr = data
+        if not arr.dtype.isnative:  # the dtype rules below compare native types
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.float16:
             arr = arr.astype(np.float32)
     else:
@@ -564,6 +583,10 @@ def _reference(header: Any, like: Any) -> Tuple[Any, Optional[np.dtype], set, se
                 ids.add(_file_id(os.stat(src)))
             except OSError:
                 pass
+            if not os.path.isabs(src):
+                # a nibabel image opened by a relative path: after a chdir nobody knows which file
+                # it was, so every destination ending in that relative path counts as its source
+                paths.add(_RELATIVE + os.path.normcase(os.path.normpath(src)).lstrip(os.sep))
     if header is not None:
         if not isinstance(header, nib.Nifti1Header):  # Nifti2Header subclasses Nifti1Header
             if isinstance(header, nib.spatialimages.SpatialHeader) or hasattr(header, "get_data_dtype"):
@@ -623,7 +646,8 @@ def _build_image(arr: np.ndarray, affine: np.ndarray, ref: Any, out_dtype: np.dt
     nifti2 = isinstance(ref, nib.Nifti2Header)
     if not nifti2 and max(arr.shape) > 32767:
         raise ValueError(f"data: shape {arr.shape} has a dimension above 32767, which NIfTI-1 cannot store; "
-                         "pass header=nibabel.Nifti2Header() to write NIfTI-2")
+                         "pass header=nibabel.Nifti2Header() to write NIfTI-2 (and dtype=, or a fresh header's "
+                         "float32 becomes the on-disk type)")
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     if ref is not None:
         slope, inter = ref.get_slope_inter()
@@ -645,9 +669,12 @@ def _build_image(arr: np.ndarray, affine: np.ndarray, ref: Any, out_dtype: np.dt
     else:
         ref_affine = ref.get_best_affine()
         qcode, scode = int(ref["qform_code"]), int(ref["sform_code"])
-        img = cls(data, affine, header=ref, dtype=out_dtype)
+        same = np.allclose(ref_affine, affine, rtol=1e-6, atol=1e-5)
+        # the reference's own affine when they agree: nibabel's constructor then leaves the forms and
+        # codes alone (given an affine off by more than its own tolerance, it would rewrite them)
+        img = cls(data, ref_affine if same else affine, header=ref, dtype=out_dtype)
         hdr = img.header
-        if not np.allclose(ref_affine, affine, rtol=1e-6, atol=1e-5):  # else keep the forms untouched
+        if not same:  # else keep the forms untouched
             if qcode == 0 and scode == 0:
                 hdr.set_qform(affine, code=0)
                 scode = 0 if np.allclose(hdr.get_base_affine(), affine, rtol=1e-6, atol=1e-5) else 2
@@ -710,14 +737,17 @@ def save_nifti(data: Any, affine: Any, path: Union[str, os.PathLike], *, header:
         affine = like.affine
     affine = _check_affine(affine)
     if dtype is not None:
-        out_dtype = _np_dtype(dtype)
+        out_dtype, origin = _np_dtype(dtype), "dtype"
     elif like_dtype is not None:
-        out_dtype = like_dtype
+        out_dtype, origin = like_dtype, "like"
     elif header is not None:
-        out_dtype = _native(ref.get_data_dtype())
+        out_dtype, origin = _native(ref.get_data_dtype()), "header"
     else:
-        out_dtype = _default_dtype(arr)
+        out_dtype, origin = _default_dtype(arr), "data"
     out_dtype = _native(out_dtype)
+    if out_dtype.fields is not None or out_dtype.kind not in "biufc" or out_dtype.itemsize > 16:
+        raise TypeError(f"{origin}: the on-disk type {out_dtype} (e.g. RGB, object) is not supported for writing; "
+                        "pass dtype= a numeric type")
     if out_dtype == np.bool_:
         out_dtype = np.dtype(np.uint8)
     if out_dtype == np.float16:
@@ -744,10 +774,11 @@ def save_nifti(data: Any, affine: Any, path: Union[str, os.PathLike], *, header:
     except (ValueError, TypeError):
         raise
     except Exception as exc:  # nibabel HeaderDataError and friends
-        raise ValueError(f"data: cannot be written as NIfTI with on-disk type {out_dtype}: {exc}") from exc
+        raise ValueError(f"{origin}: data cannot be written as NIfTI with the on-disk type {out_dtype}: {exc}") from exc
 
     base = os.path.basename(path)
-    tmp = _create_temp(directory, f".{base[: -len(ext)]}.", ".tmp" + ext.lower())
+    stem = os.fsdecode(os.fsencode(base[: -len(ext)])[:120])  # the temporary name fits wherever path does
+    tmp = _create_temp(directory, f".{stem}.", ".tmp" + ext.lower())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

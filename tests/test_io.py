@@ -569,3 +569,64 @@ def test_save_accepts_grad_tensor_and_returns_path(tmp_path):
     np.testing.assert_array_equal(load_nifti(p).data.numpy(), (t * 2).detach().numpy())
     r = repr(load_nifti(p, canonical=True))
     assert "NiftiImage(shape=(7, 6, 5)" in r and "reoriented=True" in r
+
+
+# ------------------------------------------------------------------------------------------------
+# cases an adversarial fuzz against nibabel found (18th session)
+
+
+def test_like_opened_by_a_relative_path_is_protected_after_a_chdir(tmp_path, monkeypatch):
+    """A nibabel image opened as "ct.nii" names no directory: after a chdir its source is any
+    destination ending in ct.nii, and save_nifti refuses them all, even with overwrite=True."""
+    src_dir = tmp_path / "in"
+    src_dir.mkdir()
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(src_dir / "ct.nii"))
+    before = (src_dir / "ct.nii").read_bytes()
+    monkeypatch.chdir(src_dir)
+    ref = nib.load("ct.nii")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceOverwriteError):
+        save_nifti(data, np.eye(4), str(src_dir / "ct.nii"), like=ref, overwrite=True)
+    assert (src_dir / "ct.nii").read_bytes() == before
+    save_nifti(data, np.eye(4), str(tmp_path / "seg.nii"), like=ref)  # another name: written
+
+
+def test_affine_within_tolerance_keeps_the_reference_codes(tmp_path):
+    """An affine off the reference's by float32 noise (inside the 'same affine' tolerance) keeps
+    the reference's forms and codes; nibabel's constructor used to rewrite them to (0, 2)."""
+    A = np.array([[0.8, 0, 0, -100.0], [0, 0.8, 0, -120.0], [0, 0, 2.5, 40.0], [0, 0, 0, 1]])
+    h = nib.Nifti1Header()
+    h.set_data_dtype(np.int16)
+    h.set_qform(A, code=1)
+    h.set_sform(A, code=1)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), A, header=h), str(tmp_path / "ct.nii.gz"))
+    img = load_nifti(str(tmp_path / "ct.nii.gz"))
+    for eps in (0.0, 1e-7, 5e-6):
+        aff = img.affine.copy()
+        aff[0, 1] += eps
+        out = str(tmp_path / f"seg_{eps:g}.nii.gz")
+        save_nifti(np.zeros((4, 5, 6), np.uint8), aff, out, like=img, dtype=np.uint8)
+        r = nib.load(out)
+        assert (int(r.header["qform_code"]), int(r.header["sform_code"])) == (1, 1), eps
+
+
+def test_long_names_big_endian_data_and_unwritable_types(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    long = str(tmp_path / ("x" * 240 + ".nii"))  # a legal name; the temporary one must fit too
+    save_nifti(data, np.eye(4), long)
+    assert np.array_equal(np.asarray(nib.load(long).dataobj), data)
+    be = np.arange(24, dtype=">i8").reshape(2, 3, 4)  # big-endian int64 that fits int32: written as int32
+    save_nifti(be, np.eye(4), str(tmp_path / "be.nii"))
+    assert nib.load(str(tmp_path / "be.nii")).get_data_dtype() == np.int32
+    save_nifti(np.ones((2, 3, 4), dtype=">f2"), np.eye(4), str(tmp_path / "be16.nii"))  # widened as native f2
+    assert nib.load(str(tmp_path / "be16.nii")).get_data_dtype() == np.float32
+    with pytest.raises(ValueError, match="data: a tensor on the meta device"):
+        save_nifti(torch.empty(2, 3, 4, device="meta"), np.eye(4), str(tmp_path / "m.nii"))
+    with pytest.raises(TypeError, match="data: tensors of dtype torch.float8"):
+        save_nifti(torch.zeros(2, 3, 4).to(torch.float8_e4m3fn), np.eye(4), str(tmp_path / "f8.nii"))
+    with pytest.raises(TypeError, match="dtype: the on-disk type object"):
+        save_nifti(data, np.eye(4), str(tmp_path / "o.nii"), dtype=object)
+    with pytest.raises(TypeError, match="canonical"):
+        load_nifti(long, canonical="no")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x" * 240 + ".nii", "be.nii", "be16.nii"])
