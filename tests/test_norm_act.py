@@ -413,7 +413,68 @@ def test_group_and_batch_norm_bad_inputs_name_the_argument():
         NA.batch_norm_act(x, None, None, training=False)
     with pytest.raises(ValueError, match="running_var"):
         NA.batch_norm_act(x, torch.zeros(4), torch.ones(3))
-    with pytest.raises(ValueError, match="x: batch norm needs more than 1"):
+    with pytest.raises(ValueError, match="x: batch norm in training needs more than 1"):
         NA.batch_norm_act(torch.randn(1, 4, 1, 1), None, None, training=True)
     with pytest.raises(ValueError, match="weight"):
         NA.batch_norm_act(x, torch.zeros(4), torch.ones(4), torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["instance", "group", "batch"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_nan_propagates_through_the_activation_as_in_eager(kind, act, cl):
+    """A NaN in the norm's input makes its plane's (group's, channel's) statistics NaN: eager's
+    ReLU then returns NaN there, and so does the fused kernel (its ReLU mapped NaN to 0, hiding a
+    diverged network). Planes without the NaN are unchanged."""
+    x = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    x[0, 1, 1, 2, 0] = float("nan")
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    f = F.relu if act == "relu" else (lambda t: F.leaky_relu(t, 0.01))
+    if kind == "instance":
+        got = NA.norm_act(x, act=act, slope=0.01)
+        want = f(F.instance_norm(x))
+    elif kind == "group":
+        got = NA.group_norm_act(x, 3, act=act, slope=0.01)
+        want = f(F.group_norm(x, 3))
+    else:
+        got = NA.batch_norm_act(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), training=True,
+                                act=act, slope=0.01)
+        want = f(F.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), training=True))
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=1e-12, atol=1e-12)
+    # the backward: eager's ReLU passes the gradient at a NaN output, LeakyReLU applies its slope
+    w = torch.rand(3, dtype=x.dtype, requires_grad=True)
+    b = torch.rand(3, dtype=x.dtype, requires_grad=True)
+    if kind == "instance":
+        gw = torch.autograd.grad(NA.norm_act(x, w, b, act=act, slope=0.01).sum(), [b])[0]
+        ew = torch.autograd.grad(f(F.instance_norm(x, weight=w, bias=b)).sum(), [b])[0]
+        torch.testing.assert_close(gw, ew, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 1, 1), (3, 6, 1), (1, 6, 1, 1)])
+def test_batch_and_group_norm_of_one_voxel_planes(shape):
+    """A (N, C, 1, 1) bottleneck or classifier head: batch norm (over the batch) and group norm
+    (over a group's channels) are defined there, as in eager PyTorch; only instance norm refuses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="x: group norm needs more than 1 value per group"):
+        NA.group_norm_act(x, 6)  # one value per group: F.group_norm raises too
+    for G in (1, 2, 3):
+        a, b = NA.group_norm_act(x, G, act="leaky_relu"), F.leaky_relu(F.group_norm(x, G), 0.01)
+        (ga,), (gb,) = torch.autograd.grad((a * a).sum(), x), torch.autograd.grad((b * b).sum(), x)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+    for train in (True, False):
+        if train and shape[0] == 1:
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                NA.batch_norm_act(x, rm.clone(), rv.clone(), training=True, act="relu")
+            continue
+        r1, v1, r2, v2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        a = NA.batch_norm_act(x, r1, v1, training=train, act="relu")
+        b = F.relu(F.batch_norm(x, r2, v2, training=train))
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="instance norm needs more than 1"):
+        NA.norm_act(x)

@@ -16,7 +16,17 @@ namespace {
 template <typename T>
 inline T act_of(T z, int act, T slope) {
   if (act == 0) return z;
-  return z > 0 ? z : (act == 1 ? (T)0 : z * slope);
+  // written so that NaN passes through (z <= 0 is false for it), as torch.relu / leaky_relu do
+  return z <= 0 ? (act == 1 ? (T)0 : z * slope) : z;
+}
+
+// the activation's backward as eager PyTorch's: ReLU's tests its output (z <= 0 blocks, so a NaN
+// passes the gradient), LeakyReLU's and PReLU's their input (z > 0 passes, a NaN takes the slope)
+template <typename T>
+inline T act_grad(T z, T dy, int act, T slope) {
+  if (act == 0) return dy;
+  if (act == 1) return z <= 0 ? (T)0 : dy;
+  return z > 0 ? dy : dy * slope;
 }
 
 // the negative slope of channel c: LeakyReLU's one, or PReLU's weight (act 3 then runs as act 2)
@@ -185,7 +195,7 @@ void backward_sets(const NormActParams& p) {
 #pragma omp simd reduction(+ : sdz, sdzx, sdp)
     for (int64_t i = 0; i < S; ++i) {
       const T z = x[i] * a + bb;
-      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      const T g = act_grad<T>(z, dy[i], act, slope);
       sdz += (double)g;
       sdzx += (double)g * (double)((x[i] - m) * r);
       sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
@@ -208,7 +218,7 @@ void backward_sets(const NormActParams& p) {
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) {
       const T z = x[i] * a + bb;
-      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      const T g = act_grad<T>(z, dy[i], act, slope);
       dx[i] = k0 * g - k1 - (x[i] - m) * r * k2;
     }
   }
@@ -236,7 +246,7 @@ void backward(const NormActParams& p) {
 #pragma omp simd reduction(+ : sdz, sdzx)
     for (int64_t i = 0; i < S; ++i) {
       const T z = x[i] * a + bb;
-      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      const T g = act_grad<T>(z, dy[i], act, slope);
       sdz += (double)g;
       sdzx += (double)g * (double)((x[i] - m) * r);
     }
@@ -256,7 +266,7 @@ void backward(const NormActParams& p) {
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) {
       const T z = x[i] * a + bb;
-      const T g = act == 0 || z > 0 ? dy[i] : (act == 1 ? (T)0 : dy[i] * slope);
+      const T g = act_grad<T>(z, dy[i], act, slope);
       dx[i] = c0 * (g - c1 - (x[i] - m) * r * c2);
     }
   }
@@ -385,7 +395,7 @@ void backward_cl(const NormActParams& p) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T z = xr[c] * an[c] + bn[c];
-      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope[c]);
+      const T g = act_grad<T>(z, dr[c], act, slope[c]);
       acc[c] += (double)g;
       acc[C + c] += (double)g * (double)((xr[c] - mn[c]) * rn[c]);
     }
@@ -424,7 +434,7 @@ void backward_cl(const NormActParams& p) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T z = xr[c] * an[c] + bn[c];
-      const T g = act == 0 || z > 0 ? dr[c] : (act == 1 ? (T)0 : dr[c] * slope[c]);
+      const T g = act_grad<T>(z, dr[c], act, slope[c]);
       o[c] = sets ? k0[c] * g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]
                   : k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
     }

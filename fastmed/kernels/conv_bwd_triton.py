@@ -62,8 +62,8 @@ def _dy_tile(dz_ptr, y_ptr, off, ok, cf_ptr, pc, cm, NC, pslope, ACT: tl.constex
     yv = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
     d = tl.load(dz_ptr + off, mask=ok, other=0.0).to(tl.float32)
     z = yv * a + beta
-    if ACT == 1:
-        d = tl.where(z > 0, d, 0.0)
+    if ACT == 1:  # as torch's ReLU backward: a NaN passes the gradient
+        d = tl.where(z <= 0, 0.0, d)
     elif ACT == 2:
         d = tl.where(z > 0, d, d * pslope)
     return tl.where(ok, k0 * d + k1 * (yv - mu) + k2, 0.0)

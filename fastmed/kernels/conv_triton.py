@@ -53,7 +53,7 @@ def _prologue(v, ok, pa_ptr, pb_ptr, pslope, n, ci, cm, Cin, PRO: tl.constexpr):
     pb = tl.load(pb_ptr + n * Cin + ci, mask=cm, other=0.0)
     z = v.to(tl.float32) * pa + pb
     if PRO == 2:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z <= 0, 0.0, z)  # NaN passes, as torch.relu
     elif PRO == 3:
         z = tl.where(z > 0, z, z * pslope)
     return tl.where(ok, z, 0.0).to(v.dtype)

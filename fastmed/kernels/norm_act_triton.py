@@ -41,7 +41,7 @@ BLOCK_P = 128      # planes per finalising program
 @triton.jit
 def _act(z, slope, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z <= 0, 0.0, z)  # NaN passes, as torch.relu
     elif ACT >= 2:  # LeakyReLU (a scalar slope) or PReLU (a [1, BLOCK_C] row of slopes)
         z = tl.where(z > 0, z, z * slope.to(z.dtype))
     return z
@@ -49,8 +49,8 @@ def _act(z, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _dact(z, dy, slope, ACT: tl.constexpr):
-    if ACT == 1:
-        dy = tl.where(z > 0, dy, 0.0)
+    if ACT == 1:  # as torch's ReLU backward, which tests the output: a NaN passes the gradient
+        dy = tl.where(z <= 0, 0.0, dy)
     elif ACT >= 2:
         dy = tl.where(z > 0, dy, dy * slope.to(dy.dtype))
     return dy

@@ -323,7 +323,9 @@ def _check(x, weight, bias, eps, act, prelu=None, norm="instance norm") -> int:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 3:
         raise ValueError(f"x must be (N, C, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}")
-    if x.numel() and x[0, 0].numel() == 1:
+    if x.numel() and x[0, 0].numel() == 1 and norm == "instance norm":
+        # one value per plane: instance norm's variance is 0 (eager PyTorch raises too); batch and
+        # group norm take their statistics over more (checked by their own functions)
         raise ValueError(f"x: {norm} needs more than 1 spatial element here, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64) and not (
             x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)):
@@ -366,6 +368,9 @@ def _group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {C} channels, got {num_groups!r}")
     num_groups = int(num_groups)
+    if x.numel() and (C // num_groups) * x[0, 0].numel() == 1:  # as F.group_norm: one value per group
+        raise ValueError(f"x: group norm needs more than 1 value per group, got shape {tuple(x.shape)} and "
+                         f"num_groups={num_groups}")
     if not x.is_contiguous() and _cl_format(x) is None:
         x = x.contiguous()
     pw = prelu if code == 3 else None
@@ -422,7 +427,9 @@ def _batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if training and running_mean is not None and running_var is not None:
         n = N * x[0, 0].numel()
         with torch.no_grad():  # as F.batch_norm: r = momentum * batch + (1 - momentum) * r, variance unbiased
-            bm, bv = mean[:C], 1.0 / rstd[:C].square() - eps
+            # the batch variance from rstd = 1 / sqrt(var + eps) in float64: exact to ~1e-16 * eps / var
+            # relative (eager's own float32 variance is ~1e-7 off), never below 0 (a constant channel)
+            bm, bv = mean[:C], (1.0 / rstd[:C].square() - eps).clamp_min(0.0)
             running_mean.copy_(momentum * bm + (1 - momentum) * running_mean.double())
             running_var.copy_(momentum * bv * (n / (n - 1)) + (1 - momentum) * running_var.double())
     return y, mean, rstd, x, code, pw, kind
