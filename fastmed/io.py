@@ -586,7 +586,11 @@ def _reference(header: Any, like: Any) -> Tuple[Any, Optional[np.dtype], set, se
             if not os.path.isabs(src):
                 # a nibabel image opened by a relative path: after a chdir nobody knows which file
                 # it was, so every destination ending in that relative path counts as its source
-                paths.add(_RELATIVE + os.path.normcase(os.path.normpath(src)).lstrip(os.sep))
+                parts = os.path.normcase(os.path.normpath(src)).split(os.sep)
+                while parts and parts[0] in (os.pardir, os.curdir, ""):  # "../in/ct.nii": in/ct.nii
+                    parts.pop(0)
+                if parts:
+                    paths.add(_RELATIVE + os.sep.join(parts))
     if header is not None:
         if not isinstance(header, nib.Nifti1Header):  # Nifti2Header subclasses Nifti1Header
             if isinstance(header, nib.spatialimages.SpatialHeader) or hasattr(header, "get_data_dtype"):

@@ -590,6 +590,14 @@ def test_like_opened_by_a_relative_path_is_protected_after_a_chdir(tmp_path, mon
         save_nifti(data, np.eye(4), str(src_dir / "ct.nii"), like=ref, overwrite=True)
     assert (src_dir / "ct.nii").read_bytes() == before
     save_nifti(data, np.eye(4), str(tmp_path / "seg.nii"), like=ref)  # another name: written
+    monkeypatch.chdir(tmp_path / "in")
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    ref2 = nib.load("../in/ct.nii")  # through a parent directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceOverwriteError):
+        save_nifti(data, np.eye(4), str(src_dir / "ct.nii"), like=ref2, overwrite=True)
+    assert (src_dir / "ct.nii").read_bytes() == before
 
 
 def test_affine_within_tolerance_keeps_the_reference_codes(tmp_path):
