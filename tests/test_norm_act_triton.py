@@ -24,7 +24,9 @@ CASES = [((2, 3, 5, 7, 9), False), ((1, 2, 20, 21, 22), False), ((3, 1, 40, 33),
          ((2, 3, 5, 7, 9), True), ((1, 5, 20, 21, 22), True), ((2, 130, 3, 4, 5), True), ((2, 6, 37, 3), True)]
 for shape, cl in CASES:
     fmt = (torch.channels_last_3d if len(shape) == 5 else torch.channels_last) if cl else torch.contiguous_format
-    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    # float16 on the first cases only: bfloat16's code with another element type (CI's 20 minutes)
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16) if shape in [c for c, _ in CASES[:3]] \
+            else (torch.float32, torch.float64, torch.bfloat16):
         for act, code in (("leaky_relu", 2), ("relu", 1), ("none", 0), ("prelu", 3)):
             for affine in (True, False):
                 if shape[1] == 130 and (act not in ("leaky_relu", "prelu") or dt == torch.float64 or not affine):
@@ -133,6 +135,20 @@ for merge in (512, 2):
 K.MERGE_ABOVE = 512
 for a, b in zip(*outs):
     torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+# a NaN plane: ReLU keeps it NaN and its backward passes the gradient there (eager's rules), as the
+# C++ kernel does
+x = torch.randn(1, 2, 4, 5, 3, generator=g)
+x[0, 0, 1, 1, 1] = float("nan")
+dy = torch.randn(1, 2, 4, 5, 3, generator=g)
+mean, rstd = torch.empty(2, dtype=torch.float64), torch.empty(2, dtype=torch.float64)
+y = torch.empty_like(x)
+K.norm_act_fwd(x, None, None, 1e-5, 0.0, 1, y, mean, rstd)
+assert y[0, 0].isnan().all() and not y[0, 1].isnan().any(), "NaN through ReLU"
+dx, dw, db = torch.empty_like(x), torch.empty(2, dtype=torch.float64), torch.empty(2, dtype=torch.float64)
+K.norm_act_bwd(dy, x, None, None, mean, rstd, 0.0, 1, dx, dw, db)
+dxc, dwc, dbc, _ = NA.norm_act_bwd(dy, x, None, None, mean, rstd, 0.0, 1, None)
+torch.testing.assert_close(db, dbc, rtol=1e-6, atol=1e-6)
+assert abs(db[0].item() - dy[0, 0].double().sum().item()) < 1e-5, "ReLU's gradient at NaN"
 for (dt, k), v in sorted(worst.items()):
     print(dt, k, v)
 tol = {"torch.float64": 1e-12, "torch.float32": 2e-6, "torch.float16": 2e-3, "torch.bfloat16": 2e-2}
