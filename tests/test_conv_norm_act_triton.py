@@ -202,6 +202,8 @@ for shape, cmid, cout, st2, cl in CASES:
             w1 = (torch.randn((cmid, shape[1]) + (3,) * nd, generator=g) / 3).to(dt)
             w2 = (torch.randn((cout, cmid) + (3,) * nd, generator=g) / 6).to(dt)
             b1, b2 = torch.randn(cmid, generator=g).to(dt), torch.randn(cout, generator=g).to(dt)
+            if act1 == 2:  # a large convolution bias: planes far from 0 against their spread, which the
+                b1 = b1 + 100  # norm's elementwise pass (and so the prologue) shifts by their mean
             # a large norm bias: act(beta) at the zero padding would be far from 0 (the mask must win)
             nw1, nb1 = torch.rand(cmid, generator=g) + 0.5, torch.randn(cmid, generator=g) + 2
             nw2, nb2 = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
@@ -224,9 +226,10 @@ for shape, cmid, cout, st2, cl in CASES:
 print("chained cases", n)
 # the training op end to end (its backward here on the CPU): gradients as the CPU layers'
 g = torch.Generator().manual_seed(6)
-for shape, cmid in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):
+for shape, cmid, off in (((2, 3, 6, 5, 7), 8, 0), ((1, 16, 5, 6, 4), 16, 100)):
     x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
-    ps = [torch.randn(cmid, shape[1], 3, 3, 3, generator=g) / 4, torch.randn(cmid, generator=g),
+    # off: the first convolution's bias far from 0 against its output's spread (shifted planes)
+    ps = [torch.randn(cmid, shape[1], 3, 3, 3, generator=g) / 4, torch.randn(cmid, generator=g) + off,
           torch.rand(cmid, generator=g) + 0.5, torch.randn(cmid, generator=g),
           torch.randn(5, cmid, 3, 3, 3, generator=g) / 6, torch.randn(5, generator=g),
           torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)]
@@ -285,6 +288,8 @@ for ci, (shape, cout, k, st, pd, dl, cl, has_b) in enumerate(CASES):
         x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
         w = (torch.randn((cout, shape[1]) + ks, generator=g) / (shape[1] * 9) ** 0.5).to(dt)
         b = torch.randn(cout, generator=g).to(dt) if has_b else None
+        if ci == 0 and dt == torch.float32:  # planes far from 0 against their spread: the shifted pass
+            b = b + 50
         nw, nb = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
         for name, code, slope in ACTS if dt == torch.float32 else ACTS[:1]:  # (the interpreter is slow)
             z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, st, pd, dl, 1e-5, slope, code)
@@ -323,10 +328,10 @@ w = torch.randn(24, 16, 3, 3, 3, generator=g) * 0.1
 nw, nb = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
 z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, None, nw, nb, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)
 dz = torch.randn(z.shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
-a, beta = KN._coefs(mean, rstd, nw, nb, 2, 24, y.dtype)
+a, beta, sh = KN._coefs(mean, rstd, nw, nb, 2, 24, y.dtype)
 dnw, dnb = torch.empty(48, dtype=torch.float64), torch.empty(48, dtype=torch.float64)
-c = KN._bwd_sums(dz, y, a, beta, mean, rstd, nw, KN._scalars(0.0, 0.01, "cpu"), 2, None, dnw, dnb, None)
-cf = KB.coefficients(a, beta, mean, rstd, *c)
+c = KN._bwd_sums(dz, y, a, beta, sh, mean, rstd, nw, KN._scalars(0.0, 0.01, "cpu"), 2, None, dnw, dnb, None)
+cf = KB.coefficients(a, beta, sh, mean, rstd, *c)
 assert KB.splits(2 * 7, 27, 24, 27 * 16, 1000) > 1
 one = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1)
 many = KB.conv_wgrad(dz, y, x, w, cf, 2, 0.01, [1] * 3, [1] * 3, [1] * 3, sms=1000)

@@ -478,3 +478,77 @@ def test_batch_and_group_norm_of_one_voxel_planes(shape):
         torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="instance norm needs more than 1"):
         NA.norm_act(x)
+
+
+def _norm64(kind, x, w, b, rm, rv, train):
+    if kind == "instance":
+        return F.instance_norm(x, weight=w, bias=b)
+    if kind == "group":
+        return F.group_norm(x, 2, w, b)
+    return F.batch_norm(x, rm, rv, w, b, training=train)
+
+
+@pytest.mark.parametrize("kind", ["instance", "group", "batch", "batch_eval"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_planes_far_from_zero_keep_float32_precision(kind, cl):
+    """A plane (group, channel) whose mean is far from 0 against its spread: x * a + (b - mean * a),
+    PyTorch CPU's arithmetic, loses |mean| * rstd * 2^-24 there (eager float32: 7e-4 off at mean 100,
+    spread 0.01; 0.003 on a plane constant at 1000). The fused kernels subtract the mean first on
+    such planes: forward and gradients as float64's on the same float32 input, to float32 rounding.
+    A constant plane comes out of instance norm as the bias (to the slope's rounding)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 4, 6, 5, 7)
+    x = 100 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)
+    x[:, 1] = 1000 + 1e-4 * torch.randn(shape[0], *shape[2:], generator=g, dtype=torch.float64)
+    if kind != "batch":
+        x[1, 3] = 1000.0  # a constant plane (a constant channel would make batch norm's eps the spread)
+    x = x.float()
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.rand(4, generator=g) + 0.5
+    b = torch.randn(4, generator=g)
+    train = kind != "batch_eval"
+    # eval: running statistics of the data's own scale (a mean of 100.000123, a variance of 1e-4)
+    rm = x.double().mean((0, 2, 3, 4)).float() if not train else torch.zeros(4)
+    rv = x.double().var((0, 2, 3, 4)).float().clamp_min(1e-8) if not train else torch.ones(4)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last_3d if cl else
+                                                     torch.contiguous_format)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    if kind == "instance":
+        y = NA.norm_act(xs, ws, bs, act="leaky_relu", slope=0.01)
+    elif kind == "group":
+        y = NA.group_norm_act(xs, 2, ws, bs, act="leaky_relu", slope=0.01)
+    else:
+        y = NA.batch_norm_act(xs, rm.clone(), rv.clone(), ws, bs, training=train, act="leaky_relu", slope=0.01)
+    x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, b))
+    y64 = F.leaky_relu(_norm64(kind.split("_")[0], x64, w64, b64, rm.double(), rv.double(), train), 0.01)
+    assert (y.double() - y64).abs().max().item() < 2e-6
+    if kind == "instance":
+        want = F.leaky_relu(b[3], 0.01).item()
+        assert (y[1, 3] - want).abs().max().item() <= 1.2e-7 * abs(want)
+    gx, gw, gb = torch.autograd.grad(y, (xs, ws, bs), dy)
+    ex, ew, eb = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    for got, want in ((gx, ex), (gw, ew), (gb, eb)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_batch_norm_eval_input_gradient_at_infinite_inputs():
+    """Batch norm with running statistics: dx = dz * w * rstd, finite at an infinite x as in eager
+    (the kernel's xhat term, multiplied by its zero coefficient, made it NaN)."""
+    for cl in (False, True):
+        x = torch.randn(2, 3, 4, 4, 3, dtype=torch.float64)
+        x[0, 1, 1, 1, 1], x[1, 2, 0, 0, 0] = float("inf"), -float("inf")
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+        w = torch.rand(3, dtype=torch.float64) + 0.5
+        for dt in (torch.float32, torch.float64):
+            xa, xb = x.to(dt).requires_grad_(True), x.to(dt).requires_grad_(True)
+            for act in ("none", "leaky_relu"):
+                f = (lambda t: t) if act == "none" else (lambda t: F.leaky_relu(t, 0.01))
+                ya = NA.batch_norm_act(xa, rm.to(dt), rv.to(dt), w.to(dt), None, training=False, act=act, slope=0.01)
+                yb = f(F.batch_norm(xb, rm.to(dt), rv.to(dt), w.to(dt), None, training=False))
+                dy = torch.ones_like(ya)
+                (ga,), (gb,) = torch.autograd.grad(ya, xa, dy), torch.autograd.grad(yb, xb, dy)
+                assert ga.isfinite().all()
+                torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)

@@ -285,3 +285,71 @@ def test_triton_group_and_batch_norm_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SETS_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+FAR_SCRIPT = r"""
+import torch
+from fastmed.kernels import norm_act_triton as K
+from fastmed.ops import norm_act as NA
+
+g = torch.Generator().manual_seed(2)
+# planes far from 0 against their spread (mean 100, spread 0.01; mean 1000, spread 1e-4; a constant
+# plane): the elementwise pass subtracts the mean first there, as the C++ kernel (the same bits in
+# float32); forward and backward as float64's on the same input
+for cl in (False, True):
+    for kind, groups in ((0, 1), (1, 2), (2, 1), (3, 1)):
+        for dt in (torch.float32, torch.bfloat16):
+            x = 100 + 0.01 * torch.randn(2, 4, 5, 6, 7, generator=g, dtype=torch.float64)
+            x[:, 1] = 1000 + 1e-4 * torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+            if kind != 2:
+                x[1, 3] = 1000.0
+            x = x.to(dt)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+            x64 = x.double()
+            rm = x64.mean((0, 2, 3, 4)).float()
+            rv = x64.var((0, 2, 3, 4)).float().clamp_min(1e-8)
+            dy = torch.randn(x.shape, generator=g).to(dt)
+            mean, rstd = torch.empty(8, dtype=torch.float64), torch.empty(8, dtype=torch.float64)
+            if kind == 3:
+                NA._given_stats(x, rm, rv, 1e-5, mean, rstd)
+            y = NA._triton_fwd(K, x, w, b, 1e-5, 0.01, 2, mean, rstd, None, kind, groups)
+            dx = NA._triton_bwd(K, dy, x, w, b, mean, rstd, 0.01, 2, None, kind, groups)[0]
+            ry, rmn, rr = NA._reference_fwd(x64, w.double(), b.double(), 1e-5, 0.01, 2, None, kind, groups,
+                                           rm.double(), rv.double())
+            rdx = NA._reference_bwd(dy.double(), x64, w.double(), b.double(), rmn.flatten(), rr.flatten(), 0.01, 2,
+                                    None, kind, groups)[0]
+            tol = 2e-6 if dt == torch.float32 else 2e-2  # bfloat16: its own rounding of y and dx
+            ey = (y.double() - ry).abs().max().item()
+            edx = ((dx.double() - rdx).norm() / rdx.norm()).item()
+            assert ey < tol and edx < (1e-5 if dt == torch.float32 else 1e-2), (cl, kind, dt, ey, edx)
+            if kind == 0:
+                # the bias (to the slope's rounding in float32, LeakyReLU's product; bfloat16: to one
+                # unit of its last place, the interpreter's conversion)
+                want = torch.nn.functional.leaky_relu(b[3], 0.01)
+                rel = 1.2e-7 if dt == torch.float32 else 2 ** -7
+                assert (y[1, 3].float() - want).abs().max().item() <= rel * abs(want.item()), (cl, dt)
+            if dt == torch.float32:
+                yc = NA.norm_act_fwd(x, w, b, 1e-5, 0.01, 2, None, kind, groups, rm if kind == 3 else None,
+                                     rv if kind == 3 else None)[0]
+                assert torch.equal(y, yc), (cl, kind)
+# batch norm with given statistics: dx finite at an infinite x (dx = dz w rstd, as eager)
+x = torch.randn(2, 3, 4, 5, 3, generator=g)
+x[0, 1, 1, 1, 1], x[1, 2, 0, 0, 0] = float("inf"), -float("inf")
+rm, rv, w = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5, torch.rand(3, generator=g) + 0.5
+mean, rstd = torch.empty(6, dtype=torch.float64), torch.empty(6, dtype=torch.float64)
+NA._given_stats(x, rm, rv, 1e-5, mean, rstd)
+dy = torch.randn(x.shape, generator=g)
+dx = NA._triton_bwd(K, dy, x, w, None, mean, rstd, 0.01, 2, None, 3, 1)[0]
+want = NA.norm_act_bwd(dy, x, w, None, mean, rstd, 0.01, 2, None, 3, 1)[0]
+assert dx.isfinite().all()
+torch.testing.assert_close(dx, want, rtol=1e-6, atol=1e-6)
+print("ok")
+"""
+
+
+def test_triton_planes_far_from_zero_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", FAR_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

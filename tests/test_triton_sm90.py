@@ -58,7 +58,8 @@ def _probe_launch():
     orig, KN._fwd_apply_kernel = KN._fwd_apply_kernel, rec
     try:
         x = torch.zeros(1, 2, 4, 4)
-        KN._apply(x, torch.empty_like(x), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64), 2, None)
+        KN._apply(x, torch.empty_like(x), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64),
+                  torch.zeros(2, dtype=torch.float64), 2, None)
     finally:
         KN._fwd_apply_kernel = orig
     return rec.calls[0]
@@ -90,13 +91,13 @@ def _configs(monkeypatch):
                 o = (size - 1) // st + 1
                 y = torch.zeros(2, 64, o, o, o, dtype=dt).contiguous(memory_format=cl)
                 ps = torch.zeros(2, -(-o ** 3 // KC.block_m(o ** 3)), 64, dtype=KC.stats_dtype(dt))
-                pro = (torch.zeros(2 * cin), torch.zeros(2 * cin), 2, 0.01)
+                pro = (torch.zeros(2 * cin), torch.zeros(2 * cin), torch.zeros(2 * cin), 2, 0.01)
                 conv = ((st,) * 3, (1,) * 3, (1,) * 3)
                 for stats in (True, False):
                     for prologue in (None, pro):
                         KC.conv_fwd(x, w, None, *conv, y, ps if stats else None, ps if stats else None, tf32=True,
                                     prologue=prologue)
-                cf = torch.zeros(6, 2 * 64)
+                cf = torch.zeros(7, 2 * 64)
                 KB.conv_dgrad(y, y, w, cf, 2, 0.01, torch.empty_like(x), *conv)
                 for prologue in (None, pro):
                     KB.conv_wgrad(y, y, x, w, cf, 2, 0.01, *conv, prologue=prologue)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../common/common.h"
@@ -122,23 +123,73 @@ inline void plane_stats(const T* x, int64_t S, double& mean, double& m2) {
   m2 = ss;
 }
 
-// one plane's elementwise pass: y = act(x * a + (b - mean * a)) with a = rstd * w, the coefficients
-// rounded once from float64: the same arithmetic as PyTorch's CPU instance norm (batch norm's
-// x * alpha + beta), so fused and eager networks round alike. Computing (x - mean) * a + b instead
-// is as accurate per plane, but in a whole DynUNet it moved float32 gradients 1% away from float64
-// (eager: 0.02%).
+// one plane's elementwise coefficients: z = (x - s) * a + beta with a = rstd * w and
+// beta = b - (mean - s) * a, each rounded once from float64. The shift s is 0 (PyTorch CPU's
+// arithmetic, x * a + (b - mean * a): fused and eager networks round alike, and flip the same
+// activation kinks) unless the plane's mean is far from 0 against its spread (|mean| * rstd above
+// kShiftAbove), where that loses |mean| * rstd * 2^-24 of the output (0.03 on a constant plane of
+// 1000): there s is the mean rounded to T, so x - s is exact near the mean and z keeps its precision.
+// The same rule in norm_act_triton.py (_shift_of, _fwd_finalize_kernel).
+constexpr double kShiftAbove = 8.0;
+
+template <typename T>
+struct Coef {
+  // m = (T)mean, r = (T)rstd: the backward's xhat = (x - m) * r + xc, where xc = (m - mean) * rstd
+  // corrects for the mean's rounding on the planes that are shifted (else 0: eager's bits)
+  T a, beta, s, m, r, xc;
+};
+
+template <typename T>
+inline Coef<T> coef_of(const NormActParams& p, int64_t c, double mean, double rstd) {
+  const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
+  const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
+  Coef<T> k;
+  k.m = (T)mean;
+  k.s = std::fabs(mean) * rstd > kShiftAbove ? k.m : (T)0;
+  k.a = (T)(rstd * w);
+  k.beta = (T)(b - (mean - (double)k.s) * rstd * w);
+  k.r = (T)rstd;
+  k.xc = k.s != (T)0 ? (T)(((double)k.m - mean) * rstd) : (T)0;
+  return k;
+}
+
+// z and xhat of one element; SH: the plane is shifted (k.s != 0). Unshifted planes run the loops
+// without the subtraction and the correction (eager's bits, and no extra work per element).
+template <bool SH, typename T>
+inline T z_of(T x, const Coef<T>& k) {
+  if constexpr (SH) return (x - k.s) * k.a + k.beta;
+  else return x * k.a + k.beta;
+}
+
+template <bool SH, typename T>
+inline T xhat_of(T x, const Coef<T>& k) {
+  if constexpr (SH) return (x - k.m) * k.r + k.xc;
+  else return (x - k.m) * k.r;
+}
+
+// f(std::true_type) for a shifted plane, f(std::false_type) otherwise
+template <typename T, typename F>
+inline void with_shift(const Coef<T>& k, F&& f) {
+  if (k.s != (T)0) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 template <typename T>
 inline void apply_plane(const NormActParams& p, int64_t pl, double mean, double rstd) {
   const int64_t c = pl % p.C, S = p.S;
   const T* x = (const T*)p.x + pl * S;
   T* y = (T*)p.y + pl * S;
-  const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-  const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-  const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);
+  const Coef<T> k = coef_of<T>(p, c, mean, rstd);
+  const T a = k.a, bb = k.beta, sh = k.s;
   const int act = p.act == 3 ? 2 : p.act;
   const T slope = slope_of<T>(p, c);
+  if (sh != (T)0) {
 #pragma omp simd
-  for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+    for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>((x[i] - sh) * a + bb, act, slope);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) y[i] = act_of<T>(x[i] * a + bb, act, slope);
+  }
 }
 
 // planar instance norm: statistics and elementwise pass plane by plane (the plane still in cache)
@@ -177,29 +228,24 @@ void backward_sets(const NormActParams& p) {
   const int64_t planes = p.N * p.C, S = p.S;
   const int nt = std::max(1, p.num_threads);
   const int act = p.act == 3 ? 2 : p.act;
-  auto coef = [&](int64_t pl, T& a, T& bb, T& m, T& r) {
-    const int64_t c = pl % p.C;
-    const double mean = p.mean[pl], rstd = p.rstd[pl];
-    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    a = (T)(rstd * w), bb = (T)(b - mean * rstd * w), m = (T)mean, r = (T)rstd;
-  };
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t pl = 0; pl < planes; ++pl) {
     const T* x = (const T*)p.x + pl * S;
     const T* dy = (const T*)p.dy + pl * S;
-    T a, bb, m, r;
-    coef(pl, a, bb, m, r);
+    const Coef<T> k = coef_of<T>(p, pl % p.C, p.mean[pl], p.rstd[pl]);
     const T slope = slope_of<T>(p, pl % p.C);
     double sdz = 0, sdzx = 0, sdp = 0;
+    with_shift(k, [&](auto sh) {
+      constexpr bool SH = decltype(sh)::value;
 #pragma omp simd reduction(+ : sdz, sdzx, sdp)
-    for (int64_t i = 0; i < S; ++i) {
-      const T z = x[i] * a + bb;
-      const T g = act_grad<T>(z, dy[i], act, slope);
-      sdz += (double)g;
-      sdzx += (double)g * (double)((x[i] - m) * r);
-      sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
-    }
+      for (int64_t i = 0; i < S; ++i) {
+        const T z = z_of<SH>(x[i], k);
+        const T g = act_grad<T>(z, dy[i], act, slope);
+        sdz += (double)g;
+        sdzx += (double)g * (double)xhat_of<SH>(x[i], k);
+        sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
+      }
+    });
     p.dbias[pl] = sdz;
     p.dweight[pl] = sdzx;
     if (p.act == 3) p.dprelu[pl] = sdp;
@@ -211,16 +257,24 @@ void backward_sets(const NormActParams& p) {
     const T* x = (const T*)p.x + pl * S;
     const T* dy = (const T*)p.dy + pl * S;
     T* dx = (T*)p.dx + pl * S;
-    T a, bb, m, r;
-    coef(pl, a, bb, m, r);
+    const Coef<T> k = coef_of<T>(p, pl % p.C, p.mean[pl], p.rstd[pl]);
     const T slope = slope_of<T>(p, pl % p.C);
     const T k0 = c0[pl], k1 = c1[pl], k2 = c2[pl];
+    const bool fixed = p.kind == 3;  // fixed statistics: dx = k0 g alone (an infinite x's xhat times
+                                     // a zero k2 would be NaN)
+    with_shift(k, [&](auto sh) {
+      constexpr bool SH = decltype(sh)::value;
+      if (fixed) {
 #pragma omp simd
-    for (int64_t i = 0; i < S; ++i) {
-      const T z = x[i] * a + bb;
-      const T g = act_grad<T>(z, dy[i], act, slope);
-      dx[i] = k0 * g - k1 - (x[i] - m) * r * k2;
-    }
+        for (int64_t i = 0; i < S; ++i) dx[i] = k0 * act_grad<T>(z_of<SH>(x[i], k), dy[i], act, slope);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          const T g = act_grad<T>(z_of<SH>(x[i], k), dy[i], act, slope);
+          dx[i] = k0 * g - k1 - xhat_of<SH>(x[i], k) * k2;
+        }
+      }
+    });
   }
 }
 
@@ -236,39 +290,41 @@ void backward(const NormActParams& p) {
     const T* x = (const T*)p.x + pl * S;
     const T* dy = (const T*)p.dy + pl * S;
     T* dx = (T*)p.dx + pl * S;
-    const double mean = p.mean[pl], rstd = p.rstd[pl];
+    const double rstd = p.rstd[pl];
     const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    const T a = (T)(rstd * w), bb = (T)(b - mean * rstd * w);
-    const T m = (T)mean, r = (T)rstd;  // xhat = (x - m) * r
+    const Coef<T> k = coef_of<T>(p, c, p.mean[pl], rstd);
     // pass 1: sum dz and sum dz * xhat (z recomputed exactly as in the forward)
     double sdz = 0, sdzx = 0;
+    with_shift(k, [&](auto sh) {
+      constexpr bool SH = decltype(sh)::value;
 #pragma omp simd reduction(+ : sdz, sdzx)
-    for (int64_t i = 0; i < S; ++i) {
-      const T z = x[i] * a + bb;
-      const T g = act_grad<T>(z, dy[i], act, slope);
-      sdz += (double)g;
-      sdzx += (double)g * (double)((x[i] - m) * r);
-    }
+      for (int64_t i = 0; i < S; ++i) {
+        const T g = act_grad<T>(z_of<SH>(x[i], k), dy[i], act, slope);
+        sdz += (double)g;
+        sdzx += (double)g * (double)xhat_of<SH>(x[i], k);
+      }
+    });
     p.dbias[pl] = sdz;
     p.dweight[pl] = sdzx;
     if (p.act == 3) {  // PReLU's weight: sum of dy * z where z <= 0
       double sdp = 0;
 #pragma omp simd reduction(+ : sdp)
       for (int64_t i = 0; i < S; ++i) {
-        const T z = x[i] * a + bb;
+        const T z = k.s != (T)0 ? z_of<true>(x[i], k) : z_of<false>(x[i], k);
         sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
       }
       p.dprelu[pl] = sdp;
     }
     // pass 2: dx = rstd w (dz - mean(dz) - xhat mean(dz xhat))
     const T c0 = (T)(rstd * w), c1 = (T)(sdz / (double)S), c2 = (T)(sdzx / (double)S);
+    with_shift(k, [&](auto sh) {
+      constexpr bool SH = decltype(sh)::value;
 #pragma omp simd
-    for (int64_t i = 0; i < S; ++i) {
-      const T z = x[i] * a + bb;
-      const T g = act_grad<T>(z, dy[i], act, slope);
-      dx[i] = c0 * (g - c1 - (x[i] - m) * r * c2);
-    }
+      for (int64_t i = 0; i < S; ++i) {
+        const T g = act_grad<T>(z_of<SH>(x[i], k), dy[i], act, slope);
+        dx[i] = c0 * (g - c1 - xhat_of<SH>(x[i], k) * c2);
+      }
+    });
   }
 }
 
@@ -336,19 +392,15 @@ void forward_cl(const NormActParams& p) {
   apply_cl<T>(p);
 }
 
-// channels last: y = act(x * a + bb) with each plane's coefficients from p.mean / p.rstd
+// channels last: y = act((x - s) * a + beta) with each plane's coefficients (coef_of) from p.mean / p.rstd
 template <typename T>
 void apply_cl(const NormActParams& p) {
   const int64_t N = p.N, C = p.C, S = p.S;
   const T* x = (const T*)p.x;
-  std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C));
+  std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C)), sh((size_t)(N * C));
   for (int64_t k = 0; k < N * C; ++k) {
-    const int64_t c = k % C;
-    const double rstd = p.rstd[k];
-    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    a[k] = (T)(rstd * w);  // as the planar kernel: x * a + (b - mean * a)
-    bb[k] = (T)(b - p.mean[k] * rstd * w);
+    const Coef<T> cf = coef_of<T>(p, k % C, p.mean[k], p.rstd[k]);
+    a[k] = cf.a, bb[k] = cf.beta, sh[k] = cf.s;
   }
   T* y = (T*)p.y;
   const std::vector<T> sl = slopes_of<T>(p);
@@ -361,8 +413,9 @@ void apply_cl(const NormActParams& p) {
     T* o = y + t * C;
     const T* an = a.data() + n * C;
     const T* bn = bb.data() + n * C;
+    const T* sn = sh.data() + n * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = act_of<T>(r[c] * an[c] + bn[c], act, slope[c]);
+    for (int64_t c = 0; c < C; ++c) o[c] = act_of<T>((r[c] - sn[c]) * an[c] + bn[c], act, slope[c]);
   }
 }
 
@@ -375,15 +428,11 @@ void backward_cl(const NormActParams& p) {
   const T* slope = sl.data();
   const int act = p.act == 3 ? 2 : p.act;
   const bool prelu = p.act == 3;
-  std::vector<T> a((size_t)(N * C)), bb((size_t)(N * C)), m((size_t)(N * C)), r((size_t)(N * C));
+  const size_t NC = (size_t)(N * C);
+  std::vector<T> a(NC), bb(NC), sh(NC), m(NC), r(NC), xc(NC);
   for (int64_t k = 0; k < N * C; ++k) {
-    const int64_t c = k % C;
-    const double w = p.weight ? (double)((const T*)p.weight)[c] : 1.0;
-    const double b = p.bias ? (double)((const T*)p.bias)[c] : 0.0;
-    a[k] = (T)(p.rstd[k] * w);
-    bb[k] = (T)(b - p.mean[k] * p.rstd[k] * w);
-    m[k] = (T)p.mean[k];
-    r[k] = (T)p.rstd[k];
+    const Coef<T> cf = coef_of<T>(p, k % C, p.mean[k], p.rstd[k]);
+    a[k] = cf.a, bb[k] = cf.beta, sh[k] = cf.s, m[k] = cf.m, r[k] = cf.r, xc[k] = cf.xc;
   }
   // per n: C sums of g, C sums of g * xhat, and (PReLU) C sums of dy * z over z <= 0
   const int nacc = prelu ? 3 : 2;
@@ -392,17 +441,18 @@ void backward_cl(const NormActParams& p) {
     const T* xr = x + (n * S + s) * C;
     const T* dr = dy + (n * S + s) * C;
     const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
+    const T *sn = sh.data() + n * C, *xn = xc.data() + n * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T z = xr[c] * an[c] + bn[c];
+      const T z = (xr[c] - sn[c]) * an[c] + bn[c];
       const T g = act_grad<T>(z, dr[c], act, slope[c]);
       acc[c] += (double)g;
-      acc[C + c] += (double)g * (double)((xr[c] - mn[c]) * rn[c]);
+      acc[C + c] += (double)g * (double)((xr[c] - mn[c]) * rn[c] + xn[c]);
     }
     if (prelu) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const T z = xr[c] * an[c] + bn[c];
+        const T z = (xr[c] - sn[c]) * an[c] + bn[c];
         acc[2 * C + c] += z > 0 ? 0.0 : (double)dr[c] * (double)z;
       }
     }
@@ -421,24 +471,38 @@ void backward_cl(const NormActParams& p) {
       c2[k] = (T)(sdzx / (double)S);
     }
   const bool sets = p.kind != 0;  // dx = c0 g - c1 - xhat c2 (set coefficients) instead
+  const bool fixed = p.kind == 3;  // given statistics: dx = c0 g (no NaN from an infinite x's xhat)
   if (sets) set_coefficients<T>(p, c0, c1, c2);
   T* dx = (T*)p.dx;
+  // the three forms of dx as separate loops (MODE 0: instance norm, 1: set coefficients, 2: fixed)
+  auto dx_pass = [&](auto mode) {
+    constexpr int MODE = decltype(mode)::value;
 #pragma omp parallel for num_threads(std::max(1, p.num_threads)) schedule(static)
-  for (int64_t t = 0; t < N * S; ++t) {
-    const int64_t n = t / S;
-    const T* xr = x + t * C;
-    const T* dr = dy + t * C;
-    T* o = dx + t * C;
-    const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
-    const T *k0 = c0.data() + n * C, *k1 = c1.data() + n * C, *k2 = c2.data() + n * C;
+    for (int64_t t = 0; t < N * S; ++t) {
+      const int64_t n = t / S;
+      const T* xr = x + t * C;
+      const T* dr = dy + t * C;
+      T* o = dx + t * C;
+      const T *an = a.data() + n * C, *bn = bb.data() + n * C, *mn = m.data() + n * C, *rn = r.data() + n * C;
+      const T *sn = sh.data() + n * C, *xn = xc.data() + n * C;
+      const T *k0 = c0.data() + n * C, *k1 = c1.data() + n * C, *k2 = c2.data() + n * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const T z = xr[c] * an[c] + bn[c];
-      const T g = act_grad<T>(z, dr[c], act, slope[c]);
-      o[c] = sets ? k0[c] * g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]
-                  : k0[c] * (g - k1[c] - (xr[c] - mn[c]) * rn[c] * k2[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const T z = (xr[c] - sn[c]) * an[c] + bn[c];
+        const T g = act_grad<T>(z, dr[c], act, slope[c]);
+        if constexpr (MODE == 2) {
+          o[c] = k0[c] * g;
+        } else if constexpr (MODE == 1) {
+          o[c] = k0[c] * g - k1[c] - ((xr[c] - mn[c]) * rn[c] + xn[c]) * k2[c];
+        } else {
+          o[c] = k0[c] * (g - k1[c] - ((xr[c] - mn[c]) * rn[c] + xn[c]) * k2[c]);
+        }
+      }
     }
-  }
+  };
+  if (fixed) dx_pass(std::integral_constant<int, 2>{});
+  else if (sets) dx_pass(std::integral_constant<int, 1>{});
+  else dx_pass(std::integral_constant<int, 0>{});
 }
 
 }  // namespace

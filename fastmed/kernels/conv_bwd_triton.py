@@ -9,12 +9,12 @@ gradients from it. Eager PyTorch writes ``dy`` whole and reads it twice (cuDNN's
 gradients). Here ``dy`` is never stored: both GEMMs compute it while they load it (their
 *prologue*), from ``dz`` and ``y`` and six numbers per (sample, channel):
 
-    z = y a + beta          (the forward's coefficients and roundings: act'(z) is the forward's)
+    z = (y - sh) a + beta   (the forward's coefficients and roundings: act'(z) is the forward's)
     dy = K0 g + K1 (y - mean) + K2,   K0 = rstd w, K1 = -K0 rstd mean(g xhat), K2 = -K0 mean(g)
 
-in float32, rounded to the convolution's dtype before the product (as eager's dy is). The mean
-rounded to float32 is off by at most half a unit in the last place of y's own values (y is
-float32 or narrower), so ``y - mean`` loses no more than y's own rounding already did.
+in float32, rounded to the convolution's dtype before the product (as eager's dy is); ``mean`` is
+the mean rounded to float32, and K2 takes the rounding's share (K1 (mean_f32 - mean)), so dy stays
+exact on a plane whose mean is far from 0 against its spread.
 
 - **data gradient** ``dx = conv_transpose(dy, weight)``: an implicit GEMM with one row per input
   voxel, one column per input channel and K = (tap, output channel); the output voxel a tap reads,
@@ -27,7 +27,7 @@ float32 or narrower), so ``y - mean`` loses no more than y's own rounding alread
   than 16 input channels, several taps' channels flattened as the forward does), the reduction
   split over the voxels into ``splits`` parts that write float32 partial sums, added in a fixed
   order afterwards (no atomics: the same input gives the same bits). With ``prologue`` (the chain
-  of fastmed.optimize: x is the previous layer's raw output) x is read as ``act(x a' + beta')``,
+  of fastmed.optimize: x is the previous layer's raw output) x is read as ``act((x - sh') a' + beta')``,
   so the previous normalised activation is not stored in the backward either.
 - The convolution bias's gradient is ``sum dy`` per channel, which instance norm makes exactly 0
   (adding a constant to a plane changes nothing after the norm): returned as zeros.
@@ -56,12 +56,13 @@ def _dy_tile(dz_ptr, y_ptr, off, ok, cf_ptr, pc, cm, NC, pslope, ACT: tl.constex
     a = tl.load(cf_ptr + pc, mask=cm, other=0.0)
     beta = tl.load(cf_ptr + NC + pc, mask=cm, other=0.0)
     mu = tl.load(cf_ptr + 2 * NC + pc, mask=cm, other=0.0)
+    sh = tl.load(cf_ptr + 6 * NC + pc, mask=cm, other=0.0)
     k0 = tl.load(cf_ptr + 3 * NC + pc, mask=cm, other=0.0)
     k1 = tl.load(cf_ptr + 4 * NC + pc, mask=cm, other=0.0)
     k2 = tl.load(cf_ptr + 5 * NC + pc, mask=cm, other=0.0)
     yv = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
     d = tl.load(dz_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    z = yv * a + beta
+    z = (yv - sh) * a + beta
     if ACT == 1:  # as torch's ReLU backward: a NaN passes the gradient
         d = tl.where(z <= 0, 0.0, d)
     elif ACT == 2:
@@ -147,7 +148,7 @@ def _dgrad_kernel(dz_ptr, y_ptr, w_ptr, dx_ptr, cf_ptr, pslope,
 
 
 @triton.jit
-def _wgrad_kernel(dz_ptr, y_ptr, x_ptr, cf_ptr, pa_ptr, pb_ptr, ws_ptr, pslope, xslope,
+def _wgrad_kernel(dz_ptr, y_ptr, x_ptr, cf_ptr, pa_ptr, pb_ptr, pm_ptr, ws_ptr, pslope, xslope,
                   Cin, D, H, W, Cout, Do, Ho, Wo, Mo, NC, NMB, TOT, PER, JT,
                   szn, szc, szd, szh, szw, sxn, sxc, sxd, sxh, sxw,
                   KD, KH, KW, std, sth, stw, pd, ph, pw, dd, dh, dw,
@@ -207,7 +208,7 @@ def _wgrad_kernel(dz_ptr, y_ptr, x_ptr, cf_ptr, pa_ptr, pb_ptr, ws_ptr, pslope, 
             xoff = (di * sxd + hi * sxh + wi * sxw)[:, None] + ci[None, :].to(IDX) * sxc
         xv = tl.load(x_ptr + n * sxn + xoff, mask=ok, other=0.0)
         if PRO > 0:
-            xv = _prologue(xv, ok, pa_ptr, pb_ptr, xslope, n, ci[None, :], jm[None, :], Cin, PRO)
+            xv = _prologue(xv, ok, pa_ptr, pb_ptr, pm_ptr, xslope, n, ci[None, :], jm[None, :], Cin, PRO)
         g = g.to(x_ptr.dtype.element_ty)
         if UPCAST:
             xv, g = xv.to(tl.float32), g.to(tl.float32)
@@ -222,13 +223,17 @@ def _wgrad_kernel(dz_ptr, y_ptr, x_ptr, cf_ptr, pa_ptr, pb_ptr, ws_ptr, pslope, 
 _MAX_N = 65535  # the grid's third axis (samples)
 
 
-def coefficients(a, beta, mean, rstd, c0, c1, c2):
-    """The prologue's (6, N * Cout) float32 table from the forward's elementwise coefficients
-    (a, beta: float32) and the backward sums' (c0, c1, c2) = (rstd w, mean(g), mean(g xhat))
-    (float64, as norm_act_triton's _bwd_sums returns them): rows a, beta, mean, K0, K1, K2."""
+def coefficients(a, beta, sh, mean, rstd, c0, c1, c2):
+    """The prologue's (7, N * Cout) float32 table from the forward's elementwise coefficients
+    (a, beta, sh: float32, norm_act_triton._coefs's) and the backward sums' (c0, c1, c2) =
+    (rstd w, mean(g), mean(g xhat)) (float64, as norm_act_triton's _bwd_sums returns them): rows a,
+    beta, mean, K0, K1, K2, sh."""
     k1 = -c0 * c2 * rstd
-    k2 = -c0 * c1
-    return torch.stack([a.float(), beta.float(), mean.float(), c0.float(), k1.float(), k2.float()]).contiguous()
+    # K1 (y - mean) = K1 (y - mean_f32) + K1 (mean_f32 - mean): the second term goes into K2, so the
+    # mean's rounding to float32 costs nothing on a plane whose mean is far from 0 against its spread
+    k2 = -c0 * c1 + k1 * (mean.float().double() - mean)
+    return torch.stack([a.float(), beta.float(), mean.float(), c0.float(), k1.float(), k2.float(),
+                        sh.float()]).contiguous()
 
 
 def _as3d(*ts):
@@ -299,7 +304,7 @@ def splits(tot: int, programs: int, cout: int, jt: int, sms: int) -> int:
 def conv_wgrad(dz, y, x, weight, cf, act: int, slope: float, stride, padding, dilation, sms: int = 132,
                prologue=None):
     """The weight gradient (float32, weight's shape, channels-last memory) of y = conv(x, weight)
-    for dy = the prologue's. ``prologue`` = (a, beta, act, slope) as conv_triton.conv_fwd's: x is
+    for dy = the prologue's. ``prologue`` = (a, beta, m, act, slope) as conv_triton.conv_fwd's: x is
     the previous layer's raw output and its normalised activation is what the convolution read."""
     stride, padding, dilation, prec, upcast = _common(x, weight, stride, padding, dilation)
     two = x.ndim == 4
@@ -328,16 +333,17 @@ def conv_wgrad(dz, y, x, weight, cf, act: int, slope: float, stride, padding, di
         per = triton.cdiv(tot, S)
         S = triton.cdiv(tot, per)
         ws = torch.empty((S, Cout, jt), dtype=torch.float32, device=x.device)
-        pro, pa, pb, xslope = 0, cf, cf, 0.0
+        pro, pa, pb, pm, xslope = 0, cf, cf, cf, 0.0
         if prologue is not None:
-            pa, pb, pact, xslope = prologue
-            assert pa.dtype == pb.dtype == torch.float32 and pa.numel() == pb.numel() == N * Cin and 0 <= pact <= 2
+            pa, pb, pm, pact, xslope = prologue  # pm: the shift
+            assert pa.dtype == pb.dtype == pm.dtype == torch.float32 and 0 <= pact <= 2
+            assert pa.numel() == pb.numel() == pm.numel() == N * Cin
             pro, xslope = int(pact) + 1, float(xslope)
         idx = _idx(dz, x, pad=max(padding) * max(abs(v) for v in x.stride()[1:]))
         assert N <= 2 ** 31 // max(nmb, 1)
         sz, sx = y.stride(), x.stride()
         _wgrad_kernel[(ncol, triton.cdiv(Cout, bmc), S)](
-            dz, y, x, cf, pa, pb, ws, float(slope), xslope,
+            dz, y, x, cf, pa, pb, pm, ws, float(slope), xslope,
             Cin, D, H, W, Cout, Do, Ho, Wo, Mo, N * Cout, nmb, tot, per, jt,
             sz[0], sz[1], sz[2], sz[3], sz[4], sx[0], sx[1], sx[2], sx[3], sx[4],
             KD, KH, KW, *stride, *padding, *dilation,

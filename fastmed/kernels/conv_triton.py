@@ -20,9 +20,9 @@ for float32 y, float32 for half types, as norm_act accumulates), written to
 pass of its own over y before its elementwise pass. No atomics: the merge adds tiles in order,
 deterministic.
 
-Prologue (``prologue=(a, beta, act, slope)``): x is the previous layer's raw convolution output and
-every loaded input element becomes ``act(x * a[n, ci] + beta[n, ci])`` (norm_act's elementwise pass,
-same roundings) before the product, zero at the padding: the previous norm + activation without
+Prologue (``prologue=(a, beta, sh, act, slope)``): x is the previous layer's raw convolution output
+and every loaded input element becomes ``act((x - sh[n, ci]) * a[n, ci] + beta[n, ci])`` (norm_act's
+elementwise pass, same roundings) before the product, zero at the padding: the previous norm + activation without
 their own write and read of the activation.
 
 float16 / bfloat16 multiply on the tensor cores; float32 uses TF32 when PyTorch's
@@ -45,13 +45,14 @@ SMALL_CIN = 16  # inputs with fewer channels flatten (tap, ci) into one K axis
 
 
 @triton.jit
-def _prologue(v, ok, pa_ptr, pb_ptr, pslope, n, ci, cm, Cin, PRO: tl.constexpr):
+def _prologue(v, ok, pa_ptr, pb_ptr, pm_ptr, pslope, n, ci, cm, Cin, PRO: tl.constexpr):
     """The previous layer's norm + activation applied to the loaded input v (its raw convolution
-    output): act(v * a[n, ci] + beta[n, ci]) in float32 without contraction (norm_act's elementwise
-    pass exactly), rounded to v's dtype; 0 where ok is false (the convolution's zero padding)."""
+    output): act((v - sh[n, ci]) * a[n, ci] + beta[n, ci]) in float32 without contraction (norm_act's
+    elementwise pass exactly), rounded to v's dtype; 0 where ok is false (the convolution's zero padding)."""
     pa = tl.load(pa_ptr + n * Cin + ci, mask=cm, other=0.0)
     pb = tl.load(pb_ptr + n * Cin + ci, mask=cm, other=0.0)
-    z = v.to(tl.float32) * pa + pb
+    pm = tl.load(pm_ptr + n * Cin + ci, mask=cm, other=0.0)
+    z = (v.to(tl.float32) - pm) * pa + pb
     if PRO == 2:
         z = tl.where(z <= 0, 0.0, z)  # NaN passes, as torch.relu
     elif PRO == 3:
@@ -60,7 +61,7 @@ def _prologue(v, ok, pa_ptr, pb_ptr, pslope, n, ci, cm, Cin, PRO: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr, pa_ptr, pb_ptr, pslope,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr, pa_ptr, pb_ptr, pm_ptr, pslope,
                      Cin, D, H, W, Cout, Ho, Wo, M, NT,
                      sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
                      KD, KH, KW, std, sth, stw, pd, ph, pw, dd, dh, dw,
@@ -103,7 +104,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr, pa_ptr, pb_p
                   & (wi >= 0) & (wi < W))
             a = tl.load(xb + di * sxd + hi * sxh + wi * sxw + ci[None, :].to(IDX) * sxc, mask=ok, other=0.0)
             if PRO > 0:
-                a = _prologue(a, ok, pa_ptr, pb_ptr, pslope, n, ci[None, :], km[None, :], Cin, PRO)
+                a = _prologue(a, ok, pa_ptr, pb_ptr, pm_ptr, pslope, n, ci[None, :], km[None, :], Cin, PRO)
             b = tl.load(w_ptr + ks[:, None] * Cout + offs_n[None, :], mask=km[:, None] & nm[None, :], other=0.0)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
@@ -127,7 +128,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, psum_ptr, pm2_ptr, pa_ptr, pb_p
             a = tl.load(xb + (di * sxd + hi * sxh + wi * sxw)[:, None] + ci[None, :].to(IDX) * sxc,
                         mask=ok[:, None] & cm[None, :], other=0.0)
             if PRO > 0:
-                a = _prologue(a, ok[:, None] & cm[None, :], pa_ptr, pb_ptr, pslope, n, ci[None, :], cm[None, :],
+                a = _prologue(a, ok[:, None] & cm[None, :], pa_ptr, pb_ptr, pm_ptr, pslope, n, ci[None, :], cm[None, :],
                               Cin, PRO)
             b = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + offs_n[None, :], mask=cm[:, None] & nm[None, :],
                         other=0.0)
@@ -213,8 +214,9 @@ def conv_fwd(x, weight, bias, stride, padding, dilation, y, psum=None, pm2=None,
     with ``psum`` / ``pm2`` ((N, cdiv(M, block_m(M)), Cout) of stats_dtype(x.dtype), M = output
     voxels per sample)
     also the per-tile statistics of y. stride / padding / dilation: one int per spatial dim.
-    ``prologue`` = (a, beta, act, slope): x is the previous layer's raw output and the convolution
-    reads act(x * a + beta) instead (a, beta: float32 (N * Cin,) per plane, norm_act's coefficients;
+    ``prologue`` = (a, beta, sh, act, slope): x is the previous layer's raw output and the convolution
+    reads act((x - sh) * a + beta) instead (a, beta, sh: float32 (N * Cin,) per plane, norm_act's
+    coefficients, norm_act_triton.finish_stats's;
     act 0 none, 1 ReLU, 2 LeakyReLU with ``slope``), so its normalised activation is never stored."""
     N, Cin = x.shape[0], x.shape[1]
     Cout = weight.shape[0]
@@ -252,22 +254,24 @@ def conv_fwd(x, weight, bias, stride, padding, dilation, y, psum=None, pm2=None,
     big = max(_span(x), _span(y), M) + max(padding) * max(abs(v) for v in x.stride()[1:]) >= 2 ** 31 - 2 ** 20
     idx = tl.int64 if (big or FORCE_INT64) else tl.int32
     sx, sy = x.stride(), y.stride()
-    pro, pa, pb, pslope = 0, w2, w2, 0.0
-    # no multiply-add contraction, with or without a prologue: the prologue's x * a + beta is rounded
+    pro, pa, pb, pm, pslope = 0, w2, w2, w2, 0.0
+    # no multiply-add contraction, with or without a prologue: the prologue's (x - sh) * a + beta is rounded
     # as norm_act's own pass rounds it, and the epilogue's statistics (sum of squared deviations) come
     # out the same bits in both variants, so a chained pair equals two single layers (the products
     # are tl.dot's, unaffected)
     extra = {"enable_fp_fusion": False}
     if prologue is not None:
-        pa, pb, act, pslope = prologue
-        assert pa.dtype == pb.dtype == torch.float32 and pa.numel() == pb.numel() == N * Cin and 0 <= act <= 2
+        pa, pb, pm, act, pslope = prologue
+        assert pa.dtype == pb.dtype == pm.dtype == torch.float32 and 0 <= act <= 2
+        assert pa.numel() == pb.numel() == pm.numel() == N * Cin
         pro, pslope = int(act) + 1, float(pslope)
     for n0 in range(0, N, _MAX_N):
         n1 = min(n0 + _MAX_N, N)
         grid = (nt, triton.cdiv(Cout, bn), n1 - n0)
         _conv_fwd_kernel[grid](
             x[n0:n1], w2, b32, y[n0:n1], psum[n0:n1] if stats else w2, pm2[n0:n1] if stats else w2,
-            pa[n0 * Cin:n1 * Cin] if pro else pa, pb[n0 * Cin:n1 * Cin] if pro else pb, pslope,
+            pa[n0 * Cin:n1 * Cin] if pro else pa, pb[n0 * Cin:n1 * Cin] if pro else pb,
+            pm[n0 * Cin:n1 * Cin] if pro else pm, pslope,
             Cin, D, H, W, Cout, Ho, Wo, M, nt,
             sx[0], sx[1], sx[2], sx[3], sx[4], sy[0], sy[1], sy[2], sy[3], sy[4],
             KD, KH, KW, stride[0], stride[1], stride[2], padding[0], padding[1], padding[2],

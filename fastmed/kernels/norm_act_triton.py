@@ -11,9 +11,10 @@ voxels is split over 108 statistics programs instead of one.
   deviations from the chunk mean (exact two-pass inside the chunk; a chunk is at most 8192
   elements, so its second read should come from cache - not yet measured on a GPU); (2) per (n, c), in chunk order, the exact merge ``M2 = sum(M2_k + n_k (m_k - m)^2)``
   in float64 -> mean, rstd (stored in float64 for the backward) and the coefficients
-  ``a = rstd * w``, ``beta = b - mean * rstd * w`` rounded once to the elementwise type (x's own
-  for float32 / float64 as the CPU kernel, float32 for float16 / bfloat16); (3) elementwise
-  ``y = act(x * a + beta)`` (PyTorch's arithmetic). ``y`` may be ``x`` (in place).
+  ``a = rstd * w``, ``beta = b - (mean - sh) * rstd * w`` rounded once to the elementwise type (x's
+  own for float32 / float64 as the CPU kernel, float32 for float16 / bfloat16), sh = 0 or, on a
+  plane whose mean is far from 0 against its spread, the mean rounded to that type (_shift_of);
+  (3) elementwise ``y = act((x - sh) * a + beta)``. ``y`` may be ``x`` (in place).
 - backward, 3 launches: (1) per chunk ``sum g`` and ``sum g * xhat`` with ``g = dy * act'(z)``
   (z recomputed as in the forward); (2) per (n, c) the chunk sums added in order (float64), kept per
   plane for dweight / dbias (the caller sums over n in order); (3) elementwise
@@ -36,6 +37,7 @@ import triton.language as tl
 TILE = 2048        # elements per tile (BLOCK_S * BLOCK_C)
 CHUNK_MAX = 8192   # voxels per statistics program (at most); a multiple of every BLOCK_S
 BLOCK_P = 128      # planes per finalising program
+SHIFT_ABOVE = 8.0  # |mean| * rstd above which the elementwise pass subtracts the mean first (_shift_of)
 
 
 @triton.jit
@@ -64,6 +66,17 @@ def _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT: tl.constexpr):
         return tl.load(pw_ptr + cs * pw_stride, mask=cm, other=0.0)[None, :]
     else:
         return tl.load(prm_ptr + 1)
+
+
+@triton.jit
+def _xhat_terms(mean_ptr, rstd_ptr, pc, cm, ACC: tl.constexpr):
+    """(mean, rstd, xc) in ACC for xhat = (x - mean) * rstd + xc: xc = (mean_ACC - mean) * rstd
+    corrects for the mean's rounding to ACC (0 for float64; for half types' float32 it keeps xhat
+    exact on a plane whose mean is far from 0 against its spread)."""
+    m64 = tl.load(mean_ptr + pc, mask=cm, other=0.0)
+    r64 = tl.load(rstd_ptr + pc, mask=cm, other=0.0)
+    mean = m64.to(ACC)
+    return mean, r64.to(ACC), ((mean.to(tl.float64) - m64) * r64).to(ACC)
 
 
 @triton.jit
@@ -102,9 +115,9 @@ def _fwd_partial_kernel(x_ptr, psum_ptr, pm2_ptr, C, S, sN, sC, sS, NCH, CHUNK,
 
 
 @triton.jit
-def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rstd_ptr, a_ptr, beta_ptr,
+def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rstd_ptr, a_ptr, beta_ptr, sh_ptr,
                          NC, C, S, NCH, CHUNK, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         BLOCK_P: tl.constexpr, MOMENTS: tl.constexpr = False):
+                         BLOCK_P: tl.constexpr, MOMENTS: tl.constexpr = False, SHIFT_ABOVE: tl.constexpr = 8.0):
     """Per plane: mean and rstd (float64) and the elementwise coefficients a, beta; with MOMENTS
     the plane's mean and squared deviations M2 instead (into mean_ptr, rstd_ptr), for group and
     batch norm, whose statistics merge several planes."""
@@ -139,26 +152,30 @@ def _fwd_finalize_kernel(psum_ptr, pm2_ptr, w_ptr, b_ptr, prm_ptr, mean_ptr, rst
             b = tl.zeros([BLOCK_P], dtype=tl.float64)
         tl.store(rstd_ptr + p, rstd, mask=pm)
         tl.store(a_ptr + p, (rstd * w).to(a_ptr.dtype.element_ty), mask=pm)
-        tl.store(beta_ptr + p, (b - mean * rstd * w).to(beta_ptr.dtype.element_ty), mask=pm)
+        # z = (x - sh) a + beta, beta = b - (mean - sh) a: the shift as _shift_of's
+        sh = tl.where(tl.abs(mean) * rstd > SHIFT_ABOVE, mean.to(sh_ptr.dtype.element_ty), 0.0)
+        tl.store(sh_ptr + p, sh, mask=pm)
+        tl.store(beta_ptr + p, (b - (mean - sh.to(tl.float64)) * rstd * w).to(beta_ptr.dtype.element_ty), mask=pm)
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, prm_ptr, pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _fwd_apply_kernel(x_ptr, y_ptr, a_ptr, beta_ptr, sh_ptr, prm_ptr, pw_ptr, pw_stride, C, S, sN, sC, sS,
+                      ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     sb = tl.program_id(0)
     cb = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
     offs, m, cs = _tile(n, cb, sb.to(tl.int64) * BLOCK_S, C, S, sN, sC, sS, BLOCK_S, BLOCK_C)
     a = tl.load(a_ptr + n * C + cs, mask=cs < C, other=0.0)
     beta = tl.load(beta_ptr + n * C + cs, mask=cs < C, other=0.0)
+    sh = tl.load(sh_ptr + n * C + cs, mask=cs < C, other=0.0)
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
-    z = v.to(a.dtype) * a[None, :] + beta[None, :]
+    z = (v.to(a.dtype) - sh[None, :]) * a[None, :] + beta[None, :]
     slope = _slope(prm_ptr, pw_ptr, pw_stride, cs, cs < C, ACT)
     tl.store(y_ptr + offs, _act(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_ptr, pw_ptr, pw_stride, ps0_ptr,
+def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, sh_ptr, mean_ptr, rstd_ptr, prm_ptr, pw_ptr, pw_stride, ps0_ptr,
                         ps1_ptr, ps2_ptr, C, S, sN, sC, sS, NCH, CHUNK, ACT: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
@@ -170,8 +187,8 @@ def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_
     cm = cs < C
     a = tl.load(a_ptr + n * C + cs, mask=cm, other=0.0)
     beta = tl.load(beta_ptr + n * C + cs, mask=cm, other=0.0)
-    mean = tl.load(mean_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + n * C + cs, mask=cm, other=0.0).to(ACC)
+    sh = tl.load(sh_ptr + n * C + cs, mask=cm, other=0.0)
+    mean, rstd, xc = _xhat_terms(mean_ptr, rstd_ptr, n * C + cs, cm, ACC)
     slope = _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT)
     sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
     sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
@@ -179,12 +196,12 @@ def _bwd_partial_kernel(dy_ptr, x_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, prm_
     for start in range(s0, s1, BLOCK_S):
         offs, m, cs = _tile(n, cb, start, C, s1, sN, sC, sS, BLOCK_S, BLOCK_C)
         v = tl.load(x_ptr + offs, mask=m, other=0.0)
-        z = v.to(a.dtype) * a[None, :] + beta[None, :]
+        z = (v.to(a.dtype) - sh[None, :]) * a[None, :] + beta[None, :]
         d = tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC)
         g = _dact(z, d, slope, ACT)
         g = tl.where(m, g, 0.0)
         sdz += g
-        sdzx += g * ((v.to(ACC) - mean[None, :]) * rstd[None, :])
+        sdzx += g * ((v.to(ACC) - mean[None, :]) * rstd[None, :] + xc[None, :])
         if ACT == 3:  # PReLU's weight: dy * z where z <= 0
             sdp += tl.where(m & (z <= 0), d * z.to(ACC), 0.0)
     po = (n * NCH + k) * C + cs
@@ -225,9 +242,10 @@ def _bwd_finalize_kernel(ps0_ptr, ps1_ptr, ps2_ptr, w_ptr, rstd_ptr, db_ptr, dw_
 
 
 @triton.jit
-def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr, c0_ptr, c1_ptr, c2_ptr, prm_ptr,
-                      pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SETS: tl.constexpr = False):
+def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, sh_ptr, mean_ptr, rstd_ptr, c0_ptr, c1_ptr, c2_ptr,
+                      prm_ptr, pw_ptr, pw_stride, C, S, sN, sC, sS, ACT: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SETS: tl.constexpr = False,
+                      FIXED: tl.constexpr = False):
     """dx = c0 (g - c1 - xhat c2) per plane (instance norm); with SETS (group / batch norm, whose
     means run over several planes) dx = c0 g - c1 - xhat c2."""
     sb = tl.program_id(0)
@@ -238,17 +256,19 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr
     pc = n * C + cs
     a = tl.load(a_ptr + pc, mask=cm, other=0.0)
     beta = tl.load(beta_ptr + pc, mask=cm, other=0.0)
-    mean = tl.load(mean_ptr + pc, mask=cm, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + pc, mask=cm, other=0.0).to(ACC)
+    sh = tl.load(sh_ptr + pc, mask=cm, other=0.0)
+    mean, rstd, xc = _xhat_terms(mean_ptr, rstd_ptr, pc, cm, ACC)
     c0 = tl.load(c0_ptr + pc, mask=cm, other=0.0).to(ACC)
     c1 = tl.load(c1_ptr + pc, mask=cm, other=0.0).to(ACC)
     c2 = tl.load(c2_ptr + pc, mask=cm, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=m, other=0.0)
-    z = v.to(a.dtype) * a[None, :] + beta[None, :]
+    z = (v.to(a.dtype) - sh[None, :]) * a[None, :] + beta[None, :]
     g = _dact(z, tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC), _slope(prm_ptr, pw_ptr, pw_stride, cs, cm, ACT),
               ACT)
-    xhat = (v.to(ACC) - mean[None, :]) * rstd[None, :]
-    if SETS:
+    xhat = (v.to(ACC) - mean[None, :]) * rstd[None, :] + xc[None, :]
+    if FIXED:  # given statistics (batch norm in eval): no xhat term, so an infinite x gives no NaN
+        dx = c0[None, :] * g
+    elif SETS:
         dx = c0[None, :] * g - c1[None, :] - xhat * c2[None, :]
     else:
         dx = c0[None, :] * (g - c1[None, :] - xhat * c2[None, :])
@@ -259,7 +279,7 @@ def _bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, a_ptr, beta_ptr, mean_ptr, rstd_ptr
 # launchers
 
 _SCALARS: dict = {}
-# no contraction of x * a + b into an FMA: the same roundings as the C++ kernel and PyTorch
+# no contraction of (x - sh) * a + beta into an FMA: the same roundings as the C++ kernel
 _NOFMA = {"enable_fp_fusion": False}
 
 
@@ -417,20 +437,34 @@ def _merged(psum, pm2, chunk: int, S: int):
     return psum, pm2, chunk
 
 
-def _apply(x, y, a, beta, prm, act: int, prelu) -> None:
-    """y = act(x * a + beta), a / beta per plane (N * C)."""
+def _apply(x, y, a, beta, sh, prm, act: int, prelu) -> None:
+    """y = act((x - sh) * a + beta), a / beta / sh per plane (N * C)."""
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
-    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, prm, *_pw(prelu, prm), C, S, sN, sC,
-                                                                  sS, ACT=int(act), BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    _fwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](x, y, a, beta, sh, prm, *_pw(prelu, prm), C, S,
+                                                                  sN, sC, sS, ACT=int(act), BLOCK_S=bs, BLOCK_C=bc,
+                                                                  **_NOFMA)
+
+
+def _shift_of(mean, rstd, dtype):
+    """The elementwise pass's shift per plane (z = (x - sh) a + beta): 0 (PyTorch CPU's arithmetic,
+    x a + (b - mean a), which fused and eager networks then round alike) unless the plane's mean is
+    far from 0 against its spread (|mean| rstd > SHIFT_ABOVE), where that loses |mean| rstd 2^-24 of
+    the output: there the mean rounded to the elementwise type (x - sh is exact near the mean). The
+    C++ kernel's rule (coef_of in norm_act_cpu.cpp) and _fwd_finalize_kernel's."""
+    ct = _coef_dtype(dtype)
+    return torch.where(mean.abs() * rstd > SHIFT_ABOVE, mean.to(ct), torch.zeros((), dtype=ct, device=mean.device))
 
 
 def _coefs(mean, rstd, weight, bias, N: int, C: int, dtype):
-    """The elementwise coefficients a = rstd w, beta = b - mean rstd w per plane, computed in float64
-    and rounded once (as _fwd_finalize_kernel does)."""
+    """The elementwise coefficients per plane: a = rstd w, beta = b - (mean - sh) rstd w and the
+    shift sh (_shift_of; z = (x - sh) a + beta), computed in float64 and rounded once (as
+    _fwd_finalize_kernel does)."""
     w64 = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=mean.device)
     b64 = bias.double() if bias is not None else torch.zeros(C, dtype=torch.float64, device=mean.device)
     w64, b64 = w64.repeat(N), b64.repeat(N)
-    return (rstd * w64).to(_coef_dtype(dtype)), (b64 - mean * rstd * w64).to(_coef_dtype(dtype))
+    ct = _coef_dtype(dtype)
+    sh = _shift_of(mean, rstd, dtype)
+    return (rstd * w64).to(ct), (b64 - (mean - sh.double()) * rstd * w64).to(ct), sh
 
 
 def _norm_act_fwd(x, weight, bias, eps: float, slope: float, act: int, y, mean, rstd, prelu=None) -> None:
@@ -446,39 +480,39 @@ def _finish_fwd(x, psum, pm2, chunk: int, weight, bias, prm, act: int, y, mean, 
     """From per-chunk statistics (psum: sums, pm2: squared deviations from each chunk's mean, both
     (N, nch, C), chunks of ``chunk`` voxels in order, the last one partial): mean / rstd merged, then
     the elementwise pass x -> y."""
-    a, beta = _finalize(x, psum, pm2, chunk, weight, bias, prm, mean, rstd)
-    _apply(x, y, a, beta, prm, act, prelu)
+    a, beta, sh = _finalize(x, psum, pm2, chunk, weight, bias, prm, mean, rstd)
+    _apply(x, y, a, beta, sh, prm, act, prelu)
 
 
 def _finalize(x, psum, pm2, chunk: int, weight, bias, prm, mean, rstd):
-    """mean / rstd (filled) and the elementwise coefficients (a, beta) from per-chunk statistics."""
+    """mean / rstd (filled) and the elementwise coefficients (a, beta, sh) from per-chunk statistics."""
     N, C = x.shape[0], x.shape[1]
     S = x[0, 0].numel()
     psum, pm2, chunk = _merged(psum, pm2, chunk, S)
     a = torch.empty(N * C, dtype=_coef_dtype(x.dtype), device=x.device)
-    beta = torch.empty_like(a)
+    beta, sh = torch.empty_like(a), torch.empty_like(a)
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
         psum, pm2, weight if weight is not None else psum, bias if bias is not None else psum, prm, mean, rstd,
-        a, beta, N * C, C, S, psum.shape[1], chunk, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_P=BLOCK_P, **_NOFMA)
-    return a, beta
+        a, beta, sh, N * C, C, S, psum.shape[1], chunk, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_P=BLOCK_P, SHIFT_ABOVE=SHIFT_ABOVE, **_NOFMA)
+    return a, beta, sh
 
 
 def finish_stats(x, psum, pm2, chunk: int, weight, bias, eps: float, mean, rstd):
     """finish_fwd without its elementwise pass: mean / rstd filled, and returns norm_act's
-    coefficients (a, beta) per plane (N * C, float32 for float32 / half x), for a convolution that
-    applies the norm + activation in its prologue (conv_triton.conv_fwd's ``prologue``)."""
+    coefficients (a, beta, sh) per plane (N * C, float32 for float32 / half x), for a convolution
+    that applies the norm + activation in its prologue (conv_triton.conv_fwd's ``prologue``)."""
     C = x.shape[1]
     a = torch.empty(x.shape[0] * C, dtype=_coef_dtype(x.dtype), device=x.device)
-    beta = torch.empty_like(a)
+    beta, sh = torch.empty_like(a), torch.empty_like(a)
     if x.numel() == 0:
-        return a, beta
+        return a, beta, sh
     with _guard(x.device):
         for n0, n1 in _slices(x.shape[0]):
             sl = slice(n0 * C, n1 * C)
-            a[sl], beta[sl] = _finalize(x[n0:n1], psum[n0:n1], pm2[n0:n1], chunk, weight, bias,
-                                        _scalars(eps, 0.0, x.device), mean[sl], rstd[sl])
-    return a, beta
+            a[sl], beta[sl], sh[sl] = _finalize(x[n0:n1], psum[n0:n1], pm2[n0:n1], chunk, weight, bias,
+                                                _scalars(eps, 0.0, x.device), mean[sl], rstd[sl])
+    return a, beta, sh
 
 
 def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float, act: int, y, mean, rstd) -> None:
@@ -494,7 +528,7 @@ def finish_fwd(x, psum, pm2, chunk: int, weight, bias, eps: float, slope: float,
                         y[n0:n1], mean[n0 * C:n1 * C], rstd[n0 * C:n1 * C])
 
 
-def _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act: int, prelu, dw, db, dp):
+def _bwd_sums(dy, x, a, beta, sh, mean, rstd, weight, prm, act: int, prelu, dw, db, dp):
     """Per plane: db = sum g, dw = sum g xhat (and dp = sum dy z over z <= 0 for PReLU), g = dy act'(z),
     chunk sums added in a fixed order; returns instance norm's (c0, c1, c2) for _bwd_apply."""
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
@@ -504,8 +538,9 @@ def _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act: int, prelu, dw, db, 
     ps1 = torch.empty_like(ps0)
     prelu_on = int(act) == 3
     ps2 = torch.empty_like(ps0) if prelu_on else ps0
-    _bwd_partial_kernel[(nch, triton.cdiv(C, bc), N)](dy, x, a, beta, mean, rstd, prm, *_pw(prelu, prm), ps0, ps1, ps2,
-                                                      C, S, sN, sC, sS, nch, chunk, ACT=int(act), ACC=_acc(x.dtype),
+    _bwd_partial_kernel[(nch, triton.cdiv(C, bc), N)](dy, x, a, beta, sh, mean, rstd, prm, *_pw(prelu, prm), ps0, ps1,
+                                                      ps2, C, S, sN, sC, sS, nch, chunk, ACT=int(act),
+                                                      ACC=_acc(x.dtype),
                                                       BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
     if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
         n0 = nch
@@ -521,11 +556,12 @@ def _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act: int, prelu, dw, db, 
     return c0, c1, c2
 
 
-def _bwd_apply(dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, act: int, prelu, sets: bool = False) -> None:
+def _bwd_apply(dy, x, dx, a, beta, sh, mean, rstd, c0, c1, c2, prm, act: int, prelu, sets: bool = False,
+               fixed: bool = False) -> None:
     N, C, S, sN, sC, sS, bs, bc = _geometry(x)
     _bwd_apply_kernel[(triton.cdiv(S, bs), triton.cdiv(C, bc), N)](
-        dy, x, dx, a, beta, mean, rstd, c0, c1, c2, prm, *_pw(prelu, prm), C, S, sN, sC, sS, ACT=int(act),
-        ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, SETS=sets, **_NOFMA)
+        dy, x, dx, a, beta, sh, mean, rstd, c0, c1, c2, prm, *_pw(prelu, prm), C, S, sN, sC, sS, ACT=int(act),
+        ACC=_acc(x.dtype), BLOCK_S=bs, BLOCK_C=bc, SETS=sets, FIXED=fixed, **_NOFMA)
 
 
 def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, dw, db, prelu=None, dp=None) -> None:
@@ -536,9 +572,9 @@ def _norm_act_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, dx, d
     N, C = x.shape[0], x.shape[1]
     prm = _scalars(0.0, slope, x.device)
     # the forward's coefficients again (the same roundings: z is recomputed exactly)
-    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
-    c = _bwd_sums(dy, x, a, beta, mean, rstd, weight, prm, act, prelu, dw, db, dp)
-    _bwd_apply(dy, x, dx, a, beta, mean, rstd, *c, prm, act, prelu)
+    a, beta, sh = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    c = _bwd_sums(dy, x, a, beta, sh, mean, rstd, weight, prm, act, prelu, dw, db, dp)
+    _bwd_apply(dy, x, dx, a, beta, sh, mean, rstd, *c, prm, act, prelu)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,7 +602,7 @@ def _plane_moments(x, pm, pq) -> None:
     N, C = x.shape[0], x.shape[1]
     psum, pm2, chunk = _merged(*_partial_stats(x), x[0, 0].numel())
     _fwd_finalize_kernel[(triton.cdiv(N * C, BLOCK_P),)](
-        psum, pm2, psum, psum, psum, pm, pq, psum, psum, N * C, C, x[0, 0].numel(), psum.shape[1], chunk,
+        psum, pm2, psum, psum, psum, pm, pq, psum, psum, psum, N * C, C, x[0, 0].numel(), psum.shape[1], chunk,
         HAS_W=False, HAS_B=False, BLOCK_P=BLOCK_P, MOMENTS=True, **_NOFMA)
 
 
@@ -584,10 +620,11 @@ def _sets_fwd(x, weight, bias, eps: float, slope: float, act: int, kind: int, gr
         sq = q.sum(-1, keepdim=True) + S * (m - sm).square().sum(-1, keepdim=True)  # the exact merge
         mean.copy_(_per_plane(sm, N, C, kind, groups))
         rstd.copy_(_per_plane(1.0 / torch.sqrt(sq / (m.shape[-1] * S) + eps), N, C, kind, groups))
-    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    a, beta, sh = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
     prm = _scalars(eps, slope, x.device)
     for n0, n1 in _slices(N):
-        _apply(x[n0:n1], y[n0:n1], a[n0 * C:n1 * C], beta[n0 * C:n1 * C], prm, act, prelu)
+        sl = slice(n0 * C, n1 * C)
+        _apply(x[n0:n1], y[n0:n1], a[sl], beta[sl], sh[sl], prm, act, prelu)
 
 
 def _sets_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, kind: int, groups: int, dx, dw, db,
@@ -596,11 +633,11 @@ def _sets_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, kind: int
     N, C = x.shape[0], x.shape[1]
     S = x[0, 0].numel()
     prm = _scalars(0.0, slope, x.device)
-    a, beta = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
+    a, beta, sh = _coefs(mean, rstd, weight, bias, N, C, x.dtype)
     for n0, n1 in _slices(N):
         sl = slice(n0 * C, n1 * C)
-        _bwd_sums(dy[n0:n1], x[n0:n1], a[sl], beta[sl], mean[sl], rstd[sl], weight, prm, act, prelu, dw[sl], db[sl],
-                  dp[sl] if dp is not None and dp.numel() else None)
+        _bwd_sums(dy[n0:n1], x[n0:n1], a[sl], beta[sl], sh[sl], mean[sl], rstd[sl], weight, prm, act, prelu, dw[sl],
+                  db[sl], dp[sl] if dp is not None and dp.numel() else None)
     w = weight.double().repeat(N) if weight is not None else torch.ones(N * C, dtype=torch.float64, device=x.device)
     c0 = rstd * w
     if kind == 3:
@@ -612,8 +649,8 @@ def _sets_bwd(dy, x, weight, bias, mean, rstd, slope: float, act: int, kind: int
         c2 = rstd * _per_plane(m2.sum(-1, keepdim=True) / cnt, N, C, kind, groups)
     for n0, n1 in _slices(N):
         sl = slice(n0 * C, n1 * C)
-        _bwd_apply(dy[n0:n1], x[n0:n1], dx[n0:n1], a[sl], beta[sl], mean[sl], rstd[sl], c0[sl], c1[sl], c2[sl], prm,
-                   act, prelu, sets=True)
+        _bwd_apply(dy[n0:n1], x[n0:n1], dx[n0:n1], a[sl], beta[sl], sh[sl], mean[sl], rstd[sl], c0[sl], c1[sl], c2[sl],
+                   prm, act, prelu, sets=True, fixed=kind == 3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -493,16 +493,16 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
     c = tuple(torch.zeros_like(dnw) for _ in range(3))
     dx = dw = db = None
     with kn._guard(y.device):
-        a, beta = kn._coefs(mean, rstd, nwa, nba, N, C, y.dtype)
+        a, beta, sh = kn._coefs(mean, rstd, nwa, nba, N, C, y.dtype)
         if y.numel():
             prm = kn._scalars(0.0, slope, y.device)
             for n0, n1 in kn._slices(N):  # the grid's sample axis holds 65535 at most
                 p0, p1 = n0 * C, n1 * C
-                part = kn._bwd_sums(dzp[n0:n1], y[n0:n1], a[p0:p1], beta[p0:p1], mean[p0:p1], rstd[p0:p1], nwa,
-                                    prm, act, None, dnw[p0:p1], dnb[p0:p1], None)
+                part = kn._bwd_sums(dzp[n0:n1], y[n0:n1], a[p0:p1], beta[p0:p1], sh[p0:p1], mean[p0:p1], rstd[p0:p1],
+                                    nwa, prm, act, None, dnw[p0:p1], dnb[p0:p1], None)
                 for t, v in zip(c, part):
                     t[p0:p1] = v
-        cf = kb.coefficients(a, beta, mean, rstd, *c)
+        cf = kb.coefficients(a, beta, sh, mean, rstd, *c)
         if need[0]:
             dx = torch.empty_like(x, memory_format=NA._cl_format(x) or torch.contiguous_format)
             kb.conv_dgrad(dzp, y, weight, cf, act, slope, dx, stride, padding, dilation)
@@ -633,9 +633,10 @@ def _try_chain(x, l1, l2, train: bool = False):
         return None
     try:
         y1, psum, pm2, bm, m1, r1 = _conv_with_stats(kc, kn, x, w1, b1, st1, pd1, dl1)
-        a, beta = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, m1, r1)
+        a, beta, sh = kn.finish_stats(y1, psum, pm2, bm, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), eps1, m1,
+                                      r1)
         z2, y2, m2, r2 = _triton_fwd(kc, kn, y1, w2, b2, nw2, nb2, st2, pd2, dl2, eps2, slope2, act2, not train,
-                                     prologue=(a, beta, act1, slope1))
+                                     prologue=(a, beta, sh, act1, slope1))
         return (z2, y1, m1, r1, y2, m2, r2) if train else z2
     except _OUR_BUGS:
         raise
@@ -785,9 +786,10 @@ def _chain_backward(ctx, dz2, dy1_, dm1, dr1, dy2_, dm2, dr2):
         # the second layer's weight gradient reads z1 through the first norm + activation (z1 is not
         # written in the backward either)
         N, C = y1.shape[0], y1.shape[1]
-        a1, beta1 = use[0]._coefs(m1, r1, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), N, C, y1.dtype)
+        a1, beta1, sh1 = use[0]._coefs(m1, r1, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), N, C, y1.dtype)
         out2 = _try_triton_bwd(use, dz2, y1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
-                               (True, need[11], need[12]), prologue=(a1.float(), beta1.float(), c1[4], c1[3]))
+                               (True, need[11], need[12]),
+                               prologue=(a1.float(), beta1.float(), sh1.float(), c1[4], c1[3]))
     if out2 is not None:
         dz1, dw2, db2, dnw2, dnb2 = out2
     else:
