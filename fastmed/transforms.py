@@ -215,6 +215,15 @@ def _none_nan(x):
     return [np.nan if v is None else v for v in x] if isinstance(x, (list, tuple)) else x
 
 
+def _pixdim_vec(pixdim) -> np.ndarray:
+    """pixdim as a float64 vector: None entries NaN (the input's spacing, MONAI's rule); infinite
+    entries refused."""
+    pix = _vec(_none_nan(pixdim), "pixdim")
+    if np.isinf(pix).any():
+        raise ValueError(f"pixdim must not be infinite (entries <= 0 or None keep the input spacing), got {pixdim!r}")
+    return pix
+
+
 def spacing_geometry(spatial_shape: Sequence[int], affine, pixdim, diagonal: bool = False, scale_extent: bool = False,
                      min_pixdim=None, max_pixdim=None):
     """What MONAI's ``Spacing`` computes before it samples: ``(src_affine, dst_affine, out_shape)``,
@@ -223,9 +232,7 @@ def spacing_geometry(spatial_shape: Sequence[int], affine, pixdim, diagonal: boo
     (MONAI's rule); infinite entries are refused."""
     sr = len(spatial_shape)
     a = _as_affine(affine)
-    pix = _vec(_none_nan(pixdim), "pixdim")
-    if np.isinf(pix).any():
-        raise ValueError(f"pixdim must not be infinite (entries <= 0 or None keep the input spacing), got {pix.tolist()}")
+    pix = _pixdim_vec(pixdim)
     mn_all, mx_all = _vec(min_pixdim, "min_pixdim"), _vec(max_pixdim, "max_pixdim")
     affine_ = _to_affine_nd(sr, a)
     _check_invertible(affine_, "affine")
@@ -678,9 +685,7 @@ class Spacing:
                  lazy: bool = False, *, memory_limit: Optional[int] = None) -> None:
         if lazy:
             raise NotImplementedError("lazy=True: fastmed's Spacing resamples eagerly")
-        self.pixdim = _vec(_none_nan(pixdim), "pixdim")  # None entries: NaN, the input's spacing (MONAI's rule)
-        if np.isinf(self.pixdim).any():
-            raise ValueError(f"pixdim must not be infinite (entries <= 0 or None keep the input spacing), got {pixdim!r}")
+        self.pixdim = _pixdim_vec(pixdim)
         self.min_pixdim = _vec(min_pixdim, "min_pixdim")
         self.max_pixdim = _vec(max_pixdim, "max_pixdim")
         for mn, mx in zip(self.min_pixdim, self.max_pixdim):

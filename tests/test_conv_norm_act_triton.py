@@ -288,8 +288,8 @@ for ci, (shape, cout, k, st, pd, dl, cl, has_b) in enumerate(CASES):
         x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
         w = (torch.randn((cout, shape[1]) + ks, generator=g) / (shape[1] * 9) ** 0.5).to(dt)
         b = torch.randn(cout, generator=g).to(dt) if has_b else None
-        if ci == 0 and dt == torch.float32:  # planes far from 0 against their spread: the shifted pass
-            b = b + 50
+        if ci == 0 and dt == torch.float32:  # planes far from 0 against their spread: the shifted pass,
+            b = b + 1000  # and K2's share of the mean's float32 rounding (+50 was too little to need it)
         nw, nb = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
         for name, code, slope in ACTS if dt == torch.float32 else ACTS[:1]:  # (the interpreter is slow)
             z, y, mean, rstd = CN._triton_fwd(KC, KN, x, w, b, nw, nb, st, pd, dl, 1e-5, slope, code)

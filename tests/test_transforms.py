@@ -821,8 +821,10 @@ def test_spacing_pixdim_none_entries_keep_the_input_spacing_as_monai():
     assert f.shape == m.shape == (1, 5, 10, 4)
     np.testing.assert_allclose(np.asarray(f.affine), np.asarray(m.affine), atol=1e-12)
     torch.testing.assert_close(f.as_tensor(), m.as_tensor(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="pixdim"):
-        T.Spacing(pixdim=(1.5, float("inf"), 1.0))
+    for make in (lambda: T.Spacing(pixdim=(1.5, float("inf"), 1.0)),
+                 lambda: T.spacing_geometry((4, 4, 4), np.eye(4), (1.5, float("inf"), 1.0))):
+        with pytest.raises(ValueError, match="pixdim must not be infinite"):
+            make()
     with pytest.raises(ValueError, match="pixdim.*too small|pixdim.*cannot be sampled"):
         T.Spacing(pixdim=1e-300)(torch.rand(1, 4, 4, 4), affine=torch.eye(4))
 

@@ -308,11 +308,14 @@ void backward(const NormActParams& p) {
     p.dweight[pl] = sdzx;
     if (p.act == 3) {  // PReLU's weight: sum of dy * z where z <= 0
       double sdp = 0;
+      with_shift(k, [&](auto sh) {
+        constexpr bool SH = decltype(sh)::value;
 #pragma omp simd reduction(+ : sdp)
-      for (int64_t i = 0; i < S; ++i) {
-        const T z = k.s != (T)0 ? z_of<true>(x[i], k) : z_of<false>(x[i], k);
-        sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
-      }
+        for (int64_t i = 0; i < S; ++i) {
+          const T z = z_of<SH>(x[i], k);
+          sdp += z > 0 ? 0.0 : (double)dy[i] * (double)z;
+        }
+      });
       p.dprelu[pl] = sdp;
     }
     // pass 2: dx = rstd w (dz - mean(dz) - xhat mean(dz xhat))

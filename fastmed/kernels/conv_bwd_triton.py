@@ -7,10 +7,10 @@ statistics), the backward is (1) per plane the sums ``sum g`` and ``sum g xhat``
 y, ``dy = rstd w (g - mean(g) - xhat mean(g xhat))``, and the convolution's input and weight
 gradients from it. Eager PyTorch writes ``dy`` whole and reads it twice (cuDNN's data and weight
 gradients). Here ``dy`` is never stored: both GEMMs compute it while they load it (their
-*prologue*), from ``dz`` and ``y`` and six numbers per (sample, channel):
+*prologue*), from ``dz`` and ``y`` and seven numbers per (sample, channel):
 
     z = (y - sh) a + beta   (the forward's coefficients and roundings: act'(z) is the forward's)
-    dy = K0 g + K1 (y - mean) + K2,   K0 = rstd w, K1 = -K0 rstd mean(g xhat), K2 = -K0 mean(g)
+    dy = K0 g + K1 (y - mean) + K2,   K0 = rstd w, K1 = -K0 rstd mean(g xhat), K2 = -K0 mean(g) + ...
 
 in float32, rounded to the convolution's dtype before the product (as eager's dy is); ``mean`` is
 the mean rounded to float32, and K2 takes the rounding's share (K1 (mean_f32 - mean)), so dy stays
@@ -304,7 +304,7 @@ def splits(tot: int, programs: int, cout: int, jt: int, sms: int) -> int:
 def conv_wgrad(dz, y, x, weight, cf, act: int, slope: float, stride, padding, dilation, sms: int = 132,
                prologue=None):
     """The weight gradient (float32, weight's shape, channels-last memory) of y = conv(x, weight)
-    for dy = the prologue's. ``prologue`` = (a, beta, m, act, slope) as conv_triton.conv_fwd's: x is
+    for dy = the prologue's. ``prologue`` = (a, beta, sh, act, slope) as conv_triton.conv_fwd's: x is
     the previous layer's raw output and its normalised activation is what the convolution read."""
     stride, padding, dilation, prec, upcast = _common(x, weight, stride, padding, dilation)
     two = x.ndim == 4
