@@ -224,8 +224,12 @@ for shape, cmid, cout, st2, cl in CASES:
             assert za is not None and torch.equal(za, z1_), (shape, dt, act1)
             n += 1
 print("chained cases", n)
-# the training op end to end (its backward here on the CPU): gradients as the CPU layers'
+# the training op end to end (on the Triton route: its backward by the Triton kernels, the first
+# layer's backward sums from the second data gradient's epilogue): gradients as the CPU layers'
 g = torch.Generator().manual_seed(6)
+sums = []
+orig_sums = KN._bwd_sums
+KN._bwd_sums = lambda *a, **k: (sums.append(1), orig_sums(*a, **k))[1]
 for shape, cmid, off in (((2, 3, 6, 5, 7), 8, 0), ((1, 16, 5, 6, 4), 16, 100)):
     x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last_3d)
     # off: the first convolution's bias far from 0 against its output's spread (shifted planes)
@@ -240,10 +244,13 @@ for shape, cmid, off in (((2, 3, 6, 5, 7), 8, 0), ((1, 16, 5, 6, 4), 16, 100)):
         w1, b1, nw1, nb1, w2, b2, nw2, nb2 = ins[1:]
         z = CN.conv_norm_act2_fwd(ins[0], w1, b1, nw1, nb1, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2,
                                   w2, b2, nw2, nb2, [1] * 3, [1] * 3, [1] * 3, 1e-5, 0.01, 2)[0]
+        sums.clear()
         z.backward(torch.linspace(-1, 1, z.numel()).view(z.shape))
+        assert len(sums) == (1 if tri else 0), sums  # the second layer's own pass only
         grads.append([z.detach()] + [t.grad for t in ins])
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 1e-4 * max(b.abs().max().item(), 1.0), (shape, a.shape)
+KN._bwd_sums = orig_sums
 print("training chain ok")
 """
 
@@ -425,6 +432,69 @@ for shape, cout in (((2, 3, 6, 5, 7), 8), ((1, 16, 5, 6, 4), 16)):
         grads.append([z.detach()] + [t.grad for t in ins])
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1.0), (shape, a.shape)
+# a chain's second data gradient sums the first layer's backward sums in its epilogue (over the dz1
+# it stores): the first layer's gradients from those partials equal the ones from its own pass (the
+# same sums in another order: float64 accumulation for float32, float32 for half types); over
+# residue classes (stride 2), 2D, planar, half types and each activation; sample slices of one
+# sample and many tiles merged in groups give the same bits
+g = torch.Generator().manual_seed(13)
+sums = []
+orig_sums = KN._bwd_sums
+KN._bwd_sums = lambda *a, **k: (sums.append(1), orig_sums(*a, **k))[1]
+CHAIN = [((2, 3, 6, 5, 7), 8, 1, True, torch.float32, 2, 0.2), ((1, 16, 5, 6, 4), 20, 2, True, torch.bfloat16, 1, 0.0),
+         ((1, 4, 9, 8), 18, 1, False, torch.float32, 0, 0.0), ((2, 4, 9, 8), 6, 2, True, torch.float16, 2, 0.01)]
+for ci, (shape, cmid, st2, cl, dt, act1, slope1) in enumerate(CHAIN):
+    nd = len(shape) - 2
+    fmt = (torch.channels_last_3d if nd == 3 else torch.channels_last) if cl else torch.contiguous_format
+    x = torch.randn(shape, generator=g).to(dt).contiguous(memory_format=fmt)
+    w1 = (torch.randn((cmid, shape[1]) + (3,) * nd, generator=g) / 3).to(dt)
+    b1 = (torch.randn(cmid, generator=g) + (100 if ci == 0 else 0)).to(dt)  # ci 0: shifted planes
+    nw1, nb1 = torch.rand(cmid, generator=g) + 0.5, torch.randn(cmid, generator=g)
+    z1, y1, m1, r1 = CN._triton_fwd(KC, KN, x, w1, b1, nw1, nb1, [1] * nd, [1] * nd, [1] * nd, 1e-5, slope1, act1)
+    w2 = (torch.randn((5, cmid) + (3,) * nd, generator=g) / 6).to(dt)
+    nw2, nb2 = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    z2, y2, m2, r2 = CN._triton_fwd(KC, KN, z1, w2, None, nw2, nb2, [st2] * nd, [1] * nd, [1] * nd, 1e-5, 0.01, 2)
+    dz2 = torch.randn(z2.shape, generator=g).to(dt)
+    a1, be1, sh1 = KN._coefs(m1, r1, nw1, nb1, y1.shape[0], cmid, y1.dtype)
+    pro = (a1.float(), be1.float(), sh1.float(), act1, slope1)
+    conf2 = ([st2] * nd, [1] * nd, [1] * nd, 0.01, 2)
+    sums.clear()
+    out = CN._triton_bwd(KN, KB, dz2, y1, w2, y2, nw2, nb2, m2, r2, conf2, None, (True, True, False), prologue=pro,
+                         prev_stats=(m1, r1))
+    assert out[5] is not None and len(sums) == 1
+    conf1 = ([1] * nd, [1] * nd, [1] * nd, slope1, act1)
+    fused = CN._triton_bwd(KN, KB, out[0], x, w1, y1, nw1, nb1, m1, r1, conf1, [cmid], (True, True, True),
+                           partials=out[5])
+    assert len(sums) == 1, "the first layer's own statistics pass ran"
+    plain = CN._triton_bwd(KN, KB, out[0], x, w1, y1, nw1, nb1, m1, r1, conf1, [cmid], (True, True, True))
+    tol = 1e-12 if dt == torch.float32 else 2e-6
+    for i in (0, 1, 3, 4):
+        a, b = fused[i].double(), plain[i].double()
+        e = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-3)
+        assert e <= (tol if i >= 3 else max(tol, 1e-6 if dt == torch.float32 else 2e-2)), (ci, i, e)
+    if ci == 3:  # one sample per launch (the grid's sample axis), and the tiles' sums merged in groups
+        KB._MAX_N = KN._MAX_N = 1
+        one = CN._triton_bwd(KN, KB, dz2, y1, w2, y2, nw2, nb2, m2, r2, conf2, None, (True, True, False),
+                             prologue=pro, prev_stats=(m1, r1))
+        KB._MAX_N = KN._MAX_N = 65535
+        assert all(torch.equal(u, v) for u, v in zip(one[5], out[5]))
+        assert out[5][0].shape[1] > 2
+        KN.MERGE_ABOVE = 2
+        grouped = CN._triton_bwd(KN, KB, out[0], x, w1, y1, nw1, nb1, m1, r1, conf1, [cmid], (True, True, True),
+                                 partials=out[5])
+        KN.MERGE_ABOVE = 512
+        for u, v in zip(grouped[3:5], fused[3:5]):
+            torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+# no partials when the previous layer's output does not have dx's strides (the caller's own pass then)
+dxp = torch.empty(y1.shape, dtype=dt)
+cf = KB.coefficients(*KN._coefs(m2, r2, nw2, nb2, 2, 5, dt), m2, r2, *(torch.zeros(10, dtype=torch.float64),) * 3)
+st = (y1, *pro[:3], m1, r1, KN._scalars(0.0, slope1, "cpu"), act1)
+dzc = torch.empty_like(y2).copy_(dz2)
+assert KB.conv_dgrad(dzc, y2, w2, cf, 2, 0.01, dxp, *conf2[:3], stats=st) is None and y1.stride() != dxp.stride()
+dxc = torch.empty_like(y1)
+assert KB.conv_dgrad(dzc, y2, w2, cf, 2, 0.01, dxc, *conf2[:3], stats=st) is not None
+torch.testing.assert_close(dxp, dxc, rtol=0, atol=0)
+KN._bwd_sums = orig_sums
 print("ok")
 """
 

@@ -1,5 +1,5 @@
 """fastmed's Triton kernels (the convolution's forward and backward, norm_act's) compiled for an H100
-(sm_90) exactly as their launchers configure them (block sizes, warps, dtypes, the statistics epilogue, the prologues, over the tile sizes of a
+(sm_90) exactly as their launchers configure them (block sizes, warps, dtypes, the statistics epilogues, the prologues, over the tile sizes of a
 few layer shapes), without a GPU: every variant must compile, and keep its values in registers (no spills to local memory, which would
 cost far more than any fusion saves). The launchers run on CPU tensors with the kernels replaced
 by recorders, so the configurations checked are the ones they really pick."""
@@ -99,6 +99,10 @@ def _configs(monkeypatch):
                                     prologue=prologue)
                 cf = torch.zeros(7, 2 * 64)
                 KB.conv_dgrad(y, y, w, cf, 2, 0.01, torch.empty_like(x), *conv)
+                # with the previous layer's backward sums in the epilogue (a chain's second layer)
+                f64 = torch.zeros(2 * cin, dtype=torch.float64)
+                KB.conv_dgrad(y, y, w, cf, 2, 0.01, torch.empty_like(x), *conv,
+                              stats=(x, *pro[:3], f64, f64, torch.zeros(2, dtype=torch.float64), 2))
                 for prologue in (None, pro):
                     KB.conv_wgrad(y, y, x, w, cf, 2, 0.01, *conv, prologue=prologue)
     # norm_act's kernels (the forward's statistics, merge and elementwise passes, the backward's,

@@ -29,6 +29,13 @@ exact on a plane whose mean is far from 0 against its spread.
   order afterwards (no atomics: the same input gives the same bits). With ``prologue`` (the chain
   of fastmed.optimize: x is the previous layer's raw output) x is read as ``act((x - sh') a' + beta')``,
   so the previous normalised activation is not stored in the backward either.
+- **epilogue of the data gradient in a chain** (``stats``): when x is the previous layer's raw
+  output y1, dx is the gradient of that layer's norm + activation output, and the previous layer's
+  backward needs per plane ``sum g1`` and ``sum g1 xhat1`` over it (g1 = act1'(z1) dx). The data
+  gradient computes them from its stored tile (one more read: y1 at the same positions) and writes
+  per-tile partial sums, added in a fixed order by norm_act_triton.finish_sums: the previous layer
+  skips its statistics pass over dx and y1 (the backward's counterpart of the forward's statistics
+  epilogue).
 - The convolution bias's gradient is ``sum dy`` per channel, which instance norm makes exactly 0
   (adding a constant to a plane changes nothing after the norm): returned as zeros.
 
@@ -44,7 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_triton import SMALL_CIN, _block_n, _prologue, _span, block_m
+from .conv_triton import SMALL_CIN, _block_n, _prologue, _span, block_m, stats_dtype
+from .norm_act_triton import _dact, _xhat_terms
 
 WS_MAX = 1 << 24  # float32 elements of weight-gradient partial sums at most (64 MiB)
 
@@ -94,11 +102,13 @@ def _dgrad_tap(acc, zb, yb, w_ptr, cf_ptr, pslope, n, tap, c0, kd_, kh_, kw_, id
 
 @triton.jit
 def _dgrad_kernel(dz_ptr, y_ptr, w_ptr, dx_ptr, cf_ptr, pslope,
-                  Cin, D, H, W, Cout, Do, Ho, Wo, Dc, Hc, Wc, NBM, NC,
+                  x_ptr, sa_ptr, sb_ptr, ssh_ptr, smean_ptr, srstd_ptr, sprm_ptr, ps0_ptr, ps1_ptr,
+                  Cin, D, H, W, Cout, Do, Ho, Wo, Dc, Hc, Wc, NBM, NC, NT,
                   szn, szc, szd, szh, szw, sxn, sxc, sxd, sxh, sxw,
                   KD, KH, KW, std, sth, stw, pd, ph, pw, dd, dh, dw,
                   ACT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDED: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDED: tl.constexpr,
+                  STATS: tl.constexpr = 0, SACC: tl.constexpr = tl.float64):
     # rows: the input voxels of one residue class (i mod stride per axis) of sample n; for all of
     # them a tap reads an output voxel or none, the same for the whole class, so a stride-2 layer
     # skips the taps that add nothing (stride 1: one class, every tap)
@@ -142,9 +152,29 @@ def _dgrad_kernel(dz_ptr, y_ptr, w_ptr, dx_ptr, cf_ptr, pslope,
             acc = _dgrad_tap(acc, zb, yb, w_ptr, cf_ptr, pslope, n, tap, c0, kd_, kh_, kw_, id_, ih, iw, mm,
                              offs_n, nm, Cin, Cout, Do, Ho, Wo, NC, szc, szd, szh, szw, std, sth, stw, pd, ph,
                              pw, dd, dh, dw, ACT, PREC, UPCAST, IDX, BLOCK_K)
-    xoff = id_ * sxd + ih * sxh + iw * sxw
-    tl.store(dx_ptr + n * sxn + xoff[:, None] + offs_n[None, :].to(IDX) * sxc, acc.to(dx_ptr.dtype.element_ty),
-             mask=mm[:, None] & nm[None, :])
+    xoff = n * sxn + (id_ * sxd + ih * sxh + iw * sxw)[:, None] + offs_n[None, :].to(IDX) * sxc
+    ok = mm[:, None] & nm[None, :]
+    dv = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + xoff, dv, mask=ok)
+    if STATS > 0:
+        # the previous layer's backward sums over exactly the values stored (dx is the gradient of
+        # its activation output; x, its raw convolution output, has dx's strides): per (sample,
+        # input channel) this tile's sum g and sum g xhat, g = act'(z) dx, z = (x - sh) a + beta (the
+        # forward's coefficients), accumulated as norm_act's statistics kernel does (SACC: float64
+        # for float32, float32 for half types); added over the tiles in a fixed order afterwards
+        pc = n * Cin + offs_n
+        a = tl.load(sa_ptr + pc, mask=nm, other=0.0)[None, :]
+        beta = tl.load(sb_ptr + pc, mask=nm, other=0.0)[None, :]
+        sh = tl.load(ssh_ptr + pc, mask=nm, other=0.0)[None, :]
+        mean, rstd, xc = _xhat_terms(smean_ptr, srstd_ptr, pc, nm, SACC)
+        v = tl.load(x_ptr + xoff, mask=ok, other=0.0)
+        z = (v.to(a.dtype) - sh) * a + beta
+        g = _dact(z, dv.to(SACC), tl.load(sprm_ptr + 1), STATS - 1)
+        g = tl.where(ok, g, 0.0)
+        gx = g * ((v.to(SACC) - mean[None, :]) * rstd[None, :] + xc[None, :])
+        po = (n * NT + pid_m) * Cin + offs_n
+        tl.store(ps0_ptr + po, tl.sum(g, 0), mask=nm)
+        tl.store(ps1_ptr + po, tl.sum(gx, 0), mask=nm)
 
 
 @triton.jit
@@ -256,21 +286,37 @@ def _idx(*ts, pad: int = 0):
     return tl.int64 if (big or conv_triton.FORCE_INT64) else tl.int32
 
 
-def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, dilation) -> None:
+def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, dilation, stats=None):
     """dx = the input gradient of y = conv(x, weight) for dy = the prologue's (never stored), into
-    ``dx`` (x's shape, any strides). ``dz`` and ``y`` share one layout; ``cf``: coefficients()."""
+    ``dx`` (x's shape, any strides). ``dz`` and ``y`` share one layout; ``cf``: coefficients().
+
+    ``stats`` = (x, a, beta, sh, mean, rstd, prm, act): x is the previous layer's raw convolution
+    output (dx is then the gradient of its norm + activation's output) with its elementwise
+    coefficients (a, beta, sh: float32, N * Cin), statistics (mean, rstd: float64) and scalars
+    (norm_act_triton._scalars: the slope at [1]); the epilogue then also produces that layer's
+    backward sums, returned as (ps0, ps1): (N, tiles, Cin) per-tile sums of g and g xhat (see the
+    kernel), the input of norm_act_triton.finish_sums. None (nothing produced) without ``stats``,
+    or when x's strides are not dx's."""
     stride, padding, dilation, prec, upcast = _common(dx, weight, stride, padding, dilation)
+    if stats is not None and tuple(stats[0].shape) == tuple(dx.shape) and stats[0].stride() == dx.stride():
+        x1, sa, sb, ssh, smean, srstd, sprm, sact = stats
+        assert sa.dtype == sb.dtype == ssh.dtype == torch.float32 and 0 <= int(sact) <= 2
+        assert smean.dtype == srstd.dtype == torch.float64
+    else:
+        stats = None
     if dx.ndim == 4:
         dz, y, dx, weight = _as3d(dz, y, dx, weight)
+        if stats is not None:
+            x1 = x1.unsqueeze(2)
     N, Cin, D, H, W = dx.shape
     Cout, KD, KH, KW = weight.shape[0], *weight.shape[2:]
     Do, Ho, Wo = y.shape[2:]
     M = D * H * W
     if N == 0 or Cin == 0 or M == 0:
-        return
+        return None
     if Cout == 0 or y.numel() == 0:
         dx.zero_()
-        return
+        return None
     assert dz.stride() == y.stride()
     w3 = weight.permute(2, 3, 4, 0, 1).contiguous()  # (KD, KH, KW, Cout, Cin): rows (tap, co)
     # per residue class of the input voxels (see the kernel): ceil(D / stride) x ... voxels
@@ -279,19 +325,34 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
     classes = stride[0] * stride[1] * stride[2]
     bm = block_m(Mc)
     nbm = triton.cdiv(Mc, bm)
+    nt = classes * nbm
     bn = _block_n(Cin)
     bk = min(max(triton.next_power_of_2(Cout), 16), 32)  # 8 warps, K steps of 32: no spills (as conv_fwd)
     idx = _idx(dz, dx, pad=max(padding) * max(abs(v) for v in dx.stride()[1:]))
     sz, sx = y.stride(), dx.stride()
+    out = None
+    if stats is not None:
+        sacc = stats_dtype(dx.dtype)
+        out = (torch.empty((N, nt, Cin), dtype=sacc, device=dx.device), torch.empty((N, nt, Cin), dtype=sacc,
+                                                                                  device=dx.device))
     for n0 in range(0, N, _MAX_N):
         n1 = min(n0 + _MAX_N, N)
-        _dgrad_kernel[(classes * nbm, triton.cdiv(Cin, bn), n1 - n0)](
-            dz[n0:n1], y[n0:n1], w3, dx[n0:n1], cf[:, n0 * Cout:n1 * Cout].contiguous(), float(slope),
-            Cin, D, H, W, Cout, Do, Ho, Wo, Dc, Hc, Wc, nbm, (n1 - n0) * Cout,
+        if stats is None:
+            st = (dx, cf, cf, cf, cf, cf, cf, cf, cf)  # unused (STATS = 0)
+        else:
+            p0, p1 = n0 * Cin, n1 * Cin
+            st = (x1[n0:n1], sa[p0:p1], sb[p0:p1], ssh[p0:p1], smean[p0:p1], srstd[p0:p1], sprm, out[0][n0:n1],
+                  out[1][n0:n1])
+        _dgrad_kernel[(nt, triton.cdiv(Cin, bn), n1 - n0)](
+            dz[n0:n1], y[n0:n1], w3, dx[n0:n1], cf[:, n0 * Cout:n1 * Cout].contiguous(), float(slope), *st,
+            Cin, D, H, W, Cout, Do, Ho, Wo, Dc, Hc, Wc, nbm, (n1 - n0) * Cout, nt,
             sz[0], sz[1], sz[2], sz[3], sz[4], sx[0], sx[1], sx[2], sx[3], sx[4],
             KD, KH, KW, *stride, *padding, *dilation,
             ACT=int(act), PREC=prec, UPCAST=upcast, IDX=idx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            STRIDED=classes > 1, num_warps=8, num_stages=3, enable_fp_fusion=False)
+            STRIDED=classes > 1, STATS=0 if stats is None else int(sact) + 1,
+            SACC=tl.float64 if stats is None or out[0].dtype == torch.float64 else tl.float32,
+            num_warps=8, num_stages=3, enable_fp_fusion=False)
+    return out
 
 
 def splits(tot: int, programs: int, cout: int, jt: int, sms: int) -> int:

@@ -17,7 +17,8 @@ voxels is split over 108 statistics programs instead of one.
   (3) elementwise ``y = act((x - sh) * a + beta)``. ``y`` may be ``x`` (in place).
 - backward, 3 launches: (1) per chunk ``sum g`` and ``sum g * xhat`` with ``g = dy * act'(z)``
   (z recomputed as in the forward); (2) per (n, c) the chunk sums added in order (float64), kept per
-  plane for dweight / dbias (the caller sums over n in order); (3) elementwise
+  plane for dweight / dbias (the caller sums over n in order; finish_sums, which also takes the
+  partial sums a chain's data-gradient epilogue produces instead of (1)); (3) elementwise
   ``dx = rstd w (g - mean(g) - xhat mean(g xhat))``. PReLU (act 3) also sums ``dy * z`` over
   ``z <= 0`` per chunk and plane, for its weight's gradient.
 Partial sums go to buffers and are added in a fixed order (no atomics): the same input gives the
@@ -542,6 +543,18 @@ def _bwd_sums(dy, x, a, beta, sh, mean, rstd, weight, prm, act: int, prelu, dw, 
                                                       ps2, C, S, sN, sC, sS, nch, chunk, ACT=int(act),
                                                       ACC=_acc(x.dtype),
                                                       BLOCK_S=bs, BLOCK_C=bc, **_NOFMA)
+    return finish_sums(ps0, ps1, S, weight, rstd, dw, db, ps2 if prelu_on else None, dp)
+
+
+def finish_sums(ps0, ps1, S: int, weight, rstd, dw, db, ps2=None, dp=None):
+    """The backward sums' second step: (N, chunks, C) partial sums of g and g xhat (and of PReLU's
+    dy z, ``ps2``) added per plane in chunk order, in float64, into db, dw (and dp), float64 (N * C,);
+    returns instance norm's (c0, c1, c2) = (rstd w, mean g, mean g xhat) over S voxels per plane.
+    The partials come from _bwd_partial_kernel or from a convolution's data-gradient epilogue
+    (conv_bwd_triton.conv_dgrad with ``stats``)."""
+    N, nch, C = ps0.shape
+    dev = ps0.device
+    prelu_on = ps2 is not None
     if nch > MERGE_ABOVE:  # many chunks: summed in parallel groups first (fixed order)
         n0 = nch
         ps0, ps1, _ = _grouped(_sum_chunks_kernel, ps0, ps1, N, C, n0)

@@ -477,13 +477,21 @@ def _triton_conv_bwd():
     return _TRITON_BWD[0]
 
 
-def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, need, prologue=None):
-    """One layer's backward by the Triton kernels: (dx, dweight, dbias, dnorm_weight, dnorm_bias), the
-    norm + activation backward inside the convolution's data and weight gradients (dy never stored;
-    see conv_bwd_triton). ``prologue``: the weight gradient reads x through it (x is then the
-    previous layer's raw output y1, as in the chained forward)."""
+def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, need, prologue=None,
+                partials=None, prev_stats=None):
+    """One layer's backward by the Triton kernels: (dx, dweight, dbias, dnorm_weight, dnorm_bias,
+    prev_partials), the norm + activation backward inside the convolution's data and weight
+    gradients (dy never stored; see conv_bwd_triton). ``prologue``: the weight gradient reads x
+    through it (x is then the previous layer's raw output y1, as in the chained forward).
+
+    The norm's backward sums over dz and y: from ``partials`` when given (the (ps0, ps1) another
+    layer's data gradient produced in its epilogue), else a pass of their own (norm_act's
+    statistics kernel). ``prev_stats`` = (mean1, rstd1) of the layer whose raw output x is (with
+    ``prologue``): the data gradient's epilogue then produces that layer's partials, returned as
+    ``prev_partials`` (else None), so that layer's backward needs no such pass."""
     stride, padding, dilation, slope, act = conf
     N, C = y.shape[0], y.shape[1]
+    S = math.prod(y.shape[2:])
     dzp = dz.to(y.dtype)
     if dzp.stride() != y.stride():  # dz read with y's strides (a 1-channel y is both layouts at once)
         dzp = torch.empty_like(y).copy_(dzp)
@@ -491,21 +499,29 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
     dnw = torch.zeros(N * C, dtype=torch.float64, device=y.device)
     dnb = torch.zeros_like(dnw)
     c = tuple(torch.zeros_like(dnw) for _ in range(3))
-    dx = dw = db = None
+    dx = dw = db = prev = None
     with kn._guard(y.device):
         a, beta, sh = kn._coefs(mean, rstd, nwa, nba, N, C, y.dtype)
         if y.numel():
             prm = kn._scalars(0.0, slope, y.device)
             for n0, n1 in kn._slices(N):  # the grid's sample axis holds 65535 at most
                 p0, p1 = n0 * C, n1 * C
-                part = kn._bwd_sums(dzp[n0:n1], y[n0:n1], a[p0:p1], beta[p0:p1], sh[p0:p1], mean[p0:p1], rstd[p0:p1],
-                                    nwa, prm, act, None, dnw[p0:p1], dnb[p0:p1], None)
+                if partials is not None:
+                    part = kn.finish_sums(partials[0][n0:n1], partials[1][n0:n1], S, nwa, rstd[p0:p1], dnw[p0:p1],
+                                          dnb[p0:p1])
+                else:
+                    part = kn._bwd_sums(dzp[n0:n1], y[n0:n1], a[p0:p1], beta[p0:p1], sh[p0:p1], mean[p0:p1],
+                                        rstd[p0:p1], nwa, prm, act, None, dnw[p0:p1], dnb[p0:p1], None)
                 for t, v in zip(c, part):
                     t[p0:p1] = v
         cf = kb.coefficients(a, beta, sh, mean, rstd, *c)
         if need[0]:
             dx = torch.empty_like(x, memory_format=NA._cl_format(x) or torch.contiguous_format)
-            kb.conv_dgrad(dzp, y, weight, cf, act, slope, dx, stride, padding, dilation)
+            st = None
+            if prev_stats is not None and prologue is not None:
+                pa, pb, psh, pact, pslope = prologue
+                st = (x, pa, pb, psh, prev_stats[0], prev_stats[1], kn._scalars(0.0, pslope, y.device), pact)
+            prev = kb.conv_dgrad(dzp, y, weight, cf, act, slope, dx, stride, padding, dilation, stats=st)
         if need[1]:
             dw = kb.conv_wgrad(dzp, y, x, weight, cf, act, slope, stride, padding, dilation,
                                sms=_sms(y.device) if y.device.type == "cuda" else 4, prologue=prologue)
@@ -513,7 +529,7 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
                 memory_format=_cl(weight.ndim) if NA._cl_format(weight) else torch.contiguous_format)
     if need[2] and bias_shape is not None:
         db = torch.zeros(bias_shape, dtype=weight.dtype, device=y.device)  # instance norm: exactly 0
-    return dx, dw, db, dnw.view(N, C).sum(0), dnb.view(N, C).sum(0)
+    return dx, dw, db, dnw.view(N, C).sum(0), dnb.view(N, C).sum(0), prev
 
 
 def _use_triton_bwd(tri: bool):
@@ -555,7 +571,7 @@ def _backward(ctx, dz, dy_, dmean, drstd):
     out = None if dy_ is not None else _try_triton_bwd(
         _use_triton_bwd(ctx.tri), dz, x, weight, y, nw, nb, mean, rstd, ctx.conf, ctx.bias_shape, need[:3])
     if out is not None:
-        dx, dw, db, dnw, dnb = out
+        dx, dw, db, dnw, dnb, _ = out
         return (dx, dw, db if ctx.has[0] else None,
                 dnw.to(nw.dtype) if ctx.has[1] and need[3] else None,
                 dnb.to(nb.dtype) if ctx.has[2] and need[4] else None,
@@ -787,22 +803,24 @@ def _chain_backward(ctx, dz2, dy1_, dm1, dr1, dy2_, dm2, dr2):
         # written in the backward either)
         N, C = y1.shape[0], y1.shape[1]
         a1, beta1, sh1 = use[0]._coefs(m1, r1, NA._affine_arg(nw1, y1), NA._affine_arg(nb1, y1), N, C, y1.dtype)
+        # and its data gradient's epilogue sums the first layer's backward sums over the dz1 it stores
         out2 = _try_triton_bwd(use, dz2, y1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
                                (True, need[11], need[12]),
-                               prologue=(a1.float(), beta1.float(), sh1.float(), c1[4], c1[3]))
+                               prologue=(a1.float(), beta1.float(), sh1.float(), c1[4], c1[3]), prev_stats=(m1, r1))
+    parts1 = None
     if out2 is not None:
-        dz1, dw2, db2, dnw2, dnb2 = out2
+        dz1, dw2, db2, dnw2, dnb2, parts1 = out2
     else:
         z1 = NA.norm_act_apply(y1, nw1, nb1, m1, r1, c1[3], c1[4])  # the second convolution's input again
         dz1, dw2, db2, dnw2, dnb2 = _layer_bwd(dz2, dy2_, z1, w2, y2, nw2, nb2, m2, r2, c2, ctx.bias_shapes[1],
                                                (True, need[11], need[12]))
         del z1
     need1 = (need[0], need[1], need[2])
-    out1 = _try_triton_bwd(use, dz1, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0], need1) \
-        if use is not None and dy1_ is None else None
+    out1 = _try_triton_bwd(use, dz1, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0], need1,
+                           partials=parts1) if use is not None and dy1_ is None else None
     if out1 is None:
         out1 = _layer_bwd(dz1, dy1_, x, w1, y1, nw1, nb1, m1, r1, c1, ctx.bias_shapes[0], need1)
-    dx, dw1, db1, dnw1, dnb1 = out1
+    dx, dw1, db1, dnw1, dnb1 = out1[:5]
     has = ctx.has
 
     def g(t, ok, ref):
