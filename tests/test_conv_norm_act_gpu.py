@@ -31,8 +31,8 @@ def triton_conv(monkeypatch):
     from fastmed.kernels import conv_triton as KC
 
     monkeypatch.setenv("FASTMED_TRITON_CONV", "force")  # every layer, also those cuDNN would get
-    calls = {"n": 0, "bwd": 0}
-    orig, orig_w = KC.conv_fwd, KB.conv_wgrad
+    calls = {"n": 0, "bwd": 0, "epilogue_sums": 0}
+    orig, orig_w, orig_d = KC.conv_fwd, KB.conv_wgrad, KB.conv_dgrad
 
     def counted(*a, **k):
         calls["n"] += 1
@@ -42,8 +42,14 @@ def triton_conv(monkeypatch):
         calls["bwd"] += 1
         return orig_w(*a, **k)
 
+    def counted_d(*a, **k):
+        out = orig_d(*a, **k)
+        calls["epilogue_sums"] += out is not None  # a chain's first backward sums in its epilogue
+        return out
+
     monkeypatch.setattr(KC, "conv_fwd", counted)
     monkeypatch.setattr(KB, "conv_wgrad", counted_w)
+    monkeypatch.setattr(KB, "conv_dgrad", counted_d)
     old_tf32 = torch.backends.cudnn.allow_tf32
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fastmed: the Triton")
@@ -189,7 +195,7 @@ def test_optimized_dynunet_uses_it(autocast, triton_conv):
     m = monai_nets.DynUNet(3, 1, 3, kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
                            norm_name=("instance", {"affine": True})).cuda().train()
     o, ref, x, tol = _trained_alike(m, autocast)
-    assert triton_conv["n"] >= 8 and triton_conv["bwd"] >= 8
+    assert triton_conv["n"] >= 8 and triton_conv["bwd"] >= 8 and triton_conv["epilogue_sums"] >= 4
     n = triton_conv["n"]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol  # conv_norm_act_infer: in place
@@ -235,7 +241,7 @@ def test_optimized_plainconvunet_uses_it(autocast, triton_conv, monkeypatch):
                   nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
     m = dna.PlainConvUNet(1, 3, (16, 32, 64), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), **common).cuda().train()
     o, ref, x, tol = _trained_alike(m, autocast)
-    assert triton_conv["n"] >= 10 and triton_conv["bwd"] >= 10
+    assert triton_conv["n"] >= 10 and triton_conv["bwd"] >= 10 and triton_conv["epilogue_sums"] >= 3
     seen = _count_prologues(monkeypatch)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         assert _rel(o.eval()(x).float(), ref.eval()(x).float()) < tol

@@ -442,7 +442,9 @@ sums = []
 orig_sums = KN._bwd_sums
 KN._bwd_sums = lambda *a, **k: (sums.append(1), orig_sums(*a, **k))[1]
 CHAIN = [((2, 3, 6, 5, 7), 8, 1, True, torch.float32, 2, 0.2), ((1, 16, 5, 6, 4), 20, 2, True, torch.bfloat16, 1, 0.0),
-         ((1, 4, 9, 8), 18, 1, False, torch.float32, 0, 0.0), ((2, 4, 9, 8), 6, 2, True, torch.float16, 2, 0.01)]
+         ((1, 4, 9, 8), 18, 1, False, torch.float32, 0, 0.0),
+         ((1, 2, 5, 6, 4), 1, 1, True, torch.float32, 2, 0.01),  # 1 channel: contiguous and channels last at once
+         ((2, 4, 9, 8), 6, 2, True, torch.float16, 2, 0.01)]  # (the last: the checks after the loop use it)
 for ci, (shape, cmid, st2, cl, dt, act1, slope1) in enumerate(CHAIN):
     nd = len(shape) - 2
     fmt = (torch.channels_last_3d if nd == 3 else torch.channels_last) if cl else torch.contiguous_format
@@ -472,7 +474,7 @@ for ci, (shape, cmid, st2, cl, dt, act1, slope1) in enumerate(CHAIN):
         a, b = fused[i].double(), plain[i].double()
         e = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-3)
         assert e <= (tol if i >= 3 else max(tol, 1e-6 if dt == torch.float32 else 2e-2)), (ci, i, e)
-    if ci == 3:  # one sample per launch (the grid's sample axis), and the tiles' sums merged in groups
+    if ci == len(CHAIN) - 1:  # one sample per launch (the grid's sample axis), and the tiles' sums merged in groups
         KB._MAX_N = KN._MAX_N = 1
         one = CN._triton_bwd(KN, KB, dz2, y1, w2, y2, nw2, nb2, m2, r2, conf2, None, (True, True, False),
                              prologue=pro, prev_stats=(m1, r1))

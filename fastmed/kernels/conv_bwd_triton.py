@@ -286,6 +286,12 @@ def _idx(*ts, pad: int = 0):
     return tl.int64 if (big or conv_triton.FORCE_INT64) else tl.int32
 
 
+def _same_layout(a, b) -> bool:
+    """a and b have one shape and address their elements alike (strides of size-1 dims aside: a
+    1-channel tensor is contiguous and channels last at once, with either's strides)."""
+    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, dilation, stats=None):
     """dx = the input gradient of y = conv(x, weight) for dy = the prologue's (never stored), into
     ``dx`` (x's shape, any strides). ``dz`` and ``y`` share one layout; ``cf``: coefficients().
@@ -296,9 +302,9 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
     (norm_act_triton._scalars: the slope at [1]); the epilogue then also produces that layer's
     backward sums, returned as (ps0, ps1): (N, tiles, Cin) per-tile sums of g and g xhat (see the
     kernel), the input of norm_act_triton.finish_sums. None (nothing produced) without ``stats``,
-    or when x's strides are not dx's."""
+    or when x is not laid out as dx."""
     stride, padding, dilation, prec, upcast = _common(dx, weight, stride, padding, dilation)
-    if stats is not None and tuple(stats[0].shape) == tuple(dx.shape) and stats[0].stride() == dx.stride():
+    if stats is not None and _same_layout(stats[0], dx):
         x1, sa, sb, ssh, smean, srstd, sprm, sact = stats
         assert sa.dtype == sb.dtype == ssh.dtype == torch.float32 and 0 <= int(sact) <= 2
         assert smean.dtype == srstd.dtype == torch.float64
