@@ -231,8 +231,9 @@ def test_prologue_chain_in_dynunet_inference(dtype, triton_conv, monkeypatch):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_optimized_plainconvunet_uses_it(autocast, triton_conv, monkeypatch):
-    """nnU-Net's PlainConvUNet on the Triton convolution: every ConvDropoutNormReLU in training, the
-    stacks two layers at a time (prologue chain) in inference; same results as eager cuDNN."""
+    """nnU-Net's PlainConvUNet on the Triton convolution: the stacks two layers at a time (prologue
+    chain) in training and inference, the first layer's backward sums from the second's
+    data-gradient epilogue in training; same results as eager cuDNN."""
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
 
     torch.backends.cudnn.allow_tf32 = False

@@ -333,6 +333,8 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
     nbm = triton.cdiv(Mc, bm)
     nt = classes * nbm
     bn = _block_n(Cin)
+    if stats is not None and stats_dtype(dx.dtype) == torch.float64:
+        bn = min(bn, 32)  # the epilogue's float64 tiles: at 64 channels they spilled (sm_90, no activation)
     bk = min(max(triton.next_power_of_2(Cout), 16), 32)  # 8 warps, K steps of 32: no spills (as conv_fwd)
     idx = _idx(dz, dx, pad=max(padding) * max(abs(v) for v in dx.stride()[1:]))
     sz, sx = y.stride(), dx.stride()
