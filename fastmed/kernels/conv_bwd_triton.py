@@ -323,7 +323,7 @@ def conv_dgrad(dz, y, weight, cf, act: int, slope: float, dx, stride, padding, d
     if Cout == 0 or y.numel() == 0:
         dx.zero_()
         return None
-    assert dz.stride() == y.stride()
+    assert _same_layout(dz, y)
     w3 = weight.permute(2, 3, 4, 0, 1).contiguous()  # (KD, KH, KW, Cout, Cin): rows (tap, co)
     # per residue class of the input voxels (see the kernel): ceil(D / stride) x ... voxels
     Dc, Hc, Wc = (triton.cdiv(v, s) for v, s in zip((D, H, W), stride))
@@ -389,7 +389,7 @@ def conv_wgrad(dz, y, x, weight, cf, act: int, slope: float, stride, padding, di
     if N == 0 or Mo == 0 or Cout == 0 or Cin == 0:
         dw = torch.zeros(ws_shape, dtype=torch.float32, device=x.device)
     else:
-        assert dz.stride() == y.stride()
+        assert _same_layout(dz, y)
         flat = Cin < SMALL_CIN
         bmc = min(max(triton.next_power_of_2(Cout), 16), 64)
         bn = 16 if flat else min(max(triton.next_power_of_2(Cin), 16), 64)

@@ -493,7 +493,7 @@ def _triton_bwd(kn, kb, dz, x, weight, y, nw, nb, mean, rstd, conf, bias_shape, 
     N, C = y.shape[0], y.shape[1]
     S = math.prod(y.shape[2:])
     dzp = dz.to(y.dtype)
-    if dzp.stride() != y.stride():  # dz read with y's strides (a 1-channel y is both layouts at once)
+    if not kb._same_layout(dzp, y):  # dz read with y's strides (strides of size-1 dims aside)
         dzp = torch.empty_like(y).copy_(dzp)
     nwa, nba = NA._affine_arg(nw, y), NA._affine_arg(nb, y)
     dnw = torch.zeros(N * C, dtype=torch.float64, device=y.device)
