@@ -6,10 +6,6 @@ norm_act's merge and elementwise kernels) bit for bit against norm_act of the sa
 output. In a subprocess: the interpreter must be on before triton loads."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
@@ -175,9 +171,9 @@ print("ok")
 """
 
 
-def test_triton_conv_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+@pytest.mark.background(SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=900)
+def test_triton_conv_under_the_interpreter(background):
+    r = background
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -255,11 +251,11 @@ print("training chain ok")
 """
 
 
-def test_triton_conv_prologue_under_the_interpreter():
+@pytest.mark.background(CHAIN_SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=900)
+def test_triton_conv_prologue_under_the_interpreter(background):
     """Two conv -> norm -> act layers with the first norm + activation applied in the second
     convolution's prologue: bit for bit the result of the two layers run one after the other."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", CHAIN_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    r = background
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -503,11 +499,11 @@ print("ok")
 """
 
 
-def test_triton_conv_backward_under_the_interpreter():
+@pytest.mark.background(BWD_SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=900)
+def test_triton_conv_backward_under_the_interpreter(background):
     """The fused backward (norm + activation backward inside the convolution's data and weight
     gradients, dy never stored) against the float64 backward of the same stored y, no further from
     it than PyTorch's unfused backward in the same dtype (float32: to 1e-6), over the forward's
     cases; the split weight-gradient reduction; 64-bit offsets; the op's autograd on this path."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", BWD_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    r = background
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -3,10 +3,6 @@ forward, in place and backward against the C++ kernel (float32 / float64) and th
 reference (float16 / bfloat16). In a subprocess: the interpreter must be on before triton loads."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
@@ -157,9 +153,9 @@ assert not bad, bad
 """
 
 
-def test_triton_norm_act_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+@pytest.mark.background(SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=600)
+def test_triton_norm_act_under_the_interpreter(background):
+    r = background
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -281,9 +277,9 @@ assert not bad, bad
 """
 
 
-def test_triton_group_and_batch_norm_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SETS_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+@pytest.mark.background(SETS_SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=900)
+def test_triton_group_and_batch_norm_under_the_interpreter(background):
+    r = background
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -349,7 +345,7 @@ print("ok")
 """
 
 
-def test_triton_planes_far_from_zero_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", FAR_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+@pytest.mark.background(FAR_SCRIPT, env={"TRITON_INTERPRET": "1"}, timeout=900)
+def test_triton_planes_far_from_zero_under_the_interpreter(background):
+    r = background
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
