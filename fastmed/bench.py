@@ -234,8 +234,16 @@ def _peak_extra_mb(case_idx: int, impl: str, quick: bool, device: str, case: Cas
     return q.get(timeout=5) if p.exitcode == 0 else None
 
 
+# what ``ops`` selects: the fused losses; optimize(model) on U-Nets (eval forward and training steps;
+# on CUDA also one conv -> norm -> act block forward + backward); resampling; sliding-window inference
+OPS = ("dice_ce", "optimize", "resample", "sliding_window")
+
+
 def run(quick: bool = False, device: str = "cpu", reps: Optional[int] = None, ops: Optional[list] = None,
         memory: bool = True, log=print) -> dict:
+    unknown = [o for o in (ops or []) if o not in OPS]
+    if unknown:
+        raise ValueError(f"ops: unknown {unknown}; choose from {list(OPS)}")
     reps = reps or (5 if quick else 10)
     bw = copy_bandwidth(device, nbytes=(256 if quick else 512) * 2**20)
     log(f"device: {device_name(device)}; copy bandwidth {bw:.1f} GB/s (read + write)")

@@ -30,8 +30,12 @@ keeping every module, parameter and state_dict key:
   with its weight (same state_dict key, same optimizer parameter) as ``_AppliedPReLU``, whose
   forward passes its input through because the fused norm already applied it (MONAI's default
   ``UNet``: InstanceNorm -> Dropout(0) -> PReLU in every block).
-A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was fused
-and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
+A Sequential is fused only where its parent runs it whole: the model itself, a plain
+``nn.Sequential`` / ``ModuleList`` / ``ModuleDict``, or a module whose forward's source uses it only
+in calls ``self.<name>(...)`` (a parent that indexes it or loops over its modules would see the
+fused pair; slicing an optimized Sequential between a fused norm and its activation's slot does
+too). A pattern that does not match exactly is left as it was, and ``verbose=True`` says what was
+fused and why the rest was not. At run time the fused code falls back to the eager modules for inputs the
 kernels do not take (CPU float16 / bfloat16, CPU autocast, devices other than CPU and CUDA, CUDA
 without Triton), so an optimized model runs everywhere the original did. On CUDA the norm +
 activation run as Triton kernels (float32 / float64 / float16 / bfloat16, contiguous or channels
@@ -80,9 +84,18 @@ statistics (``fastmed.ops.conv_norm_act.norm_act_keep_source``), and the ``OneDN
 there (bit-identical): each conv -> norm -> activation layer keeps one activation for the backward
 where eager keeps two.
 
-Not here yet (issue #5): a fused backward (the backward is norm_act's kernels + cuDNN / oneDNN),
-fusing the convolution on the CPU. The CUDA paths are checked under TRITON_INTERPRET=1 only, not
-yet on a GPU.
+On that Triton route the backward is fused too (``fastmed/kernels/conv_bwd_triton.py``: the norm +
+activation backward inside the convolution's data- and weight-gradient GEMMs, the first layer's
+backward statistics in the second layer's data-gradient epilogue). Elsewhere the backward is
+norm_act's kernels, then cuDNN's / oneDNN's convolution backward; the CPU convolution is oneDNN's
+(not fused with the norm). The CUDA paths are checked under TRITON_INTERPRET=1 only, not yet on a
+GPU.
+
+Hooks: a pattern with a hook on its norm, activation or a Dropout between them, or with any global
+module hook, is not fused. A hook registered after ``optimize`` on a DynUNet block's norm or
+activation makes the block run its own forward (so it runs); on a fused norm in a Sequential it sees
+the activated output. A forward hook on a convolution sees its output as eager does (it is then not
+normalised in place).
 """
 from __future__ import annotations
 
@@ -496,7 +509,15 @@ def _conv_then_norm_act(conv: nn.Module, norm: nn.Module, spec: dict, x: Tensor)
     z = _conv_norm_act(conv, norm, spec, x)
     if z is not None:
         return z
-    return _norm_then_act(type(norm).forward, norm, spec, conv(x), fresh=True)
+    # the convolution's output is normalised in place in inference, unless a forward hook (the
+    # convolution's own or a global one) has seen it and may keep it
+    return _norm_then_act(type(norm).forward, norm, spec, conv(x), fresh=not (_hooked(conv) or _global_hooks()))
+
+
+def _hooks_since(*mods: nn.Module) -> bool:
+    """A hook registered (after optimize) on a module that a fused forward does not call, or a
+    global module hook: then the block runs its own forward, which calls them all."""
+    return _global_hooks() or any(_hooked(m) for m in mods)
 
 
 class _AppliedPReLU(nn.PReLU):
@@ -624,9 +645,17 @@ class ConvNormAct(nn.Module):
         conv_t = OneDNNConv3d if spatial_dims == 3 else FastConv2d
         self.conv = conv_t(in_channels, out_channels, ks, stride=stride, padding=padding, dilation=dl,
                            groups=groups, bias=bias)
+        for name, kw, part in (("norm_kwargs", norm_kwargs, norm_name), ("act_kwargs", act_kwargs, act_name)):
+            if kw and part is None:
+                raise ValueError(f"{name}={kw!r} given with {name.split('_')[0]}=None (nothing to pass them to)")
         nk = dict(norm_kwargs or {})
         if norm_name == "group":
-            self.norm = nn.GroupNorm(nk.pop("num_groups", 8), out_channels, **nk)
+            groups_n = nk.pop("num_groups", 8)
+            if isinstance(groups_n, int) and groups_n > 0 and out_channels % groups_n:
+                raise ValueError(f"norm='group' splits out_channels={out_channels} into num_groups={groups_n} "
+                                 f"groups{' (the default)' if 'num_groups' not in (norm_kwargs or {}) else ''}, which "
+                                 f"does not divide it: set norm_kwargs={{'num_groups': ...}}")
+            self.norm = nn.GroupNorm(groups_n, out_channels, **nk)
         elif norm_name is not None:
             self.norm = _NORMS[norm_name][spatial_dims](out_channels, **nk)
         ak = dict(act_kwargs or {})
@@ -668,7 +697,7 @@ if UnetBasicBlock is not None:
         """UnetBasicBlock with norm + activation fused (fastmed.optimize)."""
 
         def forward(self, inp):
-            if not _kernel_ok(inp, self.norm1):
+            if not _kernel_ok(inp, self.norm1) or _hooks_since(self.norm1, self.norm2, self.lrelu):
                 return UnetBasicBlock.forward(self, inp)
             out = _conv_pair(((self.conv1, self.norm1, self._fm_specs[0]), (self.conv2, self.norm2,
                                                                             self._fm_specs[1])), inp)
@@ -685,7 +714,7 @@ if UnetBasicBlock is not None:
         """UnetResBlock with its first norm + activation fused (fastmed.optimize)."""
 
         def forward(self, inp):
-            if not _kernel_ok(inp, self.norm1):
+            if not _kernel_ok(inp, self.norm1) or _hooks_since(self.norm1, self.lrelu):
                 return UnetResBlock.forward(self, inp)
             residual = inp
             out = _conv_then_norm_act(self.conv1, self.norm1, self._fm_specs[0], inp)
@@ -858,11 +887,44 @@ if ConvDropoutNormReLU is not None and _forward_is(ConvDropoutNormReLU, "return 
 _SEQUENTIAL_ONLY_PARENTS = ("ConvDropoutNormReLU", "FusedConvDropoutNormReLU")
 
 
+def _runs_whole(seq: nn.Sequential, parent: Optional[nn.Module]) -> str:
+    """'' when ``parent`` runs ``seq`` only as a whole (each of its modules then sees the previous
+    one's output), else why that is not known. A fused norm applies the activation that follows it
+    and the activation's slot passes its input through, so a parent that indexed the Sequential, or
+    called some of its modules alone, would get other values. Known: no parent (the model itself),
+    a parent that is a plain ``nn.Sequential``, ``nn.ModuleList`` or ``nn.ModuleDict``, or one whose
+    forward's source uses the Sequential only in calls ``self.<name>(...)``."""
+    import inspect
+    import re
+
+    if parent is None or type(parent) in (nn.ModuleList, nn.ModuleDict):
+        return ""
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        return ""
+    names = [k for k, v in parent._modules.items() if v is seq]
+    cls = type(parent)
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return f"the source of {cls.__name__}.forward is not available to check how it runs the Sequential"
+    code = getattr(cls.forward, "__code__", None)
+    me = code.co_varnames[0] if code is not None and code.co_argcount > 0 else "self"
+    for name in names:
+        uses = [m.end() for m in re.finditer(r"\b" + re.escape(me) + r"\s*\.\s*" + re.escape(name) + r"\b", src)]
+        if not uses or re.search(r"[\"']" + re.escape(name) + r"[\"']", src):
+            return f"{cls.__name__}.forward does not call {me}.{name}(...) (it may run its modules one by one)"
+        if any(not re.match(r"\s*\(", src[e:]) for e in uses):
+            return (f"{cls.__name__}.forward uses {me}.{name} other than by calling it (indexing it or "
+                    f"running its modules one by one would see the fused pair)")
+    return ""
+
+
 def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list, refs: dict,
                      parent: Optional[nn.Module]) -> None:
     """In one nn.Sequential: InstanceNorm -> [Dropout(p=0)] -> LeakyReLU / ReLU becomes a fused
     instance norm (the same object, its class swapped) and nn.Identity in the activation's slot."""
     names = list(seq._modules)
+    whole = None
     for k, name in enumerate(names):
         norm = seq._modules[name]
         if not isinstance(norm, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d,
@@ -896,6 +958,11 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, fused: list, skipped: list
         if spec is not None and shared:
             spec, why = None, (f"{type(shared[0]).__name__} is registered more than once in the model (it may "
                                f"run outside this Sequential)")
+        if spec is not None:
+            if whole is None:
+                whole = _runs_whole(seq, parent)
+            if whole:
+                spec, why = None, whole
         if spec is None:
             skipped.append((where, why))
             continue
@@ -1080,7 +1147,11 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False, cha
         mod.__class__ = target
         fused.append(name or type(model).__name__)
     for mod in model.modules():  # nnU-Net's layers and stacks: the Triton convolution's routes on CUDA
-        if type(mod) in _NNUNET_BLOCKS:
+        # (only those holding a fused layer: one with nothing fused keeps its class)
+        if type(mod) is ConvDropoutNormReLU and type(mod) in _NNUNET_BLOCKS and _nnunet_layer(mod) is not None:
+            mod.__class__ = _NNUNET_BLOCKS[type(mod)]
+        elif type(mod) is StackedConvBlocks and type(mod) in _NNUNET_BLOCKS and isinstance(mod.convs, nn.Sequential) \
+                and any(_nnunet_layer(b) is not None for b in mod.convs if type(b) in _NNUNET_BLOCKS):
             mod.__class__ = _NNUNET_BLOCKS[type(mod)]
     for mod in model.modules():  # the classes an earlier optimize() gave: back first, set anew below
         # (not where the class changed since, e.g. to a weight parametrization's subclass of ours)

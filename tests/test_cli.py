@@ -41,6 +41,16 @@ def test_bench_refuses_bad_reps(capsys):
     assert "--reps" in capsys.readouterr().err
 
 
+def test_bench_refuses_unknown_ops(capsys):
+    """Found by review: `--ops blocks` (or any typo) ran nothing and printed an empty table."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--ops", "blocks"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ops"):
+        bench.run(ops=["dice"])
+    assert cli._BENCH_OPS == bench.OPS
+
+
 def test_save_never_overwrites(tmp_path):
     path = tmp_path / "r.json"
     path.write_text("{}")

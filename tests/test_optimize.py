@@ -138,6 +138,9 @@ CASES = [
     (2, 3, 1, None, 1, False, "instance", {"affine": True}, "leakyrelu", {}),
     (2, 3, 2, None, 1, True, "batch", {"affine": False}, "relu", {}),
     (2, 3, 1, None, 1, False, "group", {"num_groups": 4}, None, None),
+    (3, 3, 1, "same", 1, True, "instance", {"affine": True}, "leakyrelu", {}),
+    (2, (3, 5), 1, "same", (2, 1), False, "instance", {"affine": True}, "relu", {}),
+    (2, 3, (2, 1), (1, 2), 2, True, "group", {"num_groups": 2, "affine": False}, "leakyrelu", {}),
 ]
 
 
@@ -200,12 +203,25 @@ def test_conv_norm_act_state_dict_names_and_fallbacks():
     ({"kernel_size": (3, 3)}, ValueError, "kernel_size"),
     ({"kernel_size": 2.5}, ValueError, "kernel_size"),
     ({"dilation": 0}, ValueError, "dilation"),
+    ({"norm": "group"}, ValueError, "num_groups=8 groups \\(the default\\).*norm_kwargs"),
+    ({"norm": "group", "norm_kwargs": {"num_groups": 3}}, ValueError, "num_groups=3"),
+    ({"act": None, "act_kwargs": {"negative_slope": 0.1}}, ValueError, "act_kwargs.*act=None"),
+    ({"norm": None, "norm_kwargs": {"affine": True}}, ValueError, "norm_kwargs.*norm=None"),
 ])
 def test_conv_norm_act_bad_arguments(kw, exc, match):
     args = dict(in_channels=2, out_channels=4)
     args.update(kw)
     with pytest.raises(exc, match=match):
         ConvNormAct(**args)
+
+
+def test_zero_stride_gets_pytorchs_error():
+    """Found by review: stride 0 raised ZeroDivisionError from the oneDNN routing check."""
+    x = torch.randn(1, 2, 6, 6, 6)
+    with pytest.raises(RuntimeError, match="stride"):
+        ConvNormAct(2, 4, stride=0)(x)
+    with pytest.raises(RuntimeError, match="stride"):
+        fastmed.optimize(nn.Sequential(nn.Conv3d(2, 4, 3, stride=0)))(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,6 +470,103 @@ def test_hooked_norm_or_activation_is_not_fused():
             out = o(x)
         assert len(calls) == 2 and any("hook" in why for _, why in o._fastmed_report["skipped"])
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+
+class _Indexed(nn.Module):
+    """A block whose forward runs its Sequential's modules one by one, with a step between."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.ReLU())
+
+    def forward(self, x):
+        return self.layers[2](self.layers[1](self.layers[0](x)) - 1.0)
+
+
+class _Looped(_Indexed):
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) - (1.0 if i == 1 else 0.0)
+        return x
+
+
+class _Whole(_Indexed):
+    def forward(me, x):  # noqa: N805 - any name for the module argument
+        return me.layers (x) + 1.0
+
+
+def test_sequential_run_piece_by_piece_is_not_fused():
+    """Found by review: a parent that indexed its Sequential (or looped over it with a step between)
+    got the fused norm's activated output and the activation's emptied slot, a wrong result with
+    nothing reported. Now only a Sequential its parent calls whole is fused."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6, 6)
+    for cls, fuse in ((_Indexed, False), (_Looped, False), (_Whole, True)):
+        m = cls().eval()
+        o = fastmed.optimize(m)
+        rep = o._fastmed_report
+        assert bool(rep["fused"]) == fuse, (cls, rep)
+        if not fuse:
+            assert "other than by calling it" in rep["skipped"][0][1]
+            assert type(o.layers[1]) is nn.InstanceNorm3d and type(o.layers[2]) is nn.ReLU
+        with torch.no_grad():
+            torch.testing.assert_close(o(x), m(x), rtol=1e-5, atol=1e-5)
+    # a parent with no forward of its own to read: left alone, with the reason
+    holder = nn.Module()
+    holder.seq = nn.Sequential(nn.Conv3d(1, 4, 3), nn.InstanceNorm3d(4), nn.ReLU())
+    o = fastmed.optimize(holder)
+    assert not o._fastmed_report["fused"] and o._fastmed_report["skipped"]
+
+
+def test_hooks_on_a_fused_block_see_what_eager_shows_them():
+    """Found by review: (1) in inference the fused DynUNet block and ConvNormAct normalised the
+    convolution's output in place, so a forward hook on the convolution that kept its output saw it
+    normalised; (2) a hook registered after optimize on a DynUNet block's norm or activation never
+    ran (the fused forward does not call them). Now a hooked convolution's output is left as it is,
+    and a block with a hook on a module its fused forward skips runs its own forward."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16, 16, 16)
+    for res in (False, True):
+        m = _dynunet(res).eval()
+        o = fastmed.optimize(m)
+        kept = {}
+        for net, key in ((m, "eager"), (o, "fused")):
+            net.input_block.conv1.register_forward_hook(lambda mod, i, out, key=key: kept.__setitem__(key, out))
+            with torch.no_grad():
+                net(x)
+        torch.testing.assert_close(kept["fused"], kept["eager"], rtol=1e-5, atol=1e-5)
+        for where in ("input_block.norm1", "input_block.lrelu"):
+            calls, outs = [], []
+            for net in (m, o):
+                h = copy.deepcopy(net)
+                h.get_submodule(where).register_forward_hook(lambda mod, i, out: (calls.append(1), out * 0.5)[1])
+                with torch.no_grad():
+                    outs.append(h(x))
+            assert len(calls) % 2 == 0 and calls, where
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    blk = ConvNormAct(2, 4).eval()
+    ref = nn.Conv3d(2, 4, 3, padding=1)
+    ref.load_state_dict(blk.conv.state_dict())
+    kept = []
+    blk.conv.register_forward_hook(lambda mod, i, out: kept.append(out))
+    xx = torch.randn(1, 2, 6, 6, 6)
+    with torch.no_grad():
+        blk(xx)
+        torch.testing.assert_close(kept[0], ref(xx), rtol=1e-5, atol=1e-5)
+
+
+def test_nnunet_blocks_with_nothing_fused_keep_their_class():
+    """Found by review: every ConvDropoutNormReLU / StackedConvBlocks got its fused class even where
+    its norm and nonlinearity were not fused (GELU)."""
+    import dynamic_network_architectures.architectures.unet as dna
+
+    common = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=nn.GELU)
+    m = dna.PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 3, (2, 2), **common)
+    o = fastmed.optimize(m, onednn=False, upconv=False, channels_last=False)
+    assert [type(a) for a in m.modules()] == [type(b) for b in o.modules()]
+    assert not o._fastmed_report["fused"] and o._fastmed_report["skipped"]
 
 
 def test_optimizing_again_restores_what_it_changed():

@@ -72,6 +72,8 @@ def onednn_suits(x: Tensor, weight: Tensor, stride=(1, 1, 1), groups: int = 1) -
         return False
     if x.shape[0] != 1 or x.shape[1] * x.shape[2] * x.shape[3] > _ATEN_ONEDNN_MIN:
         return False  # PyTorch already runs oneDNN here
+    if any(st < 1 for st in stride):
+        return False  # PyTorch's convolution says what is wrong
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     if torch.is_autocast_enabled("cpu"):
