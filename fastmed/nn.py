@@ -911,8 +911,10 @@ def _runs_whole(seq: nn.Sequential, parent: Optional[nn.Module]) -> str:
     me = code.co_varnames[0] if code is not None and code.co_argcount > 0 else "self"
     for name in names:
         uses = [m.end() for m in re.finditer(r"\b" + re.escape(me) + r"\s*\.\s*" + re.escape(name) + r"\b", src)]
-        if not uses or re.search(r"[\"']" + re.escape(name) + r"[\"']", src):
+        if not uses:
             return f"{cls.__name__}.forward does not call {me}.{name}(...) (it may run its modules one by one)"
+        if re.search(r"[\"']" + re.escape(name) + r"[\"']", src):
+            return f"{cls.__name__}.forward names {name!r} in a string (it may reach the Sequential by getattr)"
         if any(not re.match(r"\s*\(", src[e:]) for e in uses):
             return (f"{cls.__name__}.forward uses {me}.{name} other than by calling it (indexing it or "
                     f"running its modules one by one would see the fused pair)")
