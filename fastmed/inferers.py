@@ -118,7 +118,11 @@ def importance_map_factors(patch_size: Sequence[int], mode="constant", sigma_sca
     for p, s in zip(patch_size, sig):
         sigma = p * s
         x = torch.arange(start=-(p - 1) / 2.0, end=(p - 1) / 2.0 + 1, dtype=torch.float)
-        gs.append(torch.exp(x**2 / (-2 * sigma**2)))
+        g = torch.exp(x**2 / (-2 * sigma**2))
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"sigma_scale: {sigma_scale} gives a Gaussian that is not finite over a window "
+                             f"of {p} voxels (sigma = {p} x {s})")
+        gs.append(g)
     low = gs[0].min()
     for g in gs[1:]:
         low = low * g.min()
@@ -222,6 +226,47 @@ def _check_args(inputs, roi_size, sw_batch_size, overlap, mode, padding_mode):
     if padding_mode not in _PAD_MODES:
         raise ValueError(f"padding_mode: expected one of {_PAD_MODES}, got {padding_mode!r}")
     return nsp, overlap, mode, padding_mode
+
+
+def _device_arg(value, name: str, default: torch.device) -> torch.device:
+    """``device`` / ``sw_device`` as a torch.device (``default`` for None), refused here, naming the
+    argument, when it is not a device or names a CUDA device this process does not have."""
+    if value is None:
+        return default
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not a device: {value!r}") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{name}: {value!r} asks for CUDA, which this process does not have "
+                             f"(PyTorch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{name}: {value!r} asks for CUDA device {dev.index}, but this process sees {n}")
+    return dev
+
+
+def _real_pred(p: Tensor, who: str, dtype: torch.dtype) -> Tensor:
+    """A prediction as the stitching kernels take it: floating point as it is; integers and booleans
+    converted to the accumulator's ``dtype`` (summed as numbers); complex refused, naming ``who``."""
+    if p.is_complex():
+        raise TypeError(f"{who}: outputs must be real, got {p.dtype}")
+    return p if p.dtype in FLOAT_DTYPES else p.to(dtype)
+
+
+def _check_weight_sum(count: Tensor, name: str, origin: Optional[Sequence[int]] = None) -> None:
+    """Refuse a weight sum that is 0 or not finite anywhere (a window weight map with zeros, NaN or
+    inf; MONAI returns NaN or inf there), naming the argument that gave the weights. ``count`` is
+    (1, 1, *spatial), its voxel 0 at ``origin`` of the (padded) image."""
+    bad = ~torch.isfinite(count) | (count == 0)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        at = tuple(i + o for i, o in zip(first[2:], origin or [0] * (count.ndim - 2)))
+        raise ValueError(
+            f"{name}: the windows' weights sum to {count[tuple(first)].item()} at voxel {at} "
+            f"(one of {int(bad.sum())}), so the result there would be 0/0 or not finite; give weights "
+            "that are finite and non-zero where every voxel is covered")
 
 
 def _pad_to_roi(inputs, condition, roi_size, padding_mode, cval):
@@ -370,8 +415,8 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
     compute_dtype = inputs.dtype
     batch_size = inputs.shape[0]
     image_size_ = tuple(inputs.shape[2:])
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = _device_arg(device, "device", inputs.device)
+    sw_device = _device_arg(sw_device, "sw_device", inputs.device)
     condition = kwargs.pop("condition", None)
     if condition is not None and (not isinstance(condition, Tensor) or condition.ndim != inputs.ndim
                                   or condition.shape[0] != inputs.shape[0]
@@ -410,7 +455,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             imap = imap[None, None]
     own_map = gs is not None
 
-    outputs, counts, zscales, graphs, keys = [], [], [], [], None
+    outputs, counts, zscales, graphs, unchecked, keys = [], [], [], [], [], None
     # CPU, plain tiling: each batch is added in one pass (sw_stitch) and every voxel is normalised
     # as it is written for the last time, so no separate normalisation pass
     grid = [sorted({s[d] for s in starts}) for d in range(nsp)]
@@ -489,6 +534,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                                              mode, sigma_scale, shape[2:], device, compute_dtype))
                     stitched.append(stitch_ok and z is None and not softmax and w_t.shape[0] == 1
                                     and w_t.shape[1] == 1)
+                unchecked.append(custom_w)  # a user's weights: their sum is checked below
             elif list(p.shape[1:2]) != list(outputs[ss].shape[1:2]) or zscales[ss] != z:
                 raise ValueError(
                     f"predictor: output {ss} changed shape between windows ({tuple(p.shape)}); "
@@ -499,9 +545,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 dtype=torch.int64,
             )
             fr = None if buffered or z is not None else torch.tensor([fresh[i % num_win] for i in idxs])
-            p = p.to(device)
-            if p.dtype not in FLOAT_DTYPES:
-                p = p.to(compute_dtype)
+            p = _real_pred(p.to(device), "predictor", compute_dtype)
             if process_fn:
                 try:
                     fits = torch.broadcast_shapes(w_t.shape, p.shape) == p.shape
@@ -510,6 +554,9 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                 if not fits:
                     raise ValueError(f"process_fn: returned a weight of shape {tuple(w_t.shape)}, which does not "
                                      f"broadcast to the window batch's output {ss} of shape {tuple(p.shape)}")
+            if unchecked[ss]:  # MONAI's result would be NaN / inf where a user's weights sum to 0
+                _check_weight_sum(counts[ss].detach(), "process_fn" if process_fn else "roi_weight_map")
+                unchecked[ss] = False
             # MONAI weights a window in place (`buffer *= w_t`: rounded to the prediction's dtype; in
             # buffered mode `p * w_t`, the promoted dtype); the kernels weight in the accumulator's
             # dtype with a float32 weight map. Where that would round differently (a prediction
@@ -519,6 +566,8 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             pre = custom_w and (w_t.shape[0] != 1 or w_t.shape[1] != 1)
             pre = pre or (not buffered and p.dtype.itemsize < compute_dtype.itemsize)
             pre = pre or (custom_w and compute_dtype == torch.float64 and not _exact_in_float32(w_t))
+            if p.shape[1] == 0:  # no channels: the output is empty (MONAI's too)
+                continue
             if graphs[ss]:
                 _add_windows_autograd(outputs[ss], _weighted(p, w_t.to(device), buffered), st)
                 continue
@@ -543,7 +592,7 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             outputs[ss] = outputs[ss] / counts[ss]
             if softmax:
                 outputs[ss] = torch.softmax(outputs[ss], 1)
-        elif not stitched[ss]:
+        elif not stitched[ss] and outputs[ss].numel():
             sw_normalize_(outputs[ss], counts[ss], softmax)
     if any(pad_size):
         outputs = [_crop_padding(o, pad_size, image_size_, roi_size) for o in outputs]
@@ -777,8 +826,8 @@ def sliding_window_labels(
         raise TypeError(f"labels_dtype: expected an integer dtype, got {labels_dtype}")
     if type(inputs) is not Tensor:
         inputs = inputs.as_subclass(Tensor)
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = _device_arg(device, "device", inputs.device)
+    sw_device = _device_arg(sw_device, "sw_device", inputs.device)
     batch_size, image_size_ = inputs.shape[0], tuple(inputs.shape[2:])
     roi_size, image_size, pad_size, inputs, _ = _pad_to_roi(inputs, None, roi_size, padding_mode, cval)
     if slab_dim is None:
@@ -818,6 +867,8 @@ def sliding_window_labels(
             n = min(hi - z, R - r, chunk)
             a = acc.narrow(ax, r, n)
             c = count.narrow(ax, r, n)
+            if wmap is not None:  # a user's weights: refused where they sum to 0 (argmax of NaN)
+                _check_weight_sum(c, "roi_weight_map", [z if d == slab_dim else 0 for d in range(nsp)])
             sw_argmax(a, c, labels[b:b + 1].narrow(ax, z, n))
             a.zero_()
             c.zero_()
@@ -849,7 +900,10 @@ def sliding_window_labels(
             if pred.ndim != nsp + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != patch:
                 raise ValueError(
                     f"predictor: returned shape {tuple(pred.shape)}; expected ({len(batch)}, C, *{patch})")
-            pred = pred.to(device)
+            pred = _real_pred(pred.to(device), "predictor", acc_dtype)
+            if pred.shape[1] == 0:
+                raise ValueError(f"predictor: returned {tuple(pred.shape)}, no channels: a label map needs at "
+                                 "least one class")
             if acc is None:
                 C = pred.shape[1]
                 if labels is None:
@@ -970,8 +1024,8 @@ def nnunet_sliding_window_inference(
         raise TypeError(f"accumulate_dtype: expected a floating-point dtype, got {accumulate_dtype}")
     if type(inputs) is not Tensor:
         inputs = inputs.as_subclass(Tensor)
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = _device_arg(device, "device", inputs.device)
+    sw_device = _device_arg(sw_device, "sw_device", inputs.device)
     image_size_ = tuple(inputs.shape[2:])
     _, image_size, pad, inputs, _ = _pad_to_roi(inputs, None, patch, "constant", 0.0)  # nnU-Net: zeros
     steps = nnunet_steps(image_size, patch, tile_step_size)
@@ -1003,14 +1057,20 @@ def nnunet_sliding_window_inference(
                         tuple(pred.shape[2:]) != patch:
                     raise ValueError(f"network: expected a tensor ({len(ids)}, K, *{patch}), got "
                                      f"{tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__}")
+                pred = _real_pred(pred.to(device), "network", accumulate_dtype)
                 if out is None:
                     out = empty((inputs.shape[0], pred.shape[1]) + image_size, accumulate_dtype, device)
+                elif pred.shape[1] != out.shape[1]:
+                    raise ValueError(f"network: returned {pred.shape[1]} channels, earlier {out.shape[1]}")
+                if pred.shape[1] == 0:  # no channels: the output is empty
+                    continue
                 flip = sum(1 << a for a in combo)
                 fr = torch.tensor([fresh[i] for i in ids]) if n == 0 else None
-                sw_accumulate(out, pred.to(device), st, None, None, None, 0.0, wpred, fr, flip)
+                sw_accumulate(out, pred, st, None, None, None, 0.0, wpred, fr, flip)
     count = _Tiling.count_map(("nnunet", image_size, patch, tuple(map(tuple, starts)), use_gaussian, str(device),
                                accumulate_dtype), image_size, starts, None, 0.0, wmap, device, accumulate_dtype)
-    sw_normalize_(out, count, softmax)
+    if out.numel():
+        sw_normalize_(out, count, softmax)
     return _crop_padding(out, pad, image_size_) if any(pad) else out
 
 

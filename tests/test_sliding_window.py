@@ -913,3 +913,111 @@ def test_stitch_rejects_windows_off_the_grid():
         SW.sw_stitch(acc, pred, st, torch.tensor([0, 2]), grid, grid_n, None, None, None, 0.0, None)
     with pytest.raises(ValueError, match="not the grid window"):  # starts that do not match the places
         SW.sw_stitch(acc, pred, st, torch.tensor([0, 1]), grid, grid_n, None, None, None, 0.0, None)
+
+
+# ---- awkward inputs every mode handles the same way (a sweep of bad inputs, 2026-11-24) ----------
+
+
+@pytest.mark.parametrize("which", ["monai", "labels", "nnunet"])
+def test_device_arguments_are_refused_naming_them(which):
+    x = torch.randn(1, 1, 12, 12, 12)
+    bad_cuda = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for name in ("device", "sw_device"):
+        for value, match in (("bogus", "not a device"), (bad_cuda, "CUDA")):
+            with pytest.raises(ValueError, match=f"{name}: .*{match}"):
+                if which == "monai":
+                    FI.sliding_window_inference(x, (8, 8, 8), 2, pred3, **{name: value})
+                elif which == "labels":
+                    FI.sliding_window_labels(x, (8, 8, 8), 2, pred4, **{name: value})
+                else:
+                    FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), **{name: value})
+
+
+def test_sigma_scale_that_gives_no_finite_gaussian_is_refused():
+    """MONAI returns NaN here (a NaN sigma; sigma 0 puts 0/0 at an odd window's centre voxel)."""
+    x = torch.randn(1, 1, 20, 20, 20)
+    for sigma, roi in ((float("nan"), (8, 8, 8)), (0.0, (7, 8, 8)), ((0.125, float("nan"), 0.125), (8, 8, 8))):
+        assert not torch.isfinite(msw(x, roi, 1, pred3, 0.5, "gaussian", sigma_scale=sigma)).all()
+        with pytest.raises(ValueError, match="sigma_scale"):
+            FI.sliding_window_inference(x, roi, 1, pred3, 0.5, "gaussian", sigma_scale=sigma)
+        with pytest.raises(ValueError, match="sigma_scale"):
+            FI.sliding_window_labels(x, roi, 1, pred4, 0.5, "gaussian", sigma_scale=sigma)
+    # sigma 0 on even windows is finite in MONAI (every voxel off-centre): the same result here
+    a, b = run_both(x, (8, 8, 8), 1, pred3, 0.5, "gaussian", sigma_scale=0.0)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_zero_channel_predictions():
+    """MONAI returns an empty (B, 0, ...) output; the kernels used to fail with 'invalid argument'."""
+    x = torch.randn(2, 1, 12, 12, 12)
+    none = lambda w: w[:, :0]  # noqa: E731
+    for mode in ("constant", "gaussian"):
+        a, b = run_both(x, (8, 8, 8), 3, none, 0.5, mode)
+        assert a.shape == b.shape == (2, 0, 12, 12, 12) and a.dtype == b.dtype
+    assert FI.nnunet_sliding_window_inference(x, none, (8, 8, 8)).shape == (2, 0, 12, 12, 12)
+    with pytest.raises(ValueError, match="predictor: .*no channels"):  # argmax over no classes
+        FI.sliding_window_labels(x, (8, 8, 8), 2, none)
+
+
+def test_integer_and_complex_predictions():
+    """Integer / boolean outputs are summed as numbers in the accumulator's dtype in every mode (MONAI
+    fails on them: it weights them in place); complex ones are refused, naming the predictor."""
+    x = torch.randn(1, 1, 13, 12, 11)
+    ints = lambda w: (torch.cat([w, 2 * w, -w], 1) * 3).round().to(torch.int16)  # noqa: E731
+    flts = lambda w: ints(w).float()  # noqa: E731
+    for mode in ("constant", "gaussian"):
+        a = FI.sliding_window_inference(x, (8, 8, 8), 2, ints, 0.5, mode)
+        assert a.dtype == torch.float32 and torch.equal(a, FI.sliding_window_inference(x, (8, 8, 8), 2, flts, 0.5, mode))
+        lab = FI.sliding_window_labels(x, (8, 8, 8), 2, ints, 0.5, mode, slab_dim=0)
+        assert torch.equal(lab.long(), a.argmax(1, keepdim=True))
+    boo = lambda w: torch.cat([w > 0, w < 0], 1)  # noqa: E731
+    torch.testing.assert_close(FI.nnunet_sliding_window_inference(x, boo, (8, 8, 8), mirror_axes=(0,)),
+                               FI.nnunet_sliding_window_inference(x, lambda w: boo(w).float(), (8, 8, 8),
+                                                                  mirror_axes=(0,)), rtol=0, atol=0)
+    cplx = lambda w: torch.complex(w, w)  # noqa: E731
+    with pytest.raises(TypeError, match="predictor: outputs must be real"):
+        FI.sliding_window_inference(x, (8, 8, 8), 2, cplx)
+    with pytest.raises(TypeError, match="predictor: outputs must be real"):
+        FI.sliding_window_labels(x, (8, 8, 8), 2, cplx)
+    with pytest.raises(TypeError, match="network: outputs must be real"):
+        FI.nnunet_sliding_window_inference(x, cplx, (8, 8, 8))
+
+
+def test_nnunet_network_changing_its_channels_is_refused():
+    x = torch.randn(1, 1, 12, 12, 12)
+    calls = []
+
+    def net(w):
+        calls.append(1)
+        return w.repeat(1, len(calls), 1, 1, 1)
+
+    with pytest.raises(ValueError, match="network: returned 2 channels, earlier 1"):
+        FI.nnunet_sliding_window_inference(x, net, (8, 8, 8))
+
+
+def test_weights_that_sum_to_zero_or_nan_are_refused():
+    """A roi_weight_map (or process_fn weight) with zeros where a voxel has no other window, or NaN /
+    inf: MONAI divides by that sum and returns NaN / inf there, unreported; here a ValueError."""
+    x = torch.randn(1, 1, 16, 16, 16)
+    zero_rim = torch.ones(8, 8, 8)
+    zero_rim[0] = 0  # voxel plane 0 of the image has only the first window
+    bad_maps = {"zeros": torch.zeros(8, 8, 8), "zero rim": zero_rim, "nan": torch.full((8, 8, 8), float("nan")),
+                "inf": torch.full((8, 8, 8), float("inf"))}
+    for name, w in bad_maps.items():
+        assert not torch.isfinite(msw(x, (8, 8, 8), 2, pred3, 0.5, roi_weight_map=w)).all(), name
+        with pytest.raises(ValueError, match="roi_weight_map: the windows' weights sum to"):
+            FI.sliding_window_inference(x, (8, 8, 8), 2, pred3, 0.5, roi_weight_map=w)
+        with pytest.raises(ValueError, match="roi_weight_map: the windows' weights sum to"):
+            FI.sliding_window_labels(x, (8, 8, 8), 2, pred4, 0.5, roi_weight_map=w)
+        with pytest.raises(ValueError, match="roi_weight_map: the windows' weights sum to"):  # autograd path
+            FI.sliding_window_inference(x.clone().requires_grad_(), (8, 8, 8), 2, pred3, 0.5, roi_weight_map=w)
+    with pytest.raises(ValueError, match="process_fn: the windows' weights sum to"):
+        FI.sliding_window_inference(x, (8, 8, 8), 2, pred3, 0.5, process_fn=lambda s, w, m: (s, m * 0))
+    # zeros where other windows cover the voxel, and negative weights, are fine: MONAI's result exactly
+    w = torch.ones(8, 8, 8)
+    w[:, :, 2:6] = 0  # along x the windows start at 0, 2, 4 (overlap 0.75): x 2..9 have a window non-zero there
+    a, b = run_both(torch.randn(1, 1, 8, 8, 12), (8, 8, 8), 2, pred3, (0.5, 0.5, 0.75), roi_weight_map=w)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    neg = -torch.rand(8, 8, 8) - 0.5
+    a, b = run_both(x, (8, 8, 8), 2, pred3, 0.5, roi_weight_map=neg)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
