@@ -492,12 +492,18 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             custom_w = True
         else:
             w_t, custom_w = imap, not own_map
-        if w_t.ndim == nsp:
-            w_t = w_t[None, None]
+        if w_t.ndim < nsp + 2:  # as it broadcasts (MONAI: a window-shaped map gets [None, None])
+            w_t = w_t.reshape((1,) * (nsp + 2 - w_t.ndim) + tuple(w_t.shape))
+        if tuple(w_t.shape[2:]) != patch:  # spread over the window where it broadcasts; else refused below
+            try:
+                w_t = w_t.expand(tuple(w_t.shape[:2]) + patch).contiguous()
+            except RuntimeError:
+                pass
         w_t = w_t.to(dtype=compute_dtype, device=sw_device)
         if buffered:
             seg = seg[:1]  # MONAI's buffered mode keeps the first output only
         for ss, p in enumerate(seg):
+            w_o, cw_o = w_t, custom_w  # this output's weight (resized below for another resolution)
             if not isinstance(p, Tensor):
                 raise TypeError(f"predictor: outputs must be tensors, got {type(p).__name__}")
             if p.ndim != nsp + 2 or p.shape[0] != len(idxs):
@@ -512,29 +518,29 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                                  f"{tuple(roi_size)}, got {tuple(p.shape)}")
             if not buffered and seg_shape != tuple(roi_size):
                 z = [o / float(r) for o, r in zip(seg_shape, roi_size)]
-                w_t = F.interpolate(w_t, seg_shape, mode="nearest-exact")
-                custom_w = True
+                w_o = F.interpolate(w_o, seg_shape, mode="nearest-exact")
+                cw_o = True
             if len(outputs) <= ss:
                 shape = [batch_size, p.shape[1]] + (
                     [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))
                 # with autograd recording (a prediction or weight that requires grad), MONAI's result
                 # is differentiable: this output is then stitched with PyTorch ops, as MONAI does
-                graph = torch.is_grad_enabled() and (p.requires_grad or w_t.requires_grad)
+                graph = torch.is_grad_enabled() and (p.requires_grad or w_o.requires_grad)
                 graphs.append(graph)
                 zscales.append(z)
                 if graph:
                     outputs.append(torch.zeros(shape, dtype=compute_dtype, device=device))
-                    counts.append(_count_map_autograd(grid_starts, z, w_t[:1, :1].to(device), shape[2:],
+                    counts.append(_count_map_autograd(grid_starts, z, w_o[:1, :1].to(device), shape[2:],
                                                       compute_dtype))
                     stitched.append(False)
                 else:
                     # first touches write (no zero fill) in the plain grid order at the input's resolution
                     outputs.append((empty if not buffered and z is None else zeros)(shape, compute_dtype, device))
-                    counts.append(_count_map(image_size, roi_size, interval, starts, z, w_t, custom_w, gs, wmin,
+                    counts.append(_count_map(image_size, roi_size, interval, starts, z, w_o, cw_o, gs, wmin,
                                              mode, sigma_scale, shape[2:], device, compute_dtype))
-                    stitched.append(stitch_ok and z is None and not softmax and w_t.shape[0] == 1
-                                    and w_t.shape[1] == 1)
-                unchecked.append(custom_w)  # a user's weights: their sum is checked below
+                    stitched.append(stitch_ok and z is None and not softmax and w_o.shape[0] == 1
+                                    and w_o.shape[1] == 1)
+                unchecked.append(cw_o)  # a user's weights: their sum is checked below
             elif list(p.shape[1:2]) != list(outputs[ss].shape[1:2]) or zscales[ss] != z:
                 raise ValueError(
                     f"predictor: output {ss} changed shape between windows ({tuple(p.shape)}); "
@@ -548,44 +554,46 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
             p = _real_pred(p.to(device), "predictor", compute_dtype)
             if process_fn:
                 try:
-                    fits = torch.broadcast_shapes(w_t.shape, p.shape) == p.shape
+                    fits = torch.broadcast_shapes(w_o.shape, p.shape) == p.shape
                 except RuntimeError:
                     fits = False
                 if not fits:
-                    raise ValueError(f"process_fn: returned a weight of shape {tuple(w_t.shape)}, which does not "
+                    raise ValueError(f"process_fn: returned a weight of shape {tuple(w_o.shape)}, which does not "
                                      f"broadcast to the window batch's output {ss} of shape {tuple(p.shape)}")
             if unchecked[ss]:  # MONAI's result would be NaN / inf where a user's weights sum to 0
-                _check_weight_sum(counts[ss].detach(), "process_fn" if process_fn else "roi_weight_map")
+                cnt = counts[ss].detach()  # checked where the result is kept (not in padding cropped off)
+                cnt = _crop_padding(cnt, pad_size, image_size_, roi_size) if any(pad_size) else cnt
+                _check_weight_sum(cnt, "process_fn" if process_fn else "roi_weight_map")
                 unchecked[ss] = False
             # MONAI weights a window in place (`buffer *= w_t`: rounded to the prediction's dtype; in
             # buffered mode `p * w_t`, the promoted dtype); the kernels weight in the accumulator's
-            # dtype with a float32 weight map. Where that would round differently (a prediction
-            # narrower than the accumulator, e.g. float16 under autocast; a float64 custom weight not
-            # exact in float32) or the weight varies per window or channel, the window is weighted
-            # here as MONAI does and added unweighted.
-            pre = custom_w and (w_t.shape[0] != 1 or w_t.shape[1] != 1)
-            pre = pre or (not buffered and p.dtype.itemsize < compute_dtype.itemsize)
-            pre = pre or (custom_w and compute_dtype == torch.float64 and not _exact_in_float32(w_t))
+            # dtype with a float32 weight map. Where that would round differently (a prediction of
+            # another dtype than the accumulator, e.g. float16 under autocast, bfloat16 on a float16
+            # input; a float64 custom weight not exact in float32) or the weight varies per window or
+            # channel, the window is weighted here as MONAI does and added unweighted.
+            pre = cw_o and (w_o.shape[0] != 1 or w_o.shape[1] != 1)
+            pre = pre or (not buffered and p.dtype != compute_dtype)
+            pre = pre or (cw_o and compute_dtype == torch.float64 and not _exact_in_float32(w_o))
             if p.shape[1] == 0:  # no channels: the output is empty (MONAI's too)
                 continue
             if graphs[ss]:
-                _add_windows_autograd(outputs[ss], _weighted(p, w_t.to(device), buffered), st)
+                _add_windows_autograd(outputs[ss], _weighted(p, w_o.to(device), buffered), st)
                 continue
             if pre:
-                p = _weighted(p, w_t.to(device), buffered).contiguous()
+                p = _weighted(p, w_o.to(device), buffered).contiguous()
             if stitched[ss]:
                 wi = torch.tensor([i % num_win for i in idxs], dtype=torch.int64)
-                g = _pad3(gs) if not (custom_w or pre) else [None] * 3
-                wm = None if not custom_w or pre else w_t[0, 0].to(device)
+                g = _pad3(gs) if not (cw_o or pre) else [None] * 3
+                wm = None if not cw_o or pre else w_o[0, 0].to(device)
                 for k in range(0, len(idxs), 64):  # the kernel takes 64 windows at a time
                     sw_stitch(outputs[ss], p[k:k + 64], st[k:k + 64], wi[k:k + 64], grid_flat, grid_n, *g,
-                              wmin if not (custom_w or pre) else 0.0, wm, counts[ss])
+                              wmin if not (cw_o or pre) else 0.0, wm, counts[ss])
             elif pre:
                 sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, None, fr)
-            elif not custom_w:
+            elif not cw_o:
                 sw_accumulate(outputs[ss], p, st, *_pad3(gs), wmin, None, fr)
             else:
-                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_t[0, 0].to(device), fr)
+                sw_accumulate(outputs[ss], p, st, None, None, None, 0.0, w_o[0, 0].to(device), fr)
 
     for ss in range(len(outputs)):
         if graphs[ss]:
@@ -830,8 +838,12 @@ def sliding_window_labels(
     sw_device = _device_arg(sw_device, "sw_device", inputs.device)
     batch_size, image_size_ = inputs.shape[0], tuple(inputs.shape[2:])
     roi_size, image_size, pad_size, inputs, _ = _pad_to_roi(inputs, None, roi_size, padding_mode, cval)
+    slab_dim = _plain(slab_dim)
     if slab_dim is None:
         slab_dim = max(range(nsp), key=lambda d: (image_size[d], -d))
+    if isinstance(slab_dim, bool) or not isinstance(slab_dim, numbers.Integral):
+        raise TypeError(f"slab_dim: expected a spatial axis as an int, got {slab_dim!r}")
+    slab_dim = int(slab_dim)
     if not -nsp <= slab_dim < nsp:
         raise ValueError(f"slab_dim: must be in [{-nsp}, {nsp}), got {slab_dim}")
     slab_dim %= nsp
@@ -867,8 +879,14 @@ def sliding_window_labels(
             n = min(hi - z, R - r, chunk)
             a = acc.narrow(ax, r, n)
             c = count.narrow(ax, r, n)
-            if wmap is not None:  # a user's weights: refused where they sum to 0 (argmax of NaN)
-                _check_weight_sum(c, "roi_weight_map", [z if d == slab_dim else 0 for d in range(nsp)])
+            if wmap is not None:  # a user's weights: refused where they sum to 0 (argmax of NaN) in the image
+                lo = [pad_size[2 * (nsp - 1 - d)] for d in range(nsp)]
+                a0, a1 = max(z, lo[slab_dim]), min(z + n, lo[slab_dim] + image_size_[slab_dim])
+                if a1 > a0:
+                    kept = tuple(slice(a0 - z, a1 - z) if d == slab_dim else slice(lo[d], lo[d] + image_size_[d])
+                                 for d in range(nsp))
+                    _check_weight_sum(c[(slice(None), slice(None)) + kept], "roi_weight_map",
+                                      [a0 - lo[d] if d == slab_dim else 0 for d in range(nsp)])
             sw_argmax(a, c, labels[b:b + 1].narrow(ax, z, n))
             a.zero_()
             c.zero_()
@@ -1007,9 +1025,11 @@ def nnunet_sliding_window_inference(
         raise ValueError(f"inputs: empty batch or no channels, got shape {tuple(inputs.shape)}")
     patch_size, sw_batch_size, tile_step_size = _plain(patch_size), _plain(sw_batch_size), _plain(tile_step_size)
     _check_sizes(patch_size, "patch_size")
-    patch = tuple(int(p) for p in patch_size)
-    if len(patch) != nsp or min(patch) < 1:
+    patch = tuple(int(p) for p in _tuple_rep(patch_size, nsp, "patch_size"))  # an int: the same on every axis
+    if min(patch) < 1:
         raise ValueError(f"patch_size: expected {nsp} positive sizes, got {patch_size}")
+    if isinstance(tile_step_size, bool) or not isinstance(tile_step_size, numbers.Real):
+        raise TypeError(f"tile_step_size: expected a number in (0, 1], got {tile_step_size!r}")
     if not 0 < tile_step_size <= 1:
         raise ValueError(f"tile_step_size: must be in (0, 1], got {tile_step_size}")
     if any(tile_step_size * p < 1 and s > p for p, s in zip(patch, inputs.shape[2:])):
@@ -1017,7 +1037,14 @@ def nnunet_sliding_window_inference(
                          "(tiles would repeat; nnU-Net uses 0.5)")
     if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size: expected a positive int, got {sw_batch_size!r}")
-    axes = tuple(sorted(set(mirror_axes or ())))
+    mirror_axes = _plain(mirror_axes)
+    if mirror_axes is None:
+        mirror_axes = ()
+    elif not isinstance(mirror_axes, Sequence):
+        mirror_axes = (mirror_axes,)  # one axis, e.g. 0
+    if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in mirror_axes):
+        raise TypeError(f"mirror_axes: expected spatial axes as ints, got {mirror_axes!r}")
+    axes = tuple(sorted(set(int(a) for a in mirror_axes)))
     if any(a < 0 or a >= nsp for a in axes):
         raise ValueError(f"mirror_axes: spatial axes must be in [0, {nsp}), got {mirror_axes}")
     if accumulate_dtype not in FLOAT_DTYPES:
@@ -1036,8 +1063,12 @@ def nnunet_sliding_window_inference(
         wmap = nnunet_gaussian(patch).to(torch.float32)
     else:
         wmap = torch.ones(patch, dtype=torch.float32)
-    # each of the len(combos) predictions carries 1/len(combos) of the window's weight
+    # each of the len(combos) predictions carries 1/len(combos) of the window's weight; into a float16 /
+    # bfloat16 output those products would underflow where the Gaussian is small (1e-7 at the tile's
+    # corners), so there the predictions are averaged in float32 first and weighted once
     wpred = (wmap / len(combos)).to(device)
+    narrow = torch.tensor([], dtype=accumulate_dtype).element_size() < 4 and len(combos) > 1
+    wfull = wmap.to(device)
     fresh = _fresh_boxes(starts, patch)
     out = count = None
     plan = [list(range(j, min(j + sw_batch_size, len(starts)))) for j in range(0, len(starts), sw_batch_size)]
@@ -1049,6 +1080,7 @@ def nnunet_sliding_window_inference(
         # the next batch copied while this one is predicted (volume on the CPU, network on a GPU)
         for ids, (_, win, _) in zip(plan, _window_batches(inputs, None, plan, coords_of, sw_device)):
             st = torch.tensor([[b] + starts[i] for i in ids], dtype=torch.int64)
+            avg = None
             for n, combo in enumerate(combos):
                 dims = [2 + a for a in combo]
                 with torch.no_grad():  # nnU-Net predicts under inference mode: no graph per window
@@ -1065,8 +1097,18 @@ def nnunet_sliding_window_inference(
                 if pred.shape[1] == 0:  # no channels: the output is empty
                     continue
                 flip = sum(1 << a for a in combo)
+                if narrow:  # the mirrored predictions averaged in float32 first (read backwards, not copied)
+                    if avg is None:
+                        avg = torch.zeros(pred.shape, dtype=torch.promote_types(pred.dtype, torch.float32),
+                                          device=device)
+                        st0 = torch.tensor([[k] + [0] * nsp for k in range(len(ids))], dtype=torch.int64)
+                    sw_accumulate(avg, pred, st0, None, None, None, 0.0, None, None, flip)
+                    continue
                 fr = torch.tensor([fresh[i] for i in ids]) if n == 0 else None
                 sw_accumulate(out, pred, st, None, None, None, 0.0, wpred, fr, flip)
+            if avg is not None:  # then weighted once, as nnU-Net weights its averaged prediction
+                sw_accumulate(out, avg.div_(len(combos)), st, None, None, None, 0.0, wfull,
+                              torch.tensor([fresh[i] for i in ids]))
     count = _Tiling.count_map(("nnunet", image_size, patch, tuple(map(tuple, starts)), use_gaussian, str(device),
                                accumulate_dtype), image_size, starts, None, 0.0, wmap, device, accumulate_dtype)
     if out.numel():
@@ -1082,25 +1124,52 @@ def _is_oom(e: BaseException) -> bool:
 class SlidingWindowInfererAdapt(SlidingWindowInferer):
     """``monai.inferers.SlidingWindowInfererAdapt``: stitch on the GPU when the input is there, and on
     CUDA out-of-memory warn and stitch on the CPU instead (the network stays on the GPU; the output
-    then comes back on the CPU). The image size that failed is remembered (``cpu_thresh``), so the
-    next image as large goes to the CPU directly. With ``device`` given, no adaptation is tried.
-    fastmed adds each window into the CPU output directly, so no buffered stage is needed between.
+    then comes back on the CPU), in MONAI's buffered mode unless ``buffer_steps <= 0``, halving the
+    buffer on each further out-of-memory. The image size that failed is remembered (``cpu_thresh``),
+    so the next image as large goes to the CPU directly. With ``device`` given, no adaptation is
+    tried. The calls and their arguments follow MONAI 1.6's step for step (a CPU input runs unbuffered
+    whatever ``buffer_steps`` says), so a stateful predictor sees the same windows in the same order.
     """
 
     def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any):
         if self.device is not None or "device" in kwargs:
             return super().__call__(inputs, network, *args, **kwargs)
+        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
+            raise TypeError(f"inputs: expected a torch.Tensor (B, C, *spatial), got "
+                            f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
+        skip_buffer = self.buffer_steps is not None and self.buffer_steps <= 0
         numel = inputs.shape[2:].numel()
-        on_gpu = inputs.device.type != "cpu" and not (self.cpu_thresh is not None and numel > self.cpu_thresh)
-        if on_gpu:
+        cpu_cond = self.cpu_thresh is not None and numel > self.cpu_thresh
+        gpu = inputs.is_cuda and not cpu_cond
+        buffered = inputs.is_cuda and cpu_cond and not skip_buffer
+        steps = max(1, self.buffer_steps) if self.buffer_steps is not None else 1
+        sh = list(inputs.shape[2:])
+        big = sh.index(max(sh))
+        dim = big if inputs.shape[big + 2] / inputs.shape[-1] >= 2 else -1
+        for _ in range(10):  # MONAI's number of tries
             try:
-                return super().__call__(inputs, network, *args, device=inputs.device, **kwargs)
+                return super().__call__(inputs, network, *args, device=inputs.device if gpu else torch.device("cpu"),
+                                        buffer_steps=steps if buffered else None, buffer_dim=dim, **kwargs)
             except RuntimeError as e:
-                if not _is_oom(e):
+                if not (gpu or buffered) or not _is_oom(e):
                     raise
-                warnings.warn(f"fastmed: out of GPU memory stitching {tuple(inputs.shape)} on {inputs.device}; "
-                              "stitching on the CPU instead")
-                self.cpu_thresh = numel - 1
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        return super().__call__(inputs, network, *args, device=torch.device("cpu"), **kwargs)
+                if gpu:
+                    gpu = False
+                    self.cpu_thresh = numel - 1
+                    buffered = not skip_buffer
+                    if buffered:
+                        self.buffer_steps = steps
+                    warnings.warn(f"fastmed: out of GPU memory stitching {tuple(inputs.shape)} on {inputs.device}; "
+                                  f"stitching on the CPU instead" + (f" (buffer {steps}, dim {dim})" if buffered else ""))
+                elif steps > 1:
+                    steps = max(1, steps // 2)
+                    self.buffer_steps = steps
+                    warnings.warn(f"fastmed: out of GPU memory in buffered stitching of {tuple(inputs.shape)}; "
+                                  f"buffer reduced to {steps}")
+                else:
+                    buffered = False
+                    warnings.warn(f"fastmed: out of GPU memory in buffered stitching of {tuple(inputs.shape)}; "
+                                  "stitching on the CPU without a buffer")
+        raise RuntimeError(f"SlidingWindowInfererAdapt: out of memory in every one of 10 tries on {tuple(inputs.shape)}")

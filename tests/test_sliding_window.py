@@ -1021,3 +1021,170 @@ def test_weights_that_sum_to_zero_or_nan_are_refused():
     neg = -torch.rand(8, 8, 8) - 0.5
     a, b = run_both(x, (8, 8, 8), 2, pred3, 0.5, roi_weight_map=neg)
     assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+# ---- a differential fuzz against MONAI 1.6.1 (850 cases, 2026-11-24): what it found ---------------
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: drives SlidingWindowInfererAdapt's GPU branches here."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _adapt_calls(cls, parent, monkeypatch, x, ooms, **kw):
+    """The (device, buffer_steps, buffer_dim) of each call SlidingWindowInfererAdapt makes to its
+    parent's __call__, the first ``ooms`` of them failing with CUDA out-of-memory."""
+    calls = []
+
+    def fake(self, inputs, network, *args, **kwargs):
+        calls.append((str(kwargs.get("device")), kwargs.get("buffer_steps"), kwargs.get("buffer_dim")))
+        if len(calls) <= ooms:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return "done"
+
+    monkeypatch.setattr(parent, "__call__", fake)
+    inf = cls((8, 8, 8), 2, 0.5, **kw)
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("ignore")
+        try:
+            res = inf(x, pred3)
+        except RuntimeError as e:
+            res = type(e).__name__
+    return calls, res, inf.cpu_thresh, inf.buffer_steps
+
+
+@pytest.mark.parametrize("buffer_steps", [None, 0, 1, 4])
+@pytest.mark.parametrize("ooms", [0, 1, 2, 4, 12])
+@pytest.mark.parametrize("shape", [(1, 1, 40, 16, 16), (1, 1, 16, 16, 16)])
+def test_adapt_makes_monai_calls_on_gpu_inputs_and_out_of_memory(monkeypatch, buffer_steps, ooms, shape):
+    """MONAI's state machine (GPU stitching, then buffered CPU stitching halving the buffer, then
+    plain CPU stitching; buffer_dim the long axis), call for call."""
+    x = torch.zeros(shape).as_subclass(_FakeCuda)
+    got = _adapt_calls(FI.SlidingWindowInfererAdapt, FI.SlidingWindowInferer, monkeypatch, x, ooms,
+                       buffer_steps=buffer_steps)
+    want = _adapt_calls(monai.inferers.SlidingWindowInfererAdapt, monai.inferers.SlidingWindowInferer, monkeypatch,
+                        x, ooms, buffer_steps=buffer_steps)
+    assert got == want
+
+
+def test_adapt_on_cpu_ignores_buffer_steps_as_monai():
+    """Found by the fuzz: fastmed's Adapt buffered a CPU input (other batches; a tuple cut to its
+    first output); MONAI runs it unbuffered."""
+    x = torch.randn(1, 1, 16, 16)
+    calls = {"monai": [], "fastmed": []}
+
+    def make(key):
+        def p(w):
+            calls[key].append(w.shape[0])
+            return w * 2, w + 1
+
+        return p
+
+    a = monai.inferers.SlidingWindowInfererAdapt((8, 8), 4, overlap=0.5, buffer_steps=1)(x, make("monai"))
+    b = FI.SlidingWindowInfererAdapt((8, 8), 4, overlap=0.5, buffer_steps=1)(x, make("fastmed"))
+    assert calls["monai"] == calls["fastmed"] == [4, 4, 1]
+    assert_same(a, b)
+
+
+def test_weights_zero_only_in_cropped_padding_are_fine():
+    """The weight-sum check looked at the padding too (an image smaller than the roi)."""
+    w = torch.zeros(8, 8)
+    w[1:-1, 1:-1] = 1
+    x = torch.randn(1, 1, 6, 6)
+    a, b = run_both(x, (8, 8), 1, lambda t: t * 2, roi_weight_map=w)
+    assert torch.isfinite(b).all() and torch.equal(a, b)
+    lab = FI.sliding_window_labels(x, (8, 8), 1, lambda t: torch.cat([t, -t], 1), roi_weight_map=w)
+    assert torch.equal(lab.long(), (x > 0).long() * 0 + (x < 0).long())
+    w3 = torch.zeros(8, 8, 8)
+    w3[1:-1, 1:-1, :] = 1  # zero rims on the two padded axes only
+    x3 = torch.randn(1, 1, 6, 6, 20)
+    full = FI.sliding_window_inference(x3, (8, 8, 8), 2, pred4, 0.5, roi_weight_map=w3)
+    lab3 = FI.sliding_window_labels(x3, (8, 8, 8), 2, pred4, 0.5, roi_weight_map=w3, slab_dim=0)
+    assert torch.equal(lab3.long(), full.argmax(1, keepdim=True))
+
+
+def test_process_fn_weights_that_broadcast():
+    """A scalar or a (1, W) process_fn weight: MONAI broadcasts it; fastmed raised IndexError / a
+    false zero-sum error."""
+    x = torch.randn(1, 1, 16, 16)
+    for pf in (lambda s, w, m: (s, torch.tensor(2.0)), lambda s, w, m: (s, m[:1]), lambda s, w, m: (s, m[:, :1])):
+        a, b = run_both(x, (4, 4), 2, lambda t: t * 2, 0.5, "gaussian", process_fn=pf)
+        assert torch.equal(a, b)
+
+
+def test_outputs_at_other_resolutions_in_any_order():
+    """A lower- or higher-resolution output before the full-resolution one: MONAI fails (its weight
+    map stays resized for the next output); each output here equals the one computed alone."""
+    F = torch.nn.functional
+    x = torch.randn(1, 1, 16, 16)
+    for pr in (lambda w: (F.avg_pool2d(w, 2), w * 3), lambda w: (F.interpolate(w, scale_factor=2), w * 3),
+               lambda w: {"a": F.avg_pool2d(w, 2), "b": w * 3}):
+        with pytest.raises(RuntimeError):
+            msw(x, (4, 4), 2, pr, 0.5, "gaussian")
+        got = FI.sliding_window_inference(x, (4, 4), 2, pr, 0.5, "gaussian")
+        parts = list(got.values()) if isinstance(got, dict) else list(got)
+        for i, part in enumerate(parts):
+            alone = FI.sliding_window_inference(
+                x, (4, 4), 2, lambda w, i=i: list(pr(w).values() if isinstance(pr(w), dict) else pr(w))[i], 0.5,
+                "gaussian")
+            assert torch.equal(part, alone)
+
+
+def test_predictions_of_another_half_dtype_round_as_monai():
+    """bfloat16 predictions on a float16 input: MONAI rounds each weighted window to bfloat16; that
+    rounding was skipped (same itemsize), 4e-3 off."""
+    x = torch.randn(1, 1, 20, 20).half()
+    for mode in ("constant", "gaussian"):
+        a, b = run_both(x, (8, 8), 2, lambda t: (t * 1.3).bfloat16(), 0.5, mode)
+        assert b.dtype == torch.float16 and torch.equal(a, b)
+    # float16 predictions on a bfloat16 input: MONAI adds the window in float32 and rounds once; the
+    # kernels round it to bfloat16 first and once more after the add (a bfloat16 ulp or two)
+    a, b = run_both(x.bfloat16(), (8, 8), 2, lambda t: (t * 1.3).half(), 0.5, "gaussian")
+    torch.testing.assert_close(b.float(), a.float(), rtol=2**-6, atol=2**-6)
+
+
+def test_nnunet_and_label_map_argument_types():
+    x = torch.randn(1, 1, 12, 12, 12)
+    ref = FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), mirror_axes=(0,))
+    assert torch.equal(FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), mirror_axes=0), ref)  # was: no TTA
+    ref01 = FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), mirror_axes=(0, 1))
+    for axes in (np.array([0, 1]), torch.tensor([1, 0]), [np.int64(0), 1]):
+        assert torch.equal(FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), mirror_axes=axes), ref01)
+    assert torch.equal(FI.nnunet_sliding_window_inference(x, asym_net, 8), FI.nnunet_sliding_window_inference(
+        x, asym_net, (8, 8, 8)))
+    for axes in ((0.0,), "x", (True,)):
+        with pytest.raises(TypeError, match="mirror_axes"):
+            FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), mirror_axes=axes)
+    for step in ("0.5", None, True):
+        with pytest.raises(TypeError, match="tile_step_size"):
+            FI.nnunet_sliding_window_inference(x, asym_net, (8, 8, 8), step)
+    for sd in (1.0, "0", True):
+        with pytest.raises(TypeError, match="slab_dim"):
+            FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=sd)
+    assert torch.equal(FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=np.int64(1)),
+                       FI.sliding_window_labels(x, (8, 8, 8), 1, pred4, slab_dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nnunet_narrow_accumulator_with_mirroring(dtype):
+    """float16 output with mirroring: each mirrored prediction weighted by 1/8 of the Gaussian
+    underflowed at the tile's corners (a constant 1 came out as 0 at 290 of 512 voxels). The mirrored
+    predictions are averaged in float32 first, as nnU-Net averages them; the result is then within
+    the output dtype's rounding of nnU-Net's own algorithm accumulated in that dtype."""
+    o = FI.nnunet_sliding_window_inference(torch.randn(1, 1, 8, 8, 8), lambda w: w * 0 + 1, (8, 8, 8),
+                                           mirror_axes=(0, 1, 2), accumulate_dtype=dtype)
+    assert o.dtype == dtype and torch.equal(o, torch.ones_like(o))
+    torch.manual_seed(14)
+    x = torch.randn(1, 1, 30, 26, 22)
+    got = FI.nnunet_sliding_window_inference(x, asym_net, (12, 12, 12), 0.5, True, (0, 1, 2), accumulate_dtype=dtype)
+    exact = _nnunet_reference(x[0].double(), asym_net, (12, 12, 12), 0.5, True, (0, 1, 2))
+    # nnU-Net's own float16 accumulation is up to 0.5 off exact where the weight sum is tiny (tile
+    # corners): the bound is on the bulk, and on the float32 average's weighted sum
+    err = (got[0].double() - exact).abs()
+    eps = torch.finfo(dtype).eps
+    assert err.max() < 0.6 and err.mean() < 4 * eps * exact.abs().mean()
