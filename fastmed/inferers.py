@@ -502,8 +502,9 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
         w_t = w_t.to(dtype=compute_dtype, device=sw_device)
         if buffered:
             seg = seg[:1]  # MONAI's buffered mode keeps the first output only
+        w_chain = w_t  # MONAI resizes the weight for an output at another resolution and keeps it resized
         for ss, p in enumerate(seg):
-            w_o, cw_o = w_t, custom_w  # this output's weight (resized below for another resolution)
+            w_o, cw_o = w_t, custom_w  # this output's weight
             if not isinstance(p, Tensor):
                 raise TypeError(f"predictor: outputs must be tensors, got {type(p).__name__}")
             if p.ndim != nsp + 2 or p.shape[0] != len(idxs):
@@ -518,8 +519,16 @@ def _sliding_window(inputs, roi_size, sw_batch_size, predictor, overlap, mode, s
                                  f"{tuple(roi_size)}, got {tuple(p.shape)}")
             if not buffered and seg_shape != tuple(roi_size):
                 z = [o / float(r) for o, r in zip(seg_shape, roi_size)]
-                w_o = F.interpolate(w_o, seg_shape, mode="nearest-exact")
+                w_chain = w_o = F.interpolate(w_chain, seg_shape, mode="nearest-exact")
                 cw_o = True
+            elif w_chain is not w_t:
+                # a full-resolution output after one at another resolution: MONAI weights it with the
+                # resized map where that broadcasts (a 1 x 1 map, say), and fails where it does not;
+                # there the window's own map is used here
+                try:
+                    w_o, cw_o = w_chain.expand(tuple(w_chain.shape[:2]) + seg_shape).contiguous(), True
+                except RuntimeError:
+                    pass
             if len(outputs) <= ss:
                 shape = [batch_size, p.shape[1]] + (
                     [int(s * f) for s, f in zip(image_size, z)] if z else list(image_size))

@@ -1119,7 +1119,9 @@ def test_process_fn_weights_that_broadcast():
 
 def test_outputs_at_other_resolutions_in_any_order():
     """A lower- or higher-resolution output before the full-resolution one: MONAI fails (its weight
-    map stays resized for the next output); each output here equals the one computed alone."""
+    map stays resized for the next output, which it cannot weight); each output here equals the one
+    computed alone. Where MONAI's resized map does broadcast, or resizes again for the next output,
+    its result is kept exactly."""
     F = torch.nn.functional
     x = torch.randn(1, 1, 16, 16)
     for pr in (lambda w: (F.avg_pool2d(w, 2), w * 3), lambda w: (F.interpolate(w, scale_factor=2), w * 3),
@@ -1133,6 +1135,15 @@ def test_outputs_at_other_resolutions_in_any_order():
                 x, (4, 4), 2, lambda w, i=i: list(pr(w).values() if isinstance(pr(w), dict) else pr(w))[i], 0.5,
                 "gaussian")
             assert torch.equal(part, alone)
+    def ctx(w):  # a value that depends on the window, so the weighting shows
+        return w * 3 + w.mean((2, 3), keepdim=True)
+
+    for pr in (lambda w: (F.avg_pool2d(w, 4), ctx(w)),  # a 1 x 1 map: MONAI weights the next output by it
+               lambda w: (F.avg_pool2d(w, 2), F.interpolate(ctx(w), scale_factor=2), w[:, :, :1, :1]),
+               lambda w: {"b": F.avg_pool2d(ctx(w), 2), "z": F.interpolate(ctx(w), scale_factor=2) * 2}):
+        for mode in ("constant", "gaussian"):
+            a, b = run_both(x, (4, 4), 2, pr, 0.5, mode)
+            assert_same(a, b)
 
 
 def test_predictions_of_another_half_dtype_round_as_monai():
