@@ -1042,7 +1042,8 @@ def _adapt_calls(cls, parent, monkeypatch, x, ooms, **kw):
     def fake(self, inputs, network, *args, **kwargs):
         calls.append((str(kwargs.get("device")), kwargs.get("buffer_steps"), kwargs.get("buffer_dim")))
         if len(calls) <= ooms:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
+            raise oom("CUDA out of memory (simulated)")
         return "done"
 
     monkeypatch.setattr(parent, "__call__", fake)
