@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastmed
 from fastmed import losses as FL
@@ -719,3 +720,39 @@ def test_ignore_index_given_as_an_integral_float():
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="ignore_index"):
         FL.DiceLoss(ignore_index=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases a differential fuzz against MONAI 1.6.1 found (23rd session)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ignored_voxel_with_infinite_logits_adds_nothing(generic, dtype, weighted):
+    """An ignored voxel contributes nothing to PyTorch's cross-entropy whatever its logits; with
+    label smoothing the float32 fast path multiplied its infinite all-class sum by 0 (NaN)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 9, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 1, 9, 10), generator=g)
+    y[0, 0, 1, 2] = y[1, 0, 3, 3] = y[1, 0, 8, 9] = 2  # ignored
+    x[0, 3, 1, 2] = x[1, 0, 3, 3] = -float("inf")  # a class masked out at an ignored voxel
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64) if weighted else None
+    for ls in (0.0, 0.3):
+        kw = dict(to_onehot_y=True, softmax=True, lambda_dice=0.0, ignore_index=2, label_smoothing=ls)
+        D.FORCE_GENERIC = generic
+        try:
+            xf = x.to(dtype).clone().requires_grad_(True)
+            a = FL.DiceCELoss(weight=None if w is None else w.to(dtype), **kw)(xf, y)
+            a.backward()
+        finally:
+            D.FORCE_GENERIC = False
+        xr = x.clone().requires_grad_(True)
+        b = F.cross_entropy(xr, y[:, 0], weight=w, ignore_index=2, label_smoothing=ls)
+        b.backward()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+        torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=tol, atol=tol)
+        # the float64 reference (torch.func's fallback) agrees
+        r = torch.func.grad(lambda t: FL.DiceCELoss(weight=w, **kw)(t, y))(x)
+        torch.testing.assert_close(r, xr.grad, rtol=1e-12, atol=1e-12)

@@ -731,8 +731,11 @@ void fwd_task_blocked(const DiceCEParams& p, int64_t b, int64_t blk, Scratch<flo
       if (do_ce) {
         const vf16 lse = mx + vlog(z);
         const vf16 mw = w ? mv * group_lookup(w, lab, 0.0f) : mv;
-        a_acc += mw * (lse - xt);
-        if (need_wx) sm_acc += mv * (lse * Wsum - wx);
+        // an ignored voxel adds nothing, whatever its logits (m = 0 times an infinite sum
+        // would be NaN; PyTorch's ignore_index skips the voxel)
+        const vi16 labelled = vldi(lab) >= 0;
+        a_acc += labelled ? mw * (lse - xt) : vf16{};
+        if (need_wx) sm_acc += labelled ? mv * (lse * Wsum - wx) : vf16{};
         wt_acc += mw;
         cnt_acc += mv;
       }

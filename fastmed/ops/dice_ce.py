@@ -295,6 +295,8 @@ def dice_ce_reference(
         mm = m[:, 0]
         a = (wv * y * nlogp).sum(1)
         s = (wv * nlogp).sum(1)
+        if label_map:  # an ignored voxel adds nothing, whatever its logits (0 * inf would be NaN)
+            a, s = torch.where(valid[:, 0], a, 0.0), torch.where(valid[:, 0], s, 0.0)
         wt = (wv * y).sum(1)
         ce_out = torch.stack([(a * mm).flatten(1).sum(1), (s * mm).flatten(1).sum(1),
                               (wt * mm).flatten(1).sum(1), mm.flatten(1).sum(1)], -1)
