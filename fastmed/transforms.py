@@ -11,7 +11,9 @@ sampling grid, no one-hot tensor, no float64 copy of the volume is ever made.
   path, integer ``mode`` 0/1/3 its ``scipy.ndimage.map_coordinates`` path (with scipy's padding
   modes and spline prefilter). Not supported, with a clear error: ``mode="bicubic"`` (grid_sample's
   Keys cubic convolution, a = -0.75, which the kernel does not implement), spline orders 2, 4, 5,
-  the ``wrap``/``grid-wrap`` scipy modes for integer orders, lazy resampling and ``inverse``.
+  the ``wrap``/``grid-wrap`` scipy modes for integer orders, and lazy resampling. Their outputs
+  carry MONAI's transform trace, and ``inverse`` (theirs, or MONAI's ``Compose.inverse`` /
+  ``Invertd``) resamples back as MONAI's.
 * :func:`resample_nnunet`: nnU-Net v2's ``resample_data_or_seg_to_spacing`` / ``..._to_shape``
   (skimage ``resize`` with ``mode="edge"``, no anti-aliasing, clipping to the input range; the
   separate-z scheme for anisotropic spacings; ``resize_segmentation`` for label maps) in one pass
@@ -26,6 +28,8 @@ counts, an output beyond ``memory_limit``) raise ``ValueError``/``TypeError`` na
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -553,12 +557,20 @@ def _monai_resample(img: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
         return img.to(torch.float32), None
     plan = _monai_plan(mode, padding_mode, align_corners, sr)
     dt = _torch_dtype(dtype) or img.dtype
-    rounded = plan.backend == "scipy" and not dt.is_floating_point and dt != torch.bool and max(plan.orders) > 0
+    if not dt.is_floating_point and img.dtype != dt:  # MONAI casts the image to an integer dtype first
+        img = img.to(dt)
+    rounded = plan.backend == "scipy" and not dt.is_floating_point and max(plan.orders) > 0
     compute = torch.float64 if dt == torch.float64 or rounded else torch.float32
     theta = _monai_theta(xform, in_shape, size, plan, align_corners)
     out = _run(_src_for_op(img, compute), theta, size, plan, compute, memory_limit=memory_limit,
                what=f"resampling {tuple(img.shape)} to {tuple(size)}")
-    if rounded:
+    if rounded and dt == torch.bool:
+        # a bool image: scipy writes into a bool output, truncating (0.9 is False, 1.0 True; the
+        # interpolated values of 0 / 1 data stay within (-1, 2)). Inside a mask, where the value is
+        # 1, scipy's float64 sum lands just below 1 at some voxels (MONAI's result has holes there);
+        # here a value within 1e-9 of 1 counts as 1
+        out = ((out + 1e-9).trunc() != 0).to(torch.float32)
+    elif rounded:
         # dtype=None on an integer image: MONAI resamples it in its own dtype, and scipy computes in
         # float64 and writes an integer output rounded half away from zero and clipped to the
         # dtype's range (a cubic overshoot below 0 in uint8 is 0); the values come back as float32
@@ -581,20 +593,31 @@ def _meta_of(x):
     return None, None
 
 
-def _wrap_output(out: Tensor, like, new_affine: np.ndarray, tracked: Optional[np.ndarray]):
+def _track_meta() -> Optional[bool]:
+    """MONAI's ``get_track_meta()``, or None without MONAI."""
+    try:
+        from monai.data.meta_obj import get_track_meta
+    except ImportError:
+        return None
+    return get_track_meta()
+
+
+def _wrap_output(out: Tensor, like, new_affine: np.ndarray, tracked: Optional[np.ndarray], op: Optional[dict] = None):
     """A MetaTensor like MONAI returns (same class as the input when it was one; a MONAI MetaTensor for plain
-    input when MONAI is importable and tracks meta), else ``out``."""
+    input when MONAI is importable), else ``out``; a plain tensor when MONAI tracks no meta
+    (``set_track_meta(False)``), as MONAI's. ``op``: a transform trace to append to its
+    ``applied_operations``."""
     aff = torch.as_tensor(new_affine, dtype=torch.float64)
     meta = getattr(like, "meta", None)
+    track = _track_meta()
+    if track is False:
+        return out
     cls = type(like) if meta is not None else None
     if cls is None:
-        try:
-            from monai.data import MetaTensor
-            from monai.data.meta_obj import get_track_meta
-        except ImportError:
+        if track is None:
             return out
-        if not get_track_meta():
-            return out
+        from monai.data import MetaTensor
+
         cls = MetaTensor
         meta = {}
     meta = dict(meta)
@@ -606,6 +629,8 @@ def _wrap_output(out: Tensor, like, new_affine: np.ndarray, tracked: Optional[np
         pd[1:1 + len(sp)] = torch.as_tensor(sp, dtype=pd.dtype) if isinstance(pd, Tensor) else sp
         meta["pixdim"] = pd
     ops = list(getattr(like, "applied_operations", []) or [])
+    if op is not None:
+        ops.append(op)
     return cls(out, meta=meta, applied_operations=ops)
 
 
@@ -665,6 +690,27 @@ def resample_to_spacing(image, affine, pixdim, mode: Union[str, int] = "bilinear
     return out, new_aff_out
 
 
+_REGISTERED = False
+
+
+def _register_with_monai() -> None:
+    """Make MONAI see :class:`Spacing` and :class:`Spacingd` as invertible transforms (and
+    ``Spacingd`` as a ``MapTransform``), so that its ``Compose.inverse``, ``Invertd`` and test-time
+    augmentation invert them (MONAI skips, silently, the transforms of a Compose that are not
+    ``InvertibleTransform``s). Done when one is built with MONAI imported, or first records a trace."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    try:
+        from monai.transforms import InvertibleTransform, MapTransform
+    except ImportError:
+        return
+    InvertibleTransform.register(Spacing)
+    InvertibleTransform.register(Spacingd)
+    MapTransform.register(Spacingd)  # Invertd lets the keys it does not invert be missing through this
+    _REGISTERED = True
+
+
 class Spacing:
     """Drop-in for ``monai.transforms.Spacing`` (MONAI 1.6): resample a (C, *spatial) image to ``pixdim``.
 
@@ -675,8 +721,10 @@ class Spacing:
     plain tensor or ndarray comes back as a MONAI MetaTensor when MONAI is importable (as MONAI does),
     else as a plain tensor (``return_affine=True`` returns ``(out, new_affine)`` either way).
 
-    Not supported: ``lazy=True``, ``inverse`` (no transform trace is recorded), ``mode='bicubic'``
-    (grid_sample's Keys cubic), spline orders 2/4/5 and the periodic scipy modes.
+    The output records MONAI's trace in ``applied_operations``, so :meth:`inverse` and MONAI's
+    ``Compose.inverse`` / ``Invertd`` resample it back as MONAI's. Not supported: ``lazy=True``,
+    ``mode='bicubic'`` (grid_sample's Keys cubic), spline orders 2/4/5 and the periodic scipy modes
+    (refused when used, as MONAI checks modes).
     """
 
     def __init__(self, pixdim, diagonal: bool = False, mode: Union[str, int] = "bilinear",
@@ -700,7 +748,10 @@ class Spacing:
         self.dtype = dtype
         self.lazy = False
         self.memory_limit = memory_limit
-        _monai_plan(mode, padding_mode, align_corners, 3)  # fail early on an unsupported mode
+        self.tracing = os.environ.get("MONAI_TRACE_TRANSFORM", "1") != "0"  # as MONAI's transforms
+        if "monai" in sys.modules:
+            _register_with_monai()
+        # mode and padding_mode are checked when they are used, as MONAI does: a call may override them
 
     def __call__(self, data_array, mode=None, padding_mode=None, align_corners: Optional[bool] = None, dtype=None,
                  scale_extent: Optional[bool] = None, output_spatial_shape=None, lazy: Optional[bool] = None, *,
@@ -721,22 +772,83 @@ class Spacing:
         if not align_corners and scale_extent:  # MONAI warns on the call-time arguments only
             warnings.warn("align_corners=False is not compatible with scale_extent=True.")
         ac = self.align_corners if align_corners is None else align_corners
+        mode = self.mode if mode is None else mode
+        padding_mode = self.padding_mode if padding_mode is None else padding_mode
         out, new_aff, tracked = _spacing_impl(
-            img, a, self.pixdim, self.diagonal, self.mode if mode is None else mode,
-            self.padding_mode if padding_mode is None else padding_mode, ac,
+            img, a, self.pixdim, self.diagonal, mode, padding_mode, ac,
             dtype or self.dtype, self.scale_extent if scale_extent is None else scale_extent, self.recompute_affine,
             self.min_pixdim, self.max_pixdim, output_spatial_shape,
             memory_limit if memory_limit is not None else self.memory_limit)
-        result = _wrap_output(out, data_array if meta_affine is not None else None, new_aff, tracked)
+        op = self._trace(img, a, mode, padding_mode, ac, dtype or self.dtype)
+        result = _wrap_output(out, data_array if meta_affine is not None else None, new_aff, tracked, op)
         if return_affine:
             if isinstance(affine, np.ndarray):
                 return result, new_aff
             return result, torch.as_tensor(new_aff, dtype=torch.float64)
         return result
 
+    def _trace(self, img: Tensor, affine: np.ndarray, mode, padding_mode, align_corners: bool, dtype) -> Optional[dict]:
+        """The entry MONAI's Spacing appends to a MetaTensor's ``applied_operations`` (same keys and
+        extra_info), under this transform's id; None when MONAI tracks no meta or traces nothing."""
+        if not self.tracing or not _track_meta():
+            return None
+        from monai.utils import TraceKeys
+
+        _register_with_monai()
+        sr = img.ndim - 1
+        dt = _torch_dtype(dtype) or img.dtype
+        extra = {
+            "dtype": str(dt)[6:],
+            "mode": getattr(mode, "value", mode),
+            "padding_mode": getattr(padding_mode, "value", padding_mode),
+            "align_corners": align_corners,
+            "src_affine": torch.as_tensor(_to_affine_nd(sr, affine), dtype=torch.float64),
+        }
+        return {TraceKeys.CLASS_NAME: type(self).__name__, TraceKeys.ID: id(self), TraceKeys.TRACING: True,
+                TraceKeys.DO_TRANSFORM: True, TraceKeys.ORIG_SIZE: tuple(int(v) for v in img.shape[1:]),
+                TraceKeys.LAZY: False, TraceKeys.EXTRA_INFO: extra}
+
+    def _pop_trace(self, data) -> dict:
+        """Remove and return this transform's most recent entry of ``data.applied_operations`` (as
+        MONAI's ``pop_transform``: the last entry with this transform's id)."""
+        ops = getattr(data, "applied_operations", None)
+        if not isinstance(data, Tensor) or ops is None:
+            raise ValueError(f"data: inverse needs the MetaTensor this transform returned, got {type(data).__name__}")
+        if not ops:
+            raise ValueError("data: its applied_operations are empty; nothing to invert")
+        from monai.utils import TraceKeys
+
+        for i in range(len(ops) - 1, -1, -1):
+            if ops[i].get(TraceKeys.ID) in (id(self), TraceKeys.NONE):
+                return ops.pop(i)
+        # DataLoader workers started by spawn made the trace with a copy of this transform: matched
+        # by class name, as MONAI does
+        if (torch.multiprocessing.get_start_method(allow_none=True) == "spawn"
+                and ops[-1].get(TraceKeys.CLASS_NAME) == type(self).__name__):
+            return ops.pop()
+        last = ops[-1]
+        raise RuntimeError(f"data: the most recent invertible transform is {last.get(TraceKeys.CLASS_NAME)} "
+                           f"{last.get(TraceKeys.ID)}, not this {type(self).__name__} {id(self)}")
+
     def inverse(self, data):
-        raise NotImplementedError("fastmed's Spacing records no transform trace; use monai.transforms.Spacing to "
-                                  "invert, or resample back with resample_to_spacing / resample_argmax")
+        """Resample ``data`` (a MetaTensor this transform returned, or a prediction carrying its
+        ``applied_operations``, as MONAI's ``Invertd`` gives) back to the input's affine and shape,
+        as MONAI's ``Spacing.inverse``: from ``data``'s current affine, with the recorded mode,
+        padding, align_corners and dtype."""
+        op = self._pop_trace(data)
+        from monai.utils import TraceKeys
+
+        extra = op[TraceKeys.EXTRA_INFO]
+        ac = extra.get("align_corners")
+        ac = False if ac == TraceKeys.NONE or ac is None else bool(ac)
+        img, _ = _to_tensor(data, "data")
+        dst = _as_affine(extra["src_affine"], "the recorded src_affine")
+        src = _as_affine(data.affine, "data.affine")
+        size = [int(v) for v in op[TraceKeys.ORIG_SIZE]]
+        out, xform = _monai_resample(img, src, dst, size, extra["mode"], extra["padding_mode"], ac,
+                                     extra.get("dtype"), self.memory_limit)
+        tracked = None if xform is None else src @ _embed_affine(src, xform)
+        return _wrap_output(out, data, src if tracked is None else tracked, tracked)
 
 
 class Spacingd:
@@ -771,8 +883,8 @@ class Spacingd:
         self.scale_extent = rep(scale_extent, "scale_extent")
         self.ensure_same_shape = ensure_same_shape
         self.allow_missing_keys = allow_missing_keys
-        for m, p, ac in zip(self.mode, self.padding_mode, self.align_corners):
-            _monai_plan(m, p, ac, 3)
+        if "monai" in sys.modules:
+            _register_with_monai()
 
     def __call__(self, data: Mapping[Hashable, Any], lazy: Optional[bool] = None) -> dict:
         if lazy:
@@ -810,9 +922,18 @@ class Spacingd:
                 out_shape_k = tuple(d[key].shape[1:])
         return d
 
-    def inverse(self, data):
-        raise NotImplementedError("fastmed's Spacingd records no transform trace; use monai.transforms.Spacingd to "
-                                  "invert")
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict:
+        """:meth:`Spacing.inverse` on each key (missing keys skipped with ``allow_missing_keys``), as
+        MONAI's ``Spacingd.inverse``."""
+        d = dict(data)
+        for key in self.keys:
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise KeyError(f"Key `{key}` of transform `Spacingd` was missing in the data and allow_missing_keys "
+                               "is False.")
+            d[key] = self.spacing_transform.inverse(d[key])
+        return d
 
 
 # ------------------------------------------------------------------------------------------------

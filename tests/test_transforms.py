@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastmed import _ext
 from fastmed import transforms as T
@@ -245,7 +246,7 @@ def test_bicubic_is_refused_not_approximated():
     x = image((8, 9), channels=1)
     assert run_monai(x, np.eye(3), (0.7, 0.7), mode="bicubic").shape[1:] == (11, 12)  # MONAI: Keys cubic, 2D only
     with pytest.raises(NotImplementedError, match="Keys"):
-        T.Spacing((0.7, 0.7), mode="bicubic")
+        T.Spacing((0.7, 0.7), mode="bicubic")(x)
     with pytest.raises(NotImplementedError, match="Keys"):
         T.Spacing((0.7, 0.7))(x, mode="bicubic")
     with pytest.raises(NotImplementedError, match="Keys"):
@@ -723,19 +724,30 @@ def test_bad_dims_modes_and_channels():
         T.resample_to_spacing(torch.zeros(1, 0, 3, 4), np.eye(4), 1.0)
     with pytest.raises(TypeError, match="image must be a torch.Tensor"):
         T.resample_to_spacing([[1.0]], np.eye(4), 1.0)
-    x = image((6, 7, 5))
+    x = MetaTensor(image((6, 7, 5)), affine=torch.eye(4, dtype=torch.float64))
+    # refused when used (as MONAI checks them): a call may override them, and a call that resamples
+    # nothing does not use them
     for order in (2, 4, 5):
         with pytest.raises(NotImplementedError, match=f"spline order {order}"):
-            T.Spacing(1.0, mode=order)
+            T.Spacing(0.5, mode=order)(x)
     for pm in ("wrap", "grid-wrap"):
         with pytest.raises(NotImplementedError, match="periodic"):
-            T.Spacing(1.0, mode=1, padding_mode=pm)
+            T.Spacing(0.5, mode=1, padding_mode=pm)(x)
     with pytest.raises(ValueError, match="mode"):
-        T.Spacing(1.0, mode="area")
+        T.Spacing(0.5, mode="area")(x)
     with pytest.raises(ValueError, match="padding_mode"):
-        T.Spacing(1.0, padding_mode="mirror")  # not a grid_sample mode, and MONAI does not map it
+        T.Spacing(0.5, padding_mode="mirror")(x)  # not a grid_sample mode, and MONAI does not map it
     with pytest.raises(ValueError, match="spline order must be 0-5"):
-        T.Spacing(1.0, mode=7)
+        T.Spacing(0.5, mode=7)(x)
+    with pytest.raises(ValueError, match="padding_mode"):
+        T.Spacingd("a", 0.5, padding_mode=["mirror"])({"a": x})
+    for kw in (dict(mode=7), dict(mode="area"), dict(mode="bilinear", padding_mode="mirror")):
+        want = MSpacing(0.5, **kw)(x, mode=1, padding_mode="border")
+        got = T.Spacing(0.5, **kw)(x, mode=1, padding_mode="border")
+        assert got.shape == want.shape == (2, 11, 13, 9)
+        torch.testing.assert_close(got.as_tensor(), want.as_tensor(), rtol=1e-5, atol=1e-5)
+        same = T.Spacing(1.0, **kw)(x)  # nothing to resample: the mode is not used
+        torch.testing.assert_close(same.as_tensor(), x.as_tensor())
     with pytest.raises(NotImplementedError, match="lazy"):
         T.Spacing(1.0, lazy=True)
     with pytest.raises(ValueError, match="logits must be"):
@@ -838,3 +850,175 @@ def test_complex_input_and_wide_labels_are_refused():
         T.resample_nnunet(seg, [1, 1, 1], [0.5, 0.5, 0.5], is_seg=True, order=1)
     seg = np.array([0, 7]).repeat(32).reshape(1, 4, 4, 4)  # int64 labels that fit: fine
     assert set(np.unique(T.resample_nnunet(seg, [1, 1, 1], [0.5, 0.5, 0.5], is_seg=True, order=1))) == {0, 7}
+
+
+# ------------------------------------------------------------------------------------------------
+# cases a differential fuzz against MONAI 1.6.1 found (23rd session)
+
+
+def _monai_quiet(tr, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tr(*a, **k)
+
+
+@pytest.mark.parametrize("dt", [torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool])
+@pytest.mark.parametrize("mode", [0, 1, 3])
+def test_spacing_integer_dtype_casts_the_image_first_as_monai(dt, mode):
+    """dtype= an integer type on a float image: MONAI casts the image to it before resampling (and
+    scipy writes that dtype); fastmed resampled the float values and returned them uncast."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 9, 8, 7, generator=g, dtype=torch.float64).mul(3).add(4).float()
+    A = torch.diag(torch.tensor([1.0, 0.9, 1.3, 1.0], dtype=torch.float64))
+    kw = dict(pixdim=(0.7, 1.1, 0.8), mode=mode, padding_mode="border", dtype=dt)
+    m = _monai_quiet(MSpacing(**kw), MetaTensor(x.clone(), affine=A)).as_tensor()
+    f = T.Spacing(**kw)(MetaTensor(x.clone(), affine=A)).as_tensor()
+    assert f.dtype == m.dtype == torch.float32 and f.shape == m.shape
+    assert torch.equal(f, f.round())
+    d = f != m
+    if dt == torch.bool:  # MONAI's holes only (see the next test)
+        assert set(f.unique().tolist()) <= {0.0, 1.0}
+        assert ((m[d] == 0) & (f[d] == 1)).all() and d.sum() <= 0.03 * f.numel()
+    else:
+        assert d.sum() <= 0.01 * f.numel() and (f - m).abs().max() <= 1  # .5 ties only
+    if mode == 0:
+        assert not d.any()
+
+
+@pytest.mark.parametrize("mode", [0, 1, 3])
+def test_spacing_bool_mask_with_dtype_none_truncates_as_monai(mode):
+    """A bool mask, dtype=None, a spline order: scipy writes the interpolated value into a bool
+    output (truncated: 0.9 is False). fastmed returned the interpolated values (0.5, 0.53, -0.2).
+    Now equal to MONAI except where MONAI's float64 sum of a value of 1 lands below 1 (holes inside
+    the mask), which fastmed counts as 1."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 1, 21, 17, 14, generator=g) > 0.3
+    x = (F.avg_pool3d(x.float(), 3, 1, 1) > 0.5)[0]
+    A = torch.diag(torch.tensor([0.8, 1.1, 2.5, 1.0], dtype=torch.float64))
+    kw = dict(pixdim=(0.55, 0.9, 1.2), mode=mode, padding_mode="nearest", dtype=None)
+    m = _monai_quiet(MSpacing(**kw), MetaTensor(x.clone(), affine=A)).as_tensor()
+    f = T.Spacing(**kw)(MetaTensor(x.clone(), affine=A)).as_tensor()
+    v = T.Spacing(**dict(kw, dtype=np.float64))(MetaTensor(x.double(), affine=A)).as_tensor()
+    assert f.dtype == torch.float32 and f.shape == m.shape
+    # the truncation of the interpolated value (v is float32: within 1e-6 of 1 either way)
+    assert (f[v >= 1 + 1e-6] == 1).all() and (f[v < 1 - 1e-6] == 0).all()
+    d = f != m
+    assert ((m[d] == 0) & (f[d] == 1) & (v[d] >= 1 - 1e-6)).all()  # MONAI's holes only
+    assert d.sum() <= 0.03 * f.numel()
+    if mode == 0:
+        assert not d.any()
+
+
+def test_spacing_mode_and_padding_are_checked_when_used():
+    """MONAI checks mode / padding_mode when it resamples, so a call may override them; fastmed
+    refused them when the transform was built."""
+    x = MetaTensor(torch.rand(1, 6, 7, 5), affine=torch.eye(4, dtype=torch.float64))
+    for kw in (dict(mode=7), dict(mode="area"), dict(mode="bilinear", padding_mode="mirror"), dict(mode=2)):
+        m = _monai_quiet(MSpacing(0.5, **kw), x, mode=1, padding_mode="border")
+        f = T.Spacing(0.5, **kw)(x, mode=1, padding_mode="border")
+        torch.testing.assert_close(f.as_tensor(), m.as_tensor(), rtol=1e-5, atol=1e-5)
+        d = T.Spacingd("a", 0.5, **kw)  # built; used with its own mode it is refused
+        with pytest.raises((ValueError, NotImplementedError), match="mode|order"):
+            d({"a": x})
+
+
+def _rot_affine(angle: float, spacing, origin) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    r = np.eye(4)
+    r[:2, :2] = [[c, -s], [s, c]]
+    a = r @ np.diag(list(spacing) + [1.0])
+    a[:3, 3] = origin
+    return a
+
+
+_INV_CASES = [  # (spatial shape, affine, Spacing kwargs)
+    ((9, 8, 5), _rot_affine(0.0, (0.7, 0.7, 2.5), (1.0, -2.0, 3.0)), dict(pixdim=(1.0, 1.0, 1.2))),
+    ((9, 8, 5), _rot_affine(0.3, (0.8, 1.1, 2.0), (4.0, 2.0, -1.0)), dict(pixdim=(1.1, 0.6, 1.3), mode="nearest")),
+    ((7, 9, 6), _rot_affine(0.0, (1.2, 0.9, 1.5), (0.0, 0.0, 0.0)),
+     dict(pixdim=(0.6, 1.4, 1.0), mode=3, padding_mode="reflect", dtype=np.float32)),
+    ((7, 9, 6), _rot_affine(-0.2, (1.2, 0.9, 1.5), (2.0, 1.0, 0.0)),
+     dict(pixdim=(0.9, 0.9, 0.9), mode=1, padding_mode="nearest", align_corners=True, diagonal=True)),
+    ((10, 7), _rot_affine(0.0, (0.5, 1.5, 1.0), (0.0, 3.0, 0.0)), dict(pixdim=(0.8, 0.8), mode="bilinear",
+                                                                       padding_mode="zeros")),
+    ((9, 8, 5), _rot_affine(0.0, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0)), dict(pixdim=(0.7, 0.7, 2.5))),  # no-op
+]
+
+
+@pytest.mark.parametrize("case", range(len(_INV_CASES)))
+def test_spacing_trace_and_inverse_as_monai(case):
+    """fastmed's Spacing records MONAI's trace (orig_size, mode, padding_mode, align_corners, dtype,
+    src_affine) in applied_operations, and its inverse resamples back as MONAI's does: shape,
+    affine and values. Before, inverse raised and MONAI's Compose.inverse skipped it silently."""
+    shape, affine, kw = _INV_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    x = MetaTensor(torch.randn((2, *shape), generator=g), affine=torch.as_tensor(affine))
+    ms, fs = MSpacing(**kw), T.Spacing(**kw)
+    my, fy = _monai_quiet(ms, x.clone()), fs(x.clone())
+    assert len(fy.applied_operations) == len(my.applied_operations) == 1
+    mo, fo = my.applied_operations[-1], fy.applied_operations[-1]
+    assert fo["id"] == id(fs) and fo["class"] == "Spacing"
+    for k in ("orig_size", "tracing", "do_transforms", "lazy"):
+        assert fo[k] == mo[k]
+    me, fe = mo["extra_info"], fo["extra_info"]
+    assert set(fe) == set(me)
+    for k in me:
+        if k == "src_affine":
+            torch.testing.assert_close(fe[k], me[k], rtol=0, atol=1e-12)
+        else:
+            assert fe[k] == me[k], k
+    mi, fi = _monai_quiet(ms.inverse, my), fs.inverse(fy)
+    assert type(fi) is type(mi) and fi.shape == mi.shape == x.shape and fi.dtype == mi.dtype == torch.float32
+    np.testing.assert_allclose(np.asarray(fi.affine), np.asarray(mi.affine), atol=1e-6)
+    torch.testing.assert_close(fi.as_tensor(), mi.as_tensor(), rtol=1e-4, atol=1e-4)
+    assert fi.applied_operations == [] and fy.applied_operations == []  # popped, as MONAI pops
+    with pytest.raises(ValueError, match="applied_operations are empty"):
+        fs.inverse(fi)
+    with pytest.raises(RuntimeError, match="not this Spacing"):
+        fs.inverse(_monai_quiet(ms, x.clone()))
+    with pytest.raises(ValueError, match="inverse needs the MetaTensor"):
+        fs.inverse(torch.zeros(1, 4, 4, 4))
+
+
+def test_monai_compose_and_invertd_invert_fastmed_spacingd():
+    """MONAI's Compose.inverse and Invertd (nearest_interp on a prediction) run fastmed's Spacingd
+    inverse, as they do MONAI's: same shapes, affines and values through Orientationd."""
+    from monai.transforms import Compose, Invertd, Orientationd
+
+    A = _rot_affine(0.0, (-0.73, 0.71, 5.0), (10.0, -4.0, 2.0))  # no exact nearest ties
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(1, 20, 18, 6, generator=g)
+    lab = (torch.rand(1, 20, 18, 6, generator=g) * 3).floor()
+    results = {}
+    for name, SpD in (("monai", MSpacingd), ("fastmed", T.Spacingd)):
+        pre = Compose([Orientationd(("image", "label"), axcodes="RAS"),
+                       SpD(("image", "label"), pixdim=(1.0, 1.0, 2.0), mode=("bilinear", "nearest"))])
+        d = _monai_quiet(pre, {"image": MetaTensor(img.clone(), affine=torch.as_tensor(A)),
+                               "label": MetaTensor(lab.clone(), affine=torch.as_tensor(A))})
+        back = _monai_quiet(pre.inverse, {k: v.clone() for k, v in d.items()})
+        d["pred"] = d["image"] * 2.0  # a "prediction" on the resampled grid
+        post = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)
+        inv = _monai_quiet(post, d)
+        results[name] = (d["image"], back, inv["pred"])
+    (mf, mb, mp), (ff, fb, fp) = results["monai"], results["fastmed"]
+    assert ff.shape == mf.shape and fb["image"].shape == mb["image"].shape == img.shape
+    for a, b in ((fb["image"], mb["image"]), (fb["label"], mb["label"]), (fp, mp)):
+        assert a.shape == b.shape == img.shape
+        np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a.affine), A, atol=1e-6)
+        torch.testing.assert_close(a.as_tensor(), b.as_tensor(), rtol=1e-4, atol=1e-4)
+    assert set(fb["label"].unique().tolist()) <= {0.0, 1.0, 2.0}  # nearest there and back
+    assert set(fp.unique().tolist()) <= set((2 * ff).unique().tolist())  # nearest_interp: no new values
+
+
+def test_spacing_follows_monai_set_track_meta():
+    """With MONAI's set_track_meta(False), MONAI's Spacing returns a plain tensor (no trace)."""
+    from monai.data import set_track_meta
+
+    x = MetaTensor(torch.rand(1, 6, 6, 4), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    set_track_meta(False)
+    try:
+        m, f = _monai_quiet(MSpacing((1.0, 1.0, 1.0)), x), T.Spacing((1.0, 1.0, 1.0))(x)
+    finally:
+        set_track_meta(True)
+    assert type(m) is type(f) is torch.Tensor and f.shape == m.shape == (1, 6, 6, 7)
+    torch.testing.assert_close(f, m, rtol=1e-5, atol=1e-5)
