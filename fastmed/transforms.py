@@ -564,21 +564,25 @@ def _monai_resample(img: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
     theta = _monai_theta(xform, in_shape, size, plan, align_corners)
     out = _run(_src_for_op(img, compute), theta, size, plan, compute, memory_limit=memory_limit,
                what=f"resampling {tuple(img.shape)} to {tuple(size)}")
-    if rounded and dt == torch.bool:
-        # a bool image: scipy writes into a bool output, truncating (0.9 is False, 1.0 True; the
-        # interpolated values of 0 / 1 data stay within (-1, 2)). Inside a mask, where the value is
-        # 1, scipy's float64 sum lands just below 1 at some voxels (MONAI's result has holes there);
-        # here a value within 1e-9 of 1 counts as 1
-        out = ((out + 1e-9).trunc() != 0).to(torch.float32)
-    elif rounded:
-        # dtype=None on an integer image: MONAI resamples it in its own dtype, and scipy computes in
-        # float64 and writes an integer output rounded half away from zero and clipped to the
-        # dtype's range (a cubic overshoot below 0 in uint8 is 0); the values come back as float32
-        with torch.no_grad():
-            r = torch.where(out >= 0, torch.floor(out + 0.5), torch.ceil(out - 0.5))
-            info = torch.iinfo(dt)
-            out = r.clamp(float(info.min), float(info.max)).to(torch.float32)
+    if rounded:  # MONAI resamples an integer / bool image in its own dtype; float32 comes back
+        out = _cast_like_scipy(out, dt).to(torch.float32)
     return out, xform
+
+
+def _cast_like_scipy(out: Tensor, dt: torch.dtype) -> Tensor:
+    """``out`` (computed in float64) written into a scipy output of dtype ``dt``: integers rounded
+    half away from zero and clipped to the dtype's range (a cubic overshoot below 0 in uint8 is 0);
+    bool truncated (0.9 is False, 1.0 True). Inside a mask, where the interpolated value is 1,
+    scipy's float64 sum lands just below 1 at some voxels (holes); here a value within 1e-9 of 1
+    counts as 1."""
+    with torch.no_grad():
+        if dt.is_floating_point:
+            return out.to(dt)
+        if dt == torch.bool:
+            return (out + 1e-9).trunc() != 0
+        r = torch.where(out >= 0, torch.floor(out + 0.5), torch.ceil(out - 0.5))
+        info = torch.iinfo(dt)
+        return r.clamp(float(info.min), float(info.max)).to(dt)
 
 
 def _meta_of(x):
@@ -940,15 +944,18 @@ class Spacingd:
 # scipy.ndimage.affine_transform
 
 
-def affine_transform(input, matrix, offset=0.0, output_shape=None, order: int = 3, mode: str = "constant",
-                     cval: float = 0.0, prefilter: bool = True, *, compute_dtype=torch.float64,
-                     memory_limit: Optional[int] = None):
+def affine_transform(input, matrix, offset=0.0, output_shape=None, output=None, order: int = 3,
+                     mode: str = "constant", cval: float = 0.0, prefilter: bool = True, *,
+                     compute_dtype=torch.float64, memory_limit: Optional[int] = None):
     """Drop-in for ``scipy.ndimage.affine_transform`` on a 2D or 3D array / tensor (no channel dim):
     ``output[o] = input(matrix @ o + offset)`` with spline ``order`` 0, 1 or 3 and scipy's ``mode``
     ('constant', 'grid-constant', 'nearest', 'reflect', 'grid-mirror', 'mirror'; not the periodic
     'wrap'/'grid-wrap') and ``cval``. ``matrix``: (ndim,), (ndim, ndim), (ndim, ndim + 1) or
     (ndim + 1, ndim + 1), as scipy. Returns float64 for float64 input, else float32 (scipy returns
-    the input's dtype). Order 0 rounds half up, as scipy; see the module notes for ties.
+    the input's dtype). ``output``: as scipy's, a dtype (integers rounded half away from zero and
+    clipped, bool truncated, as scipy writes them) or an array / tensor to write into (then None
+    is returned, and its shape is the output shape). Order 0 rounds half up, as scipy; see the
+    module notes for ties.
     """
     x, was_np = _to_tensor(input, "input")
     nsp = x.ndim
@@ -956,8 +963,26 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, order: int = 
         raise ValueError(f"input must have 2 or 3 dims, got shape {tuple(x.shape)}")
     if min(x.shape) < 1:
         raise ValueError(f"input must not be empty, got shape {tuple(x.shape)}")
+    target, out_dt = None, None
+    if isinstance(output, (np.ndarray, Tensor)):
+        target = output
+        out_dt = _torch_dtype(output.dtype)
+        if output_shape is None:
+            output_shape = tuple(output.shape)
+        elif tuple(output.shape) != tuple(int(v) for v in output_shape):
+            raise ValueError(f"output: its shape {tuple(output.shape)} is not output_shape {tuple(output_shape)}")
+    elif output is not None:
+        try:
+            out_dt = _torch_dtype(output)
+        except TypeError as exc:
+            raise TypeError(f"output: must be None, a dtype or an array, got {output!r}") from exc
+    if out_dt is not None and out_dt.is_complex:
+        raise TypeError(f"output: complex dtypes are not supported, got {out_dt}")
     m = matrix.detach().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix)
     m = m.astype(np.float64)
+    if m.shape == (nsp + 1, nsp + 1) and not np.array_equal(m[nsp], np.eye(nsp + 1)[nsp]):
+        raise ValueError(f"matrix: the last row of a homogeneous ({nsp + 1}, {nsp + 1}) matrix must be "
+                         f"[0, ..., 0, 1], got {m[nsp].tolist()}")
     th = np.zeros((nsp, nsp + 1))
     if m.shape == (nsp,):
         th[:, :nsp] = np.diag(m)
@@ -988,7 +1013,9 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, order: int = 
     compute = _torch_dtype(compute_dtype)
     if compute not in (torch.float32, torch.float64):
         raise TypeError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
-    od = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # float64 for float64 input or output, and for integer / bool outputs (rounded from it)
+    wide = out_dt is not None and (out_dt == torch.float64 or not out_dt.is_floating_point)
+    od = torch.float64 if x.dtype == torch.float64 or wide else torch.float32
     src = _src_for_op(x, compute).unsqueeze(0)
     if not prefilter and any(o == 3 for o in plan.orders):
         plan.orders = list(plan.orders)
@@ -1000,6 +1027,15 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, order: int = 
     else:
         res = _run(src, th, out_shape, plan, compute, out_dtype=od, memory_limit=memory_limit,
                    what=f"affine_transform of {tuple(x.shape)} to {tuple(out_shape)}")[0]
+    if out_dt is not None and res.dtype != out_dt:
+        res = _cast_like_scipy(res, out_dt)
+    if target is not None:  # scipy writes into the given array and returns None
+        if isinstance(target, np.ndarray):
+            target[...] = res.numpy()
+        else:
+            with torch.no_grad():
+                target.copy_(res)
+        return None
     return res.numpy() if was_np else res
 
 

@@ -1022,3 +1022,44 @@ def test_spacing_follows_monai_set_track_meta():
         set_track_meta(True)
     assert type(m) is type(f) is torch.Tensor and f.shape == m.shape == (1, 6, 6, 7)
     torch.testing.assert_close(f, m, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out", [np.float32, np.float64, np.int16, np.uint8, np.int32, np.bool_, "array", "tensor"])
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_affine_transform_output_argument_as_scipy(out, order):
+    """scipy's ``output`` (a dtype, or an array written in place with None returned) at its
+    position, so positional calls mean what they mean in scipy; fastmed had no such argument."""
+    g = np.random.default_rng(order)
+    x = g.normal(size=(9, 8, 7)) * 40 + 60
+    if out is np.bool_:
+        x = (x > 60).astype(np.float64)
+    mat = np.array([[0.8, 0.1, 0.0], [0.0, 1.1, 0.05], [0.02, 0.0, 0.9]])
+    off = [0.3, -0.2, 0.4]
+    if out in ("array", "tensor"):
+        ref = np.zeros((7, 8, 6), dtype=np.int16)
+        ndi.affine_transform(x, mat, off, None, ref, order, "nearest")
+        dst = np.zeros((7, 8, 6), dtype=np.int16) if out == "array" else torch.zeros((7, 8, 6), dtype=torch.int16)
+        assert T.affine_transform(x, mat, off, None, dst, order, "nearest") is None
+        got = dst if out == "array" else dst.numpy()
+    else:
+        ref = ndi.affine_transform(x, mat, off, (7, 8, 6), out, order, "nearest")
+        got = T.affine_transform(x, mat, off, (7, 8, 6), out, order, "nearest")
+        assert got.dtype == ref.dtype
+    if np.dtype(ref.dtype).kind == "f":
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
+    else:  # rounded / truncated: equal but at exact ties
+        assert (got != ref).mean() <= 0.01 and np.abs(got.astype(float) - ref.astype(float)).max() <= 1
+
+
+def test_affine_transform_bad_output_and_homogeneous_matrix():
+    x = np.zeros((4, 5))
+    with pytest.raises(ValueError, match="output: its shape"):
+        T.affine_transform(x, np.eye(2), output_shape=(3, 3), output=np.zeros((4, 5)))
+    with pytest.raises(TypeError, match="output: must be"):
+        T.affine_transform(x, np.eye(2), output="not a dtype")
+    bad = np.eye(3)
+    bad[2] = [0.5, 0.0, 1.0]
+    with pytest.raises(ValueError):
+        ndi.affine_transform(x, bad)
+    with pytest.raises(ValueError, match="matrix: the last row"):
+        T.affine_transform(x, bad)
