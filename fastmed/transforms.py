@@ -572,14 +572,16 @@ def _monai_resample(img: Tensor, src_affine: np.ndarray, dst_affine: np.ndarray,
 def _cast_like_scipy(out: Tensor, dt: torch.dtype) -> Tensor:
     """``out`` (computed in float64) written into a scipy output of dtype ``dt``: integers rounded
     half away from zero and clipped to the dtype's range (a cubic overshoot below 0 in uint8 is 0);
-    bool truncated (0.9 is False, 1.0 True). Inside a mask, where the interpolated value is 1,
-    scipy's float64 sum lands just below 1 at some voxels (holes); here a value within 1e-9 of 1
-    counts as 1."""
+    bool truncated to an integer whose low byte is tested, as scipy writes it (0.9 and 256 are
+    False; 1, -1 and 300 True). Inside a mask, where the interpolated value is 1, scipy's float64
+    sum lands just below 1 at some voxels (holes); here a value within 1e-9 of an integer counts
+    as that integer."""
     with torch.no_grad():
         if dt.is_floating_point:
             return out.to(dt)
         if dt == torch.bool:
-            return (out + 1e-9).trunc() != 0
+            t = (out + torch.where(out < 0, -1e-9, 1e-9)).trunc()
+            return torch.remainder(t, 256) != 0
         r = torch.where(out >= 0, torch.floor(out + 0.5), torch.ceil(out - 0.5))
         info = torch.iinfo(dt)
         return r.clamp(float(info.min), float(info.max)).to(dt)
@@ -953,9 +955,9 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, output=None, 
     'wrap'/'grid-wrap') and ``cval``. ``matrix``: (ndim,), (ndim, ndim), (ndim, ndim + 1) or
     (ndim + 1, ndim + 1), as scipy. Returns float64 for float64 input, else float32 (scipy returns
     the input's dtype). ``output``: as scipy's, a dtype (integers rounded half away from zero and
-    clipped, bool truncated, as scipy writes them) or an array / tensor to write into (then None
-    is returned, and its shape is the output shape). Order 0 rounds half up, as scipy; see the
-    module notes for ties.
+    clipped, bool truncated, as scipy writes them) or an array / tensor to write into (then that
+    is returned, as scipy's code does; its shape is the output shape). Order 0 rounds half up, as
+    scipy; see the module notes for ties.
     """
     x, was_np = _to_tensor(input, "input")
     nsp = x.ndim
@@ -1029,13 +1031,13 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, output=None, 
                    what=f"affine_transform of {tuple(x.shape)} to {tuple(out_shape)}")[0]
     if out_dt is not None and res.dtype != out_dt:
         res = _cast_like_scipy(res, out_dt)
-    if target is not None:  # scipy writes into the given array and returns None
+    if target is not None:  # scipy writes into the given array and returns it
         if isinstance(target, np.ndarray):
             target[...] = res.numpy()
         else:
             with torch.no_grad():
                 target.copy_(res)
-        return None
+        return target
     return res.numpy() if was_np else res
 
 

@@ -1027,7 +1027,7 @@ def test_spacing_follows_monai_set_track_meta():
 @pytest.mark.parametrize("out", [np.float32, np.float64, np.int16, np.uint8, np.int32, np.bool_, "array", "tensor"])
 @pytest.mark.parametrize("order", [0, 1, 3])
 def test_affine_transform_output_argument_as_scipy(out, order):
-    """scipy's ``output`` (a dtype, or an array written in place with None returned) at its
+    """scipy's ``output`` (a dtype, or an array written in place and returned) at its
     position, so positional calls mean what they mean in scipy; fastmed had no such argument."""
     g = np.random.default_rng(order)
     x = g.normal(size=(9, 8, 7)) * 40 + 60
@@ -1039,7 +1039,7 @@ def test_affine_transform_output_argument_as_scipy(out, order):
         ref = np.zeros((7, 8, 6), dtype=np.int16)
         ndi.affine_transform(x, mat, off, None, ref, order, "nearest")
         dst = np.zeros((7, 8, 6), dtype=np.int16) if out == "array" else torch.zeros((7, 8, 6), dtype=torch.int16)
-        assert T.affine_transform(x, mat, off, None, dst, order, "nearest") is None
+        assert T.affine_transform(x, mat, off, None, dst, order, "nearest") is dst  # as scipy's code returns it
         got = dst if out == "array" else dst.numpy()
     else:
         ref = ndi.affine_transform(x, mat, off, (7, 8, 6), out, order, "nearest")
@@ -1063,3 +1063,10 @@ def test_affine_transform_bad_output_and_homogeneous_matrix():
         ndi.affine_transform(x, bad)
     with pytest.raises(ValueError, match="matrix: the last row"):
         T.affine_transform(x, bad)
+    # bool output as scipy writes it: the truncated value's low byte (-1 and 300 True, 256 False)
+    v = np.array([[-1.0, 0.3, 0.7, 2.0, -256.25, -0.4, 256.0, 300.0, -70000.0, 255.6, 1.0 - 1e-12]])
+    want = ndi.affine_transform(v, np.eye(2), order=0, output=bool, mode="nearest")
+    np.testing.assert_array_equal(want[0, :10], [1, 0, 0, 1, 0, 0, 0, 1, 1, 1])
+    got = T.affine_transform(v, np.eye(2), order=0, output=bool, mode="nearest")
+    np.testing.assert_array_equal(got[0, :10], want[0, :10])
+    assert got[0, 10]  # within 1e-9 of 1: 1 (scipy: 0)
