@@ -649,8 +649,11 @@ def _spacing_impl(img: Tensor, affine_full: Optional[np.ndarray], pixdim, diagon
     src_affine, new_affine, out_shape = spacing_geometry(img.shape[1:], affine_full, pixdim, diagonal, scale_extent,
                                                          min_pixdim, max_pixdim)
     if min(out_shape) < 1:
-        raise ValueError(f"pixdim {pixdim!r} gives an empty output shape {out_shape} for input shape "
-                         f"{tuple(img.shape[1:])}")
+        why = (" (scale_extent=True: an axis of one voxel has no extent to scale; MONAI's affine would be NaN)"
+               if scale_extent and 1 in img.shape[1:] else "")
+        pd = np.asarray(pixdim, dtype=np.float64).tolist() if isinstance(pixdim, np.ndarray) else pixdim
+        raise ValueError(f"pixdim {pd!r} gives an empty output shape {out_shape} for input shape "
+                         f"{tuple(img.shape[1:])}{why}")
     if output_spatial_shape is not None:
         oss = output_spatial_shape.tolist() if isinstance(output_spatial_shape, (np.ndarray, Tensor)) else \
             output_spatial_shape

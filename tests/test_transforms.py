@@ -1070,3 +1070,10 @@ def test_affine_transform_bad_output_and_homogeneous_matrix():
     got = T.affine_transform(v, np.eye(2), order=0, output=bool, mode="nearest")
     np.testing.assert_array_equal(got[0, :10], want[0, :10])
     assert got[0, 10]  # within 1e-9 of 1: 1 (scipy: 0)
+
+
+def test_spacing_empty_output_names_scale_extent():
+    """scale_extent on an axis of one voxel gives an empty output (MONAI: NaN values or affine);
+    the refusal says why."""
+    with pytest.raises(ValueError, match=r"pixdim \[2.0, 1.0, 1.0\] gives an empty output shape.*scale_extent"):
+        T.Spacing((2.0, 1.0, 1.0), scale_extent=True, align_corners=True)(torch.rand(1, 1, 8, 8), affine=np.eye(4))
