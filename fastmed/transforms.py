@@ -1186,7 +1186,9 @@ def resample_nnunet(data, current_spacing, new_spacing, is_seg: bool = False, or
     ``data``'s dtype (as nnU-Net). ``out="argmax"`` (images only): the argmax over channels of the
     resampled values, uint8/int16 (nnU-Net's logits -> segmentation export, in one pass; with
     ``order=3`` and no separate z the argmax is of the unclipped values). ``compute_dtype``: float32 (fast) or float64
-    (nnU-Net computes in float64).
+    (nnU-Net computes in float64); integer images are computed in float64 whatever it says, since their
+    values are truncated (as nnU-Net's ``astype``; a value within 1e-9, relative, of an integer counts as
+    that integer).
     """
     x, was_np = _to_tensor(data, "data")
     if x.ndim != 4:
@@ -1256,9 +1258,21 @@ def _axis_pass_theta(theta: np.ndarray, axis: int) -> tuple:
     return t1, t2
 
 
+def _astype_like_numpy(r: Tensor, dt: torch.dtype) -> Tensor:
+    """nnU-Net's ``astype(data's dtype)``: integers truncated. A value within 1e-9 (relative) of an
+    integer counts as that integer: cubic splines at the input's own grid points give the input back
+    to about 1e-12 relative (the prefilter's rounding), and truncating that noise would take 1 off at
+    random."""
+    if dt.is_floating_point or dt == torch.bool:
+        return r.to(dt)
+    return (r + torch.sign(r) * 1e-9 * torch.clamp(r.abs(), min=1.0)).trunc().to(dt)
+
+
 def _nnunet_data(x: Tensor, theta, in_shape, new_shape, orders, do_sep, axis, compute, out, memory_limit, what):
-    src = x if x.dtype in _R.SRC_DTYPES else x.to(compute)
     out_dtype = x.dtype  # nnU-Net writes into an array of data's dtype
+    if not out_dtype.is_floating_point and out == "values":
+        compute = torch.float64  # truncated to integers: float32's error (1e-3 at 1000) would decide them
+    src = x if x.dtype in _R.SRC_DTYPES else x.to(compute)
     clip = any(o == 3 for o in orders)
     if not clip:
         if out == "argmax":
@@ -1266,7 +1280,7 @@ def _nnunet_data(x: Tensor, theta, in_shape, new_shape, orders, do_sep, axis, co
                         what=what)
         r = _run(src, theta, new_shape, _edge_plan(orders), compute, out_dtype=compute, memory_limit=memory_limit,
                  what=what)
-        return r.to(out_dtype)
+        return _astype_like_numpy(r, out_dtype)
     if not do_sep:
         if out == "argmax":  # argmax of the unclipped values
             return _run(src, theta, new_shape, _edge_plan(orders), compute, out="argmax", memory_limit=memory_limit,
@@ -1274,7 +1288,7 @@ def _nnunet_data(x: Tensor, theta, in_shape, new_shape, orders, do_sep, axis, co
         r = _run(src, theta, new_shape, _edge_plan(orders), compute, out_dtype=compute, memory_limit=memory_limit,
                  what=what)
         lo, hi = _nanminmax(x, (1, 2, 3))
-        return torch.minimum(torch.maximum(r, lo.to(r)), hi.to(r)).to(out_dtype)
+        return _astype_like_numpy(torch.minimum(torch.maximum(r, lo.to(r)), hi.to(r)), out_dtype)
     # separate z, cubic in-plane: clip per input slice (skimage clips each 2D resize to that slice's range)
     inplane = [d for d in range(3) if d != axis]
     lo, hi = _nanminmax(x, tuple(1 + d for d in inplane))  # (C, ...) with size 1 in-plane
@@ -1288,7 +1302,7 @@ def _nnunet_data(x: Tensor, theta, in_shape, new_shape, orders, do_sep, axis, co
         osz = [new_shape[d] if d == axis else 1 for d in range(3)]
         pick = _run(ext, t, osz, _edge_plan([0, 0, 0]), compute, out_dtype=compute, what=what)
         pick = pick.reshape(2, x.shape[0], *osz)
-        return torch.minimum(torch.maximum(r, pick[0]), pick[1]).to(out_dtype)
+        return _astype_like_numpy(torch.minimum(torch.maximum(r, pick[0]), pick[1]), out_dtype)
     # general: in-plane pass (clipped per slice), then the pass along the axis
     t1, t2 = _axis_pass_theta(theta, axis)
     mid_shape = [in_shape[d] if d == axis else new_shape[d] for d in range(3)]
@@ -1302,8 +1316,8 @@ def _nnunet_data(x: Tensor, theta, in_shape, new_shape, orders, do_sep, axis, co
     o2[axis] = orders[axis]
     if out == "argmax":
         return _run(mid, t2, new_shape, _edge_plan(o2), compute, out="argmax", memory_limit=memory_limit, what=what)
-    return _run(mid, t2, new_shape, _edge_plan(o2), compute, out_dtype=compute, memory_limit=memory_limit,
-                what=what).to(out_dtype)
+    return _astype_like_numpy(_run(mid, t2, new_shape, _edge_plan(o2), compute, out_dtype=compute,
+                                   memory_limit=memory_limit, what=what), out_dtype)
 
 
 def _seg_int(seg: Tensor) -> Tensor:
