@@ -717,8 +717,11 @@ def save_nifti(data: Any, affine: Any, path: Union[str, os.PathLike], *, header:
     ``path``: a ``.nii`` or ``.nii.gz`` file name (gzip for ``.nii.gz``) in an existing directory.
     ``header``: a nibabel NIfTI header whose fields and qform/sform codes are kept (a
     ``Nifti2Header`` writes NIfTI-2). ``like``: a :class:`NiftiImage` (or nibabel NIfTI image)
-    whose header, codes and on-disk dtype are kept; ``header`` wins over ``like.header``.
-    ``dtype``: the on-disk type (torch or numpy dtype), default ``like``'s, then ``header``'s,
+    whose header, codes and on-disk dtype are kept; ``header`` wins over ``like.header``. A
+    header taken from a loaded nibabel image has no scaling (nibabel moves ``scl_slope`` /
+    ``scl_inter`` to the image's data proxy), so a scaled integer file rewritten with ``header=``
+    gets a scaling nibabel chooses (lossy for float data on uint8); ``like=`` the image keeps its
+    slope and intercept. ``dtype``: the on-disk type (torch or numpy dtype), default ``like``'s, then ``header``'s,
     then the data's. ``overwrite``: replace an existing file; a file read by :func:`load_nifti`
     or the source of ``like`` is never replaced (:class:`SourceOverwriteError`).
 
