@@ -704,8 +704,8 @@ _REGISTERED = False
 
 def _register_with_monai() -> None:
     """Make MONAI see :class:`Spacing` and :class:`Spacingd` as invertible transforms (and
-    ``Spacingd`` as a ``MapTransform``), so that its ``Compose.inverse``, ``Invertd`` and test-time
-    augmentation invert them (MONAI skips, silently, the transforms of a Compose that are not
+    ``Spacingd`` as a ``MapTransform``), so that its ``Compose.inverse`` and ``Invertd`` invert them
+    (MONAI skips, silently, the transforms of a Compose that are not
     ``InvertibleTransform``s). Done when one is built with MONAI imported, or first records a trace."""
     global _REGISTERED
     if _REGISTERED:

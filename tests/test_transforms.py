@@ -1092,3 +1092,25 @@ def test_nnunet_integer_image_keeps_exact_integers(order, force_separate_z):
     r = T.resample_nnunet(x, [1, 1, 1], [3, 3, 3], order=order, order_z=order, force_separate_z=force_separate_z)
     assert r.dtype == np.int16
     np.testing.assert_array_equal(r, x[:, 1::3, 1::3, 1::3])
+
+
+def test_invertd_after_dataloader_and_decollate():
+    """The usual inference pipeline: Dataset + DataLoader (batched), decollate_batch, Invertd on a
+    prediction: fastmed's Spacingd gives MONAI's result."""
+    from monai.data import DataLoader, Dataset, decollate_batch
+    from monai.transforms import Compose, Invertd
+
+    A = torch.as_tensor(np.diag([0.73, 0.71, 3.0, 1.0]))
+    g = torch.Generator().manual_seed(1)
+    data = [{"image": MetaTensor(torch.randn(1, 20, 18, 6, generator=g), affine=A)} for _ in range(2)]
+    outs = {}
+    for name, SpD in (("monai", MSpacingd), ("fastmed", T.Spacingd)):
+        pre = Compose([SpD("image", pixdim=(1.0, 1.0, 1.5))])
+        batch = _monai_quiet(lambda: next(iter(DataLoader(Dataset(data, pre), batch_size=2, num_workers=0))))
+        batch["pred"] = batch["image"] * 3.0
+        post = Invertd("pred", transform=pre, orig_keys="image")
+        outs[name] = [_monai_quiet(post, item)["pred"] for item in decollate_batch(batch)]
+    for f, m in zip(outs["fastmed"], outs["monai"]):
+        assert f.shape == m.shape == (1, 20, 18, 6)
+        np.testing.assert_allclose(np.asarray(f.affine), np.asarray(A), atol=1e-6)
+        torch.testing.assert_close(f.as_tensor(), m.as_tensor(), rtol=1e-5, atol=1e-5)
