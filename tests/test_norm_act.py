@@ -458,9 +458,13 @@ def test_batch_and_group_norm_of_one_voxel_planes(shape):
     (over a group's channels) are defined there, as in eager PyTorch; only instance norm refuses."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="x: group norm needs more than 1 value per group"):
-        NA.group_norm_act(x, 6)  # one value per group: F.group_norm raises too
-    for G in (1, 2, 3):
+    if shape[0] == 1:  # one value per group in all: F.group_norm raises too
+        with pytest.raises(ValueError, match="x: group norm needs more than 1 value per group"):
+            NA.group_norm_act(x, 6)
+        with pytest.raises(ValueError):
+            F.group_norm(x, 6)
+    groups = (1, 2, 3) if shape[0] == 1 else (1, 2, 3, 6)  # with more items F.group_norm takes 6: the bias
+    for G in groups:
         a, b = NA.group_norm_act(x, G, act="leaky_relu"), F.leaky_relu(F.group_norm(x, G), 0.01)
         (ga,), (gb,) = torch.autograd.grad((a * a).sum(), x), torch.autograd.grad((b * b).sum(), x)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -554,3 +558,19 @@ def test_batch_norm_eval_input_gradient_at_infinite_inputs():
                 (ga,), (gb,) = torch.autograd.grad(ya, xa, dy), torch.autograd.grad(yb, xb, dy)
                 assert ga.isfinite().all()
                 torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5), (2, 4, 0), (0, 4, 3, 3)])
+def test_batch_norm_of_an_empty_input_as_eager(shape):
+    """An empty batch (or empty spatial dims) in training: eager returns an empty output and leaves
+    the running statistics alone; fastmed raised (IndexError for N = 0, a refusal for S = 0)."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    for train in (True, False):
+        rm, rv = torch.arange(4.0, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64)
+        y = NA.batch_norm_act(x, rm, rv, training=train, act="relu")
+        e = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), training=train))
+        assert y.shape == e.shape == shape
+        assert torch.equal(rm, torch.arange(4.0, dtype=torch.float64)) and torch.equal(rv, torch.full((4,), 2.0,
+                                                                                                       dtype=torch.float64))
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert g.shape == shape

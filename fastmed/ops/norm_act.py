@@ -16,6 +16,7 @@ plain PyTorch (float64).
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Optional
@@ -368,7 +369,9 @@ def _group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {C} channels, got {num_groups!r}")
     num_groups = int(num_groups)
-    if x.numel() and (C // num_groups) * x[0, 0].numel() == 1:  # as F.group_norm: one value per group
+    if x.shape[0] * (C // num_groups) * math.prod(x.shape[2:]) == 1:
+        # as F.group_norm, which checks N * C / G * spatial (so one value per group is taken when
+        # the batch has more than one item: the output is then the bias)
         raise ValueError(f"x: group norm needs more than 1 value per group, got shape {tuple(x.shape)} and "
                          f"num_groups={num_groups}")
     if not x.is_contiguous() and _cl_format(x) is None:
@@ -406,7 +409,7 @@ def _batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are needed when training=False")
-    if training and N * x[0, 0].numel() <= 1:
+    if training and N * math.prod(x.shape[2:]) == 1:  # as F.batch_norm (an empty x is returned empty)
         raise ValueError(f"x: batch norm in training needs more than 1 value per channel, got shape {tuple(x.shape)}")
     if not x.is_contiguous() and _cl_format(x) is None:
         if inplace:
@@ -424,8 +427,8 @@ def _batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
         y = x
     else:
         y, mean, rstd = norm_act_fwd(x, weight, bias, float(eps), float(slope), code, pw, kind, 1, rm, rv)
-    if training and running_mean is not None and running_var is not None:
-        n = N * x[0, 0].numel()
+    if training and running_mean is not None and running_var is not None and x.numel():  # empty: as eager, unchanged
+        n = N * math.prod(x.shape[2:])
         with torch.no_grad():  # as F.batch_norm: r = momentum * batch + (1 - momentum) * r, variance unbiased
             # the batch variance from rstd = 1 / sqrt(var + eps) in float64: exact to ~1e-16 * eps / var
             # relative (eager's own float32 variance is ~1e-7 off), never below 0 (a constant channel)
